@@ -1,0 +1,3 @@
+"""toolchain: distill, compress and export language models for edge devices."""
+
+__version__ = "0.1.0"

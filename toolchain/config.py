@@ -1,0 +1,283 @@
+"""Pipeline configuration: dataclasses filled from YAML, with `--set a.b=c` overrides.
+
+Unknown keys and wrong types are refused with a message naming the key, what was expected and
+the valid keys, so a typo never silently falls back to a default. Range checks live in each
+section's `validate()`, next to the values they guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from toolchain.errors import UserError
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is a list comprehension in Python?<|im_end|>\n<|im_start|>assistant\n",
+    "The for statement is used to iterate over the elements of a sequence",
+]
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "smollm2-135m-instruct"  # bundled name, HF directory or .gguf file
+    adapter: str | None = None  # PEFT/LoRA adapter directory, merged into the teacher
+    dtype: str = "float32"
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class StudentConfig:
+    keep_layers: Union[int, list[int]] = 10  # how many blocks to keep, or their indices
+    selection: str = "angular"  # "angular": drop blocks that change their input least; "stride"
+    calib_sequences: int = 8  # calibration sequences (of data.seq_len tokens) for the rule
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.selection", self.selection, ("angular", "stride"))
+        if isinstance(self.keep_layers, int) and self.keep_layers < 1:
+            raise UserError(f"{where}.keep_layers must be >= 1, got {self.keep_layers}")
+        if isinstance(self.keep_layers, list) and len(set(self.keep_layers)) != len(self.keep_layers):
+            raise UserError(f"{where}.keep_layers lists a layer twice: {self.keep_layers}")
+        _positive(f"{where}.calib_sequences", self.calib_sequences)
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc"  # stdlib pydoc_data.topics, or a path to a .txt file
+    seq_len: int = 128
+    heldout_fraction: float = 0.1  # fraction of topics (documents) held out for evaluation
+    eval_sequences: int = 16
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.seq_len", self.seq_len)
+        _positive(f"{where}.eval_sequences", self.eval_sequences)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise UserError(f"{where}.heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
+        if self.source != "pydoc" and not Path(self.source).is_file():
+            raise UserError(f"{where}.source: '{self.source}' is neither 'pydoc' nor an existing text file")
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 40
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 4
+    alpha: float = 0.5  # weight of hard-label CE; (1 - alpha) goes to T^2 * KL
+    temperature: float = 2.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.batch_size", self.batch_size)
+        _positive(f"{where}.temperature", self.temperature)
+        _positive(f"{where}.checkpoint_every", self.checkpoint_every)
+        for name in ("steps", "warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"{where}.alpha must be between 0 and 1, got {self.alpha}")
+        if self.lr <= 0:
+            raise UserError(f"{where}.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class ExportConfig:
+    gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
+    onnx: bool = True
+
+    def validate(self, where: str) -> None:
+        from toolchain.quantize.gguf_types import SUPPORTED_TYPES
+
+        for q in self.gguf:
+            _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
+
+
+@dataclass
+class VerifyConfig:
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    greedy_tokens: int = 32
+    # per GGUF type: max normalised MSE of next-token logits vs torch (fp32)
+    max_nmse: dict[str, float] = field(
+        default_factory=lambda: {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 2e-3, "default": 0.1}
+    )
+    # per GGUF type: min fraction of greedy tokens equal to torch's
+    min_greedy_agreement: dict[str, float] = field(
+        default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0}
+    )
+    onnx_max_abs_diff: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        if not self.prompts:
+            raise UserError(f"{where}.prompts must list at least one prompt")
+        _positive(f"{where}.greedy_tokens", self.greedy_tokens)
+
+
+@dataclass
+class BenchConfig:
+    target: str = "cpu"  # a name in targets/ or a path to a target YAML
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    runs: int = 3
+
+    def validate(self, where: str) -> None:
+        _positive(f"{where}.prompt_tokens", self.prompt_tokens)
+        _positive(f"{where}.gen_tokens", self.gen_tokens)
+        if self.runs < 3:
+            raise UserError(f"{where}.runs must be >= 3 (a median needs several runs), got {self.runs}")
+
+
+@dataclass
+class Config:
+    name: str = "student"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def validate(self, where: str = "config") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f"{f.name}")
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except UserError as e:
+                errors.append(e)
+        expected = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise UserError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list):
+            (arg,) = typing.get_args(tp)
+            return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, arg = typing.get_args(tp)
+            return {str(k): _coerce(v, arg, f"{key}.{k}") for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `a.b=value` override (value parsed as YAML) to a nested dict, returning a copy."""
+    if "=" not in assignment:
+        raise UserError(f"--set expects key=value, got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out = _deepcopy(data)
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d):
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(data: dict | None, overrides: list[str] = ()) -> Config:
+    data = dict(data or {})
+    for o in overrides:
+        data = apply_override(data, o)
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must hold a mapping of sections (teacher:, student:, ...), not {type(data).__name__}")
+    return from_dict(data, overrides)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)

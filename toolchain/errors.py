@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+A `UserError` is something the user can fix (a bad path, a bad config value, a model we do not
+support). The CLI prints its message on one line and exits non-zero, without a traceback unless
+`--debug` is given. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """An error caused by input the user can fix; the message says what and how."""
+
+
+class VerificationError(UserError):
+    """An export did not behave like the torch model within the configured thresholds."""

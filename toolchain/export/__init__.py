@@ -1,0 +1,1 @@
+"""Exports: GGUF (+ Ollama Modelfile) and ONNX, and their verification against torch."""

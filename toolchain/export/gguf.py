@@ -1,0 +1,146 @@
+"""HF safetensors directory -> GGUF files, with our own writer on the `gguf` package.
+
+Architecture specifics (hyper-parameter keys, Q/K permutation, tied heads) come from the
+per-family module found by `model_type`; names come from gguf's tensor-name map, never from
+string literals here. Python types are written directly; K-quants are made from an F16 file by
+llama.cpp. Every file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from toolchain import __version__
+from toolchain.errors import UserError
+from toolchain.export.gguf_vocab import bpe_vocab, tokenizer_pre
+from toolchain.fileio import atomic_path, sha256_file
+from toolchain.models.load import read_meta
+from toolchain.models.registry import get_arch
+from toolchain.quantize.gguf_types import PYTHON_TYPES, check_type, file_type, llama_cpp_quantize, quantize_tensor
+
+log = logging.getLogger(__name__)
+
+
+def gguf_filename(type_name: str) -> str:
+    return f"model-{type_name}.gguf"
+
+
+def _load_hf(model_dir: Path):
+    from transformers import AutoConfig, AutoTokenizer
+    from safetensors.torch import load_file
+
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir} has no .safetensors weights; save the model with safe_serialization")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return config, state, tokenizer
+
+
+def _size_label(n_params: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n_params >= div:
+            return f"{n_params / div:.0f}{suffix}"
+    return str(n_params)
+
+
+def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None) -> Path:
+    """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...)."""
+    import gguf
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if type_name not in PYTHON_TYPES:
+        raise UserError(f"{type_name} is not written in Python; use export_gguf() which routes it through llama.cpp")
+    config, state, tokenizer = _load_hf(model_dir)
+    arch = get_arch(config.model_type)
+    meta = read_meta(model_dir)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
+
+    with atomic_path(out_path) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
+        n_params = 0
+        for hf_name, data in arch.gguf_tensors(state, config):
+            gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
+            n_params += data.size
+            qdata, qtype = quantize_tensor(data, type_name)
+            w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
+
+        model_name = name or meta.get("name") or model_dir.name
+        w.add_name(model_name)
+        w.add_basename(model_name)
+        w.add_size_label(_size_label(n_params))
+        if meta.get("license"):
+            w.add_license(meta["license"])
+        if meta.get("distilled_from"):
+            w.add_base_model_count(1)
+            w.add_base_model_name(0, meta["distilled_from"])
+        w.add_description(f"Written by toolchain {__version__} from {model_name}")
+        w.add_quantized_by(f"toolchain {__version__}")
+        w.add_file_type(file_type(type_name))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        arch.write_hparams(w, config)
+
+        tokens, types = bpe_vocab(tokenizer, config.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tokenizer_pre(model_dir, meta))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+        special.add_to_gguf(w, quiet=True)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+    return out_path
+
+
+def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None) -> list[dict]:
+    """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    for t in types:
+        check_type(t)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    f16_path = out_dir / gguf_filename("F16")
+    tmp_f16 = None
+    for t in sorted(types, key=lambda t: t not in PYTHON_TYPES):  # Python types first: K-quants reuse F16
+        path = out_dir / gguf_filename(t)
+        start = time.perf_counter()
+        if t in PYTHON_TYPES:
+            write_gguf(model_dir, path, t, name)
+        else:
+            src = f16_path
+            if not src.is_file():
+                if tmp_f16 is None:
+                    fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=out_dir, prefix=".f16-source-")
+                    os.close(fd)
+                    tmp_f16 = Path(tmp)
+                    write_gguf(model_dir, tmp_f16, "F16", name)
+                src = tmp_f16
+            llama_cpp_quantize(src, path, t)
+        records.append(
+            {
+                "format": "gguf",
+                "quant": t,
+                "path": str(path),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+        log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    if tmp_f16 is not None:
+        tmp_f16.unlink(missing_ok=True)
+    return records

@@ -1,0 +1,1 @@
+"""Loading and saving models, the bundled default teachers, and per-architecture facts."""

@@ -1,0 +1,40 @@
+"""What every per-architecture module provides (see registry.py for how one is found)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+# (hf tensor name, fp32 array, config) -> [(gguf-ready hf name, array)]; lets a family rewrite
+# a tensor (llama's rotary row permutation, gemma's norm offset) before name mapping.
+TensorTransform = Callable[[str, np.ndarray, object], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    gguf_arch: str  # gguf.MODEL_ARCH member name, e.g. "LLAMA"
+    # dotted attribute path to the ModuleList of decoder blocks
+    layers_attr: str
+    # writes architecture hyper-parameters into a gguf.GGUFWriter
+    write_hparams: Callable[[object, object], None]
+    # tensor rewrite before writing; identity by default
+    transform: TensorTransform
+    # HF tensor names never written (e.g. the output head when embeddings are tied)
+    skip: Callable[[str, object], bool]
+
+    def decoder_layers(self, model):
+        obj = model
+        for part in self.layers_attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def gguf_tensors(self, state_dict: dict, config) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (hf name, fp32 array ready for GGUF) in state-dict order."""
+        for name, tensor in state_dict.items():
+            if self.skip(name, config):
+                continue
+            data = tensor.detach().float().cpu().numpy()
+            yield name, self.transform(name, data, config)

@@ -1,0 +1,179 @@
+"""Load a teacher or student: bundled name, HF directory (+ PEFT adapter), or GGUF file.
+
+Everything comes back as a plain fp32 (or bf16) `transformers` model plus its tokenizer, and
+a small `meta` dict of provenance (name, licence, source, GGUF pre-tokenizer) that travels
+with the model into students and exports as `toolchain.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolchain.errors import UserError
+from toolchain.fileio import atomic_dir
+from toolchain.models.bundled import BUNDLED, bundled_path
+
+log = logging.getLogger(__name__)
+
+META_FILE = "toolchain.json"
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    path: Path  # HF directory the weights were read from
+    meta: dict = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOOLCHAIN_CACHE", Path.home() / ".cache" / "toolchain"))
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict:
+    p = Path(model_dir) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def gguf_metadata(path: str | os.PathLike, keys: tuple[str, ...]) -> dict:
+    """A few scalar metadata fields of a GGUF file (missing keys are left out)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key in keys:
+        f = reader.fields.get(key)
+        if f is not None:
+            out[key] = f.contents()
+    return out
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Dequantize a GGUF through transformers and save it as an HF safetensors directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    _check_gguf(gguf_path)
+    d, name = str(gguf_path.parent), gguf_path.name
+    log.info("dequantizing %s through transformers (once; cached afterwards)", gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
+    # serializable"): rebuild it from its config without the quantization entry.
+    config = AutoConfig.from_pretrained(d, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    model.tie_weights()
+    fields = gguf_metadata(gguf_path, ("tokenizer.ggml.pre", "general.license", "general.name"))
+    info = {
+        "name": fields.get("general.name", gguf_path.stem),
+        "license": fields.get("general.license"),
+        "source": str(gguf_path),
+        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+    }
+    info.update(meta or {})
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _cached_gguf_conversion(gguf_path: Path, meta: dict | None = None) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf-hf" / f"{gguf_path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        gguf_to_hf(gguf_path, out, meta)
+    return out
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """Turn a teacher spec (bundled name, GGUF path, HF dir) into an HF directory."""
+    if spec in BUNDLED:
+        entry = BUNDLED[spec]
+        meta = {"name": entry.name, "license": entry.license, "source": entry.source}
+        return _cached_gguf_conversion(bundled_path(spec), meta)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model not found: '{spec}' is neither a bundled model ({', '.join(BUNDLED)}) nor an existing path"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf; give a GGUF file or an HF model directory")
+        _check_gguf(path)
+        return _cached_gguf_conversion(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is a directory without config.json; it is not a Hugging Face model directory")
+    return path
+
+
+def load_model(spec: str, adapter: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer; a PEFT adapter, if given, is merged into it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    model_dir = resolve_model_dir(spec)
+    from toolchain.models.registry import get_arch
+
+    config = json.loads((model_dir / "config.json").read_text())
+    get_arch(config.get("model_type", "?"))  # refuse unsupported architectures up front
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}
+    if adapter:
+        model = merge_adapter(model, adapter)
+        meta = {**meta, "adapter": str(adapter)}
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta=meta)
+
+
+def merge_adapter(model, adapter: str | os.PathLike):
+    """Apply a PEFT (LoRA) adapter directory and merge it into the base weights."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, meta: dict) -> Path:
+    """Save an HF safetensors directory atomically, with tokenizer and provenance."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def count_params(model) -> int:
+    # tied weights are one tensor; count each storage once
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total

@@ -1,0 +1,1 @@
+"""Quantization: GGUF types (pure Python and llama.cpp K-quants)."""

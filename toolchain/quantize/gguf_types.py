@@ -1,0 +1,86 @@
+"""GGUF quantization types: which ones we write in Python and which go through llama.cpp.
+
+Plain block types (Q8_0, Q4_0, ...) are produced by `gguf.quants` in numpy. K-quants have no
+Python quantizer, so they are made from an F16 GGUF by llama.cpp's own `llama_model_quantize`
+(through llama-cpp-python), which also applies llama.cpp's per-tensor mix (e.g. Q4_K_M keeps
+some tensors at Q6_K) and falls back per tensor when a row is not a multiple of 256.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import UserError
+from toolchain.fileio import atomic_path
+
+# type name -> (tensor type for 2-D weights, file type written in general.file_type)
+PYTHON_TYPES = {
+    "F32": ("F32", "ALL_F32"),
+    "F16": ("F16", "MOSTLY_F16"),
+    "BF16": ("BF16", "MOSTLY_BF16"),
+    "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "Q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "Q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "Q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "Q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
+LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+SUPPORTED_TYPES = tuple(PYTHON_TYPES) + LLAMA_CPP_TYPES
+
+
+def check_type(name: str) -> str:
+    if name not in SUPPORTED_TYPES:
+        raise UserError(f"unknown GGUF type '{name}'; supported: {', '.join(SUPPORTED_TYPES)}")
+    return name
+
+
+def file_type(name: str):
+    import gguf
+
+    return gguf.LlamaFileType[PYTHON_TYPES[name][1]]
+
+
+def quantize_tensor(data: np.ndarray, type_name: str):
+    """(array, GGMLQuantizationType) for one tensor under a Python-written file type.
+
+    Vectors (norms, biases) stay F32 as llama.cpp's converter keeps them; a matrix whose rows
+    do not split into whole quantization blocks falls back to F16.
+    """
+    import gguf
+    from gguf.quants import quantize
+
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim <= 1 or type_name == "F32":
+        return data, gguf.GGMLQuantizationType.F32
+    if type_name == "F16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType[PYTHON_TYPES[type_name][0]]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if data.shape[-1] % block:
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return quantize(data, qtype), qtype
+
+
+def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_name: str, threads: int = 0) -> Path:
+    """Quantize an F16/F32 GGUF to a K-quant type with llama.cpp; written atomically."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(
+            f"GGUF type {type_name} needs llama.cpp's quantizer: pip install llama-cpp-python"
+        ) from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}", None)
+    if ftype is None:
+        raise UserError(f"this llama-cpp-python build does not know GGUF type {type_name}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or (os.cpu_count() or 1)
+    with atomic_path(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise UserError(f"llama.cpp failed to quantize {src_f16} to {type_name} (return code {rc})")
+    return Path(dst)
