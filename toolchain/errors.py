@@ -11,4 +11,11 @@ class UserError(Exception):
 
 
 class VerificationError(UserError):
-    """An export did not behave like the torch model within the configured thresholds."""
+    """An export did not behave like the torch model within the configured thresholds.
+
+    `figures` keeps the measured values so the report can show what failed.
+    """
+
+    def __init__(self, message: str, figures: dict | None = None):
+        super().__init__(message)
+        self.figures = figures or {}

@@ -1,0 +1,1 @@
+"""Latency benchmarks: one runner per runtime, run in a child process per model."""

@@ -1,0 +1,268 @@
+"""`toolchain` command line: thin wrappers that parse arguments and call the stage functions.
+
+User errors print one line (`error: ...`) and exit 2; `--debug` shows the traceback.
+Heavy imports (torch, transformers) happen inside the commands, so `toolchain bench` and
+`toolchain inspect` work on a device with only llama-cpp-python / onnxruntime installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from toolchain import __version__
+from toolchain.errors import UserError
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _keep_layers(s: str):
+    try:
+        return [int(x) for x in s.split(",")] if "," in s else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of layer indices, got '{s}'")
+
+
+def _config(args, extra: list[str] = ()):
+    from toolchain.config import load_config
+
+    return load_config(getattr(args, "config", None), list(extra) + list(args.set or []))
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> None:
+    from toolchain.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    run_pipeline(_config(args), Path(args.out), progress=not args.no_progress)
+    _echo(f"done in {time.perf_counter() - t0:.0f} s: {args.out}")
+
+
+def cmd_student(args) -> None:
+    from toolchain.distill.run import calibration_blocks
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import load_model
+    from toolchain.student import build_student
+
+    extra = [f"teacher.model={args.teacher}"] + ([f"student.selection={args.selection}"] if args.selection else [])
+    cfg = _config(args, extra)
+    keep = args.keep_layers if args.keep_layers is not None else cfg.student.keep_layers
+    check_writable_dir(Path(args.out).parent, "output directory")
+    teacher = load_model(cfg.teacher.model, args.adapter, cfg.teacher.dtype)
+    calib = calibration_blocks(teacher.tokenizer, cfg.data, cfg.student.calib_sequences)
+    res = build_student(teacher, args.out, keep, calib, cfg.student.selection)
+    _echo(json.dumps(res))
+
+
+def cmd_distill(args) -> None:
+    from toolchain.distill.run import distill_student
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import load_model
+
+    cfg = _config(args, [f"teacher.model={args.teacher}"])
+    if not (Path(args.student) / "config.json").is_file():
+        raise UserError(f"student directory not found or not an HF model: {args.student}")
+    check_writable_dir(Path(args.out).parent, "output directory")
+    teacher = load_model(cfg.teacher.model, args.adapter, cfg.teacher.dtype)
+    work = Path(args.work or f"{args.out}.work")
+    res = distill_student(teacher, args.student, args.out, cfg.data, cfg.distill, work, progress=not args.no_progress)
+    res.pop("history")
+    _echo(json.dumps(res, indent=2))
+
+
+def cmd_export_gguf(args) -> None:
+    from toolchain.export.gguf import export_gguf, gguf_filename
+    from toolchain.export.ollama import write_modelfile
+
+    files = export_gguf(args.model, args.out, _csv(args.types), name=args.name)
+    if not args.no_modelfile:
+        pick = min(files, key=lambda f: f["bytes"])
+        mf = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
+        _echo(f"Modelfile: {mf}   (then: ollama create NAME -f {mf})")
+    _echo(json.dumps(files, indent=2))
+
+
+def cmd_export_onnx(args) -> None:
+    from toolchain.export.onnx import export_onnx
+
+    _echo(json.dumps(export_onnx(args.model, args.out), indent=2))
+
+
+def _exports_from_paths(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UserError(f"GGUF file not found: {path}")
+            quant = path.stem.split("model-")[-1] if path.stem.startswith("model-") else "unknown"
+            out.append({"format": "gguf", "quant": quant, "path": str(path), "bytes": path.stat().st_size})
+        elif (path / "model.onnx").is_file() or path.suffix == ".onnx":
+            f = path / "model.onnx" if path.is_dir() else path
+            out.append({"format": "onnx", "quant": "fp32", "path": str(f), "bytes": f.stat().st_size})
+        else:
+            raise UserError(f"{path}: expected a .gguf file or an ONNX folder holding model.onnx")
+    return out
+
+
+def cmd_verify(args) -> None:
+    from toolchain.export.verify import verify_exports
+
+    cfg = _config(args)
+    results = verify_exports(args.model, _exports_from_paths(args.exports), cfg.verify)
+    _echo(json.dumps(results, indent=2))
+
+
+def cmd_bench(args) -> None:
+    from toolchain.bench.run import bench_models
+    from toolchain.bench.targets import load_target
+
+    target = load_target(args.target)
+    results = bench_models(_exports_from_paths(args.models), target, args.prompt_tokens, args.gen_tokens, args.runs,
+                           progress=_echo)
+    for r in results:
+        _echo(f"{r['runtime']:12s} {r['quant']:8s} prefill {r['prefill_tps']['median']:8.1f} tok/s   "
+              f"decode {r['decode_tps']['median']:7.1f} tok/s   RSS {r['peak_rss_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def cmd_inspect(args) -> None:
+    from toolchain.inspect_model import inspect_path
+
+    _echo(json.dumps(inspect_path(args.path), indent=2, default=str))
+
+
+def cmd_report(args) -> None:
+    from toolchain.fileio import write_text
+    from toolchain.report.markdown import render
+
+    run = Path(args.run_dir)
+    if not (run / "report.json").is_file():
+        raise UserError(f"{run} has no report.json; run `toolchain run` first")
+    md = write_text(run / "report.md", render(json.loads((run / "report.json").read_text())))
+    _echo(md.read_text())
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _add_config_args(p, with_file: bool = True) -> None:
+    if with_file:
+        p.add_argument("--config", help="pipeline YAML whose sections (data, distill, verify, ...) supply settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.steps=20 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toolchain", description="Distill, compress and export language models for edge devices.")
+    p.add_argument("--version", action="version", version=f"toolchain {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the whole pipeline from a config into a run directory (resumable)")
+    r.add_argument("config", help="pipeline YAML, e.g. examples/quickstart.yaml")
+    r.add_argument("--out", required=True, help="run directory; rerunning with the same one skips finished stages")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_args(r, with_file=False)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("student", help="make a depth-pruned student from a teacher, saved as an HF directory")
+    s.add_argument("--teacher", required=True, help="bundled name (smollm2-135m-instruct), HF directory or .gguf file")
+    s.add_argument("--adapter", help="PEFT/LoRA adapter directory merged into the teacher")
+    s.add_argument("--keep-layers", type=_keep_layers, help="number of blocks to keep, or a list like 0,3,7,29")
+    s.add_argument("--selection", choices=["angular", "stride"], help="rule choosing which blocks to keep (default angular)")
+    s.add_argument("--out", required=True, help="output HF directory")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_student)
+
+    d = sub.add_parser("distill", help="distill a student directory from a teacher (logit KD), resumable")
+    d.add_argument("--teacher", required=True, help="bundled name, HF directory or .gguf file")
+    d.add_argument("--adapter", help="PEFT/LoRA adapter directory merged into the teacher")
+    d.add_argument("--student", required=True, help="student HF directory (e.g. from `toolchain student`)")
+    d.add_argument("--out", required=True, help="where the distilled student is saved")
+    d.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
+    d.add_argument("--no-progress", action="store_true")
+    _add_config_args(d)
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("export", help="export a model: gguf or onnx")
+    esub = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    g = esub.add_parser("gguf", help="write GGUF files (+ an Ollama Modelfile)")
+    g.add_argument("model", help="HF model directory")
+    g.add_argument("--out", required=True, help="output directory for model-<TYPE>.gguf files")
+    g.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="comma-separated GGUF types (default F16,Q8_0,Q4_K_M)")
+    g.add_argument("--name", help="model name written into the GGUF metadata")
+    g.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    g.set_defaults(func=cmd_export_gguf)
+    o = esub.add_parser("onnx", help="write an fp32 ONNX decoder with KV cache")
+    o.add_argument("model", help="HF model directory")
+    o.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, model_info.json)")
+    o.set_defaults(func=cmd_export_onnx)
+
+    v = sub.add_parser("verify", help="check GGUF/ONNX exports against the torch model (fails on thresholds)")
+    v.add_argument("model", help="HF model directory the exports came from")
+    v.add_argument("exports", nargs="+", help=".gguf files and/or ONNX folders")
+    _add_config_args(v)
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("bench", help="prefill/decode speed in llama.cpp (GGUF) and onnxruntime (ONNX)")
+    b.add_argument("models", nargs="+", help=".gguf files and/or ONNX folders")
+    b.add_argument("--target", default="cpu", help="target profile name in targets/ or a YAML path (default cpu)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=64)
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", help="print what a GGUF, ONNX folder, HF directory or run directory holds")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_inspect)
+
+    rep = sub.add_parser("report", help="re-render report.md from a run directory's report.json")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        import os
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...: the cause is the message
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Knowledge distillation: data, losses, the training loop and held-out evaluation."""

@@ -1,0 +1,217 @@
+"""HF directory -> fp32 ONNX decoder with a KV cache, for onnxruntime (see runtime/onnx_decoder.py).
+
+The graph is exported with `torch.onnx.export(dynamo=True)`. Past keys/values travel as flat
+graph inputs (`past_key_values.{i}.key` / `.value`) and come back as `present.{i}.key` /
+`.value`, each [batch, kv_heads, seq, head_dim]; a wrapper rebuilds the transformers
+`DynamicCache` from them. `attention_mask` covers past + new tokens.
+
+Two facts shape the example inputs (DESIGN.md section 4):
+- the example must have >= 2 new tokens: with 1, SDPA's `is_causal` is specialised away and the
+  graph is wrong for prefill;
+- the example past must be non-empty: a size-0 (or 1) example dimension is specialised to a
+  constant by torch.export. The exported graph still runs with an EMPTY past (length 0) in
+  onnxruntime, which the prefill relies on; tests/export/test_onnx_export.py checks both.
+
+The weights always go to an external-data file `model.onnx.data` (one layout for every model
+size; protobuf's 2 GB limit never matters, and the small graph file is quick to inspect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from toolchain.errors import UserError
+from toolchain.fileio import atomic_dir, sha256_file
+from toolchain.models.registry import get_arch
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+INFO_FILE = "model_info.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+OPSET = 18
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported decoder, in graph order."""
+    past, present = [], []
+    for i in range(num_layers):
+        past += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        present += [f"present.{i}.key", f"present.{i}.value"]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def _wrapper(model):
+    import torch
+    from transformers import DynamicCache
+
+    class DecoderWithCache(torch.nn.Module):
+        """Flat tensors in and out, so the exporter never sees a Cache object."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.n_layers = lm.config.num_hidden_layers
+
+        def forward(self, input_ids, attention_mask, position_ids, *flat_past):
+            pairs = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(self.n_layers)]
+            cache = DynamicCache(pairs, config=self.lm.config)
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            flat = []
+            for layer in out.past_key_values.layers:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    return DecoderWithCache(model).eval()
+
+
+def _eos_ids(model_dir: Path, config) -> list[int]:
+    # generation_config.json may list more stop tokens than config.json (chat models)
+    ids: list[int] = []
+    sources = [getattr(config, "eos_token_id", None)]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def model_info(model_dir: Path, config) -> dict:
+    from toolchain.models.llama import head_dim
+
+    n = config.num_hidden_layers
+    inputs, outputs = io_names(n)
+    template = model_dir / "chat_template.jinja"
+    chat_template = template.read_text() if template.is_file() else None
+    if chat_template is None:
+        tc = model_dir / "tokenizer_config.json"
+        if tc.is_file():
+            chat_template = json.loads(tc.read_text()).get("chat_template")
+    return {
+        "model_type": config.model_type,
+        "num_layers": n,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": head_dim(config),
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": _eos_ids(model_dir, config),
+        "chat_template": chat_template,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dtype": "float32",
+        "opset": OPSET,
+    }
+
+
+def _example_inputs(config, new: int = 3, past: int = 4):
+    """>= 2 new tokens and a non-empty past (see the module docstring)."""
+    import torch
+    from toolchain.models.llama import head_dim
+
+    gen = torch.Generator().manual_seed(0)  # leave the global RNG alone
+    shape = (1, config.num_key_value_heads, past, head_dim(config))
+    flat = []
+    for _ in range(config.num_hidden_layers):
+        flat += [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)]
+    ids = torch.randint(0, config.vocab_size, (1, new), generator=gen)
+    mask = torch.ones(1, past + new, dtype=torch.int64)
+    pos = torch.arange(past, past + new).unsqueeze(0)
+    return (ids, mask, pos, *flat)
+
+
+def _dynamic_shapes(n_layers: int):
+    from torch.export import Dim
+
+    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    kv = {0: batch, 2: past}
+    # torch.export takes the nested structure of forward's arguments: *flat_past is one tuple
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple(kv for _ in range(2 * n_layers)))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's progress lines and known-harmless warnings; errors still propagate.
+
+    The captured stdout is logged at debug level, so `--debug` runs can still see it.
+    """
+    buf = io.StringIO()
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg_log.level
+    reg_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            # dynamic axes that share constraints (batch appears in every input) are merged
+            warnings.filterwarnings("ignore", message=r"# The axis name")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        reg_log.setLevel(level)
+        log.debug("torch.onnx.export output:\n%s", buf.getvalue())
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path) -> dict:
+    """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    get_arch(config.model_type)  # refuse unsupported architectures before the slow part
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    wrapper = _wrapper(model)
+    inputs, outputs = io_names(config.num_hidden_layers)
+    with atomic_dir(out_dir) as tmp:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                wrapper,
+                _example_inputs(config),
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=_dynamic_shapes(config.num_hidden_layers),
+                opset_version=OPSET,
+                optimize=True,
+                verify=False,
+            )
+            program.save(str(tmp / MODEL_FILE), external_data=True)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        (tmp / INFO_FILE).write_text(json.dumps(model_info(model_dir, config), indent=2) + "\n")
+    seconds = time.perf_counter() - t0
+
+    onnx_path = out_dir / MODEL_FILE
+    data_path = out_dir / DATA_FILE
+    size = onnx_path.stat().st_size + (data_path.stat().st_size if data_path.is_file() else 0)
+    return {
+        "format": "onnx",
+        "quant": "fp32",
+        "path": str(onnx_path),
+        "bytes": size,
+        "sha256": sha256_file(onnx_path),
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,172 @@
+"""`toolchain run CONFIG`: every stage into one run directory, resumable.
+
+Each finished stage leaves `stages/<name>.json` (written atomically, last); a rerun with the
+same `--out` skips stages whose record exists. The resolved config is kept as `config.yaml`;
+a rerun with a different config is refused rather than mixing two runs in one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from toolchain.config import Config, dump_yaml, to_dict
+from toolchain.errors import UserError, VerificationError
+from toolchain.fileio import check_writable_dir, dir_bytes, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench")
+
+
+class Run:
+    def __init__(self, config: Config, out: Path, progress: bool = True, echo=print):
+        self.config, self.out, self.progress, self.echo = config, out, progress, echo
+        self._teacher = None
+
+    # ------------------------------------------------------------------ helpers
+    def path(self, *parts) -> Path:
+        return self.out.joinpath(*parts)
+
+    def record(self, stage: str) -> dict | None:
+        p = self.path("stages", f"{stage}.json")
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from toolchain.models.load import load_model
+
+            t = self.config.teacher
+            self.echo(f"loading teacher {t.model}" + (f" + adapter {t.adapter}" if t.adapter else ""))
+            self._teacher = load_model(t.model, t.adapter, t.dtype)
+        return self._teacher
+
+    # ------------------------------------------------------------------ stages
+    def stage_teacher(self) -> dict:
+        from toolchain.models.load import count_params
+
+        t = self.teacher
+        params = count_params(t.model)
+        return {"name": t.meta.get("name"), "source": t.meta.get("source"), "license": t.meta.get("license"),
+                "params": params, "bytes": params * 4, "layers": t.model.config.num_hidden_layers,
+                "adapter": self.config.teacher.adapter}
+
+    def stage_student(self) -> dict:
+        from toolchain.distill.run import calibration_blocks
+        from toolchain.student import build_student
+
+        s, d = self.config.student, self.config.data
+        calib = calibration_blocks(self.teacher.tokenizer, d, s.calib_sequences)
+        res = build_student(self.teacher, self.path("work", "student-init"), s.keep_layers, calib, s.selection)
+        self.echo(f"student keeps layers {res['kept_layers']} ({res['params'] / 1e6:.1f} M params)")
+        return res
+
+    def stage_distill(self) -> dict:
+        from toolchain.distill.run import distill_student
+
+        res = distill_student(self.teacher, self.path("work", "student-init"), self.path("student"),
+                              self.config.data, self.config.distill, self.path("work", "distill"), self.progress)
+        write_json(self.path("logs", "distill_history.json"), res.pop("history"))
+        b, a = res["before"], res["after"]
+        self.echo(f"held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement {b['top1_agreement']:.1%} -> "
+                  f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f} (teacher {a['teacher_ce']:.3f})")
+        res["bytes"] = dir_bytes(self.path("student"))
+        return res
+
+    def stage_export_gguf(self) -> dict:
+        from toolchain.export.gguf import export_gguf, gguf_filename
+        from toolchain.export.ollama import write_modelfile
+
+        types = self.config.export.gguf
+        if not types:
+            return {"files": []}
+        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name)
+        # Ollama gets the smallest file by default; users can point FROM at another.
+        pick = min(files, key=lambda f: f["bytes"])
+        mf = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
+        for f in files:
+            self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
+        return {"files": files, "modelfile": str(mf)}
+
+    def stage_export_onnx(self) -> dict:
+        if not self.config.export.onnx:
+            return {}
+        from toolchain.export.onnx import export_onnx
+
+        return export_onnx(self.path("student"), self.path("export", "onnx"))
+
+    def _exports(self) -> list[dict]:
+        files = list((self.record("export_gguf") or {}).get("files", []))
+        onnx = self.record("export_onnx") or {}
+        return files + ([onnx] if onnx.get("path") else [])
+
+    def stage_verify(self) -> dict:
+        from toolchain.export.verify import verify_exports
+
+        results = verify_exports(self.path("student"), self._exports(), self.config.verify)
+        for r in results:
+            if r["format"] == "gguf":
+                self.echo(f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
+                          f"greedy {r['greedy_agreement']:.0%}")
+            else:
+                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, greedy {r['greedy_agreement']:.0%}")
+        return {"results": results}
+
+    def stage_bench(self) -> dict:
+        from toolchain.bench.run import bench_models
+        from toolchain.bench.targets import load_target
+
+        b = self.config.bench
+        target = load_target(b.target)
+        results = bench_models(self._exports(), target, b.prompt_tokens, b.gen_tokens, b.runs, progress=self.echo)
+        for r in results:
+            self.echo(f"  {r['runtime']} {r['quant']}: prefill {r['prefill_tps']['median']:.0f} tok/s, "
+                      f"decode {r['decode_tps']['median']:.1f} tok/s, RSS {r['peak_rss_mb']:.0f} MB")
+        return {"target": target.name, "results": results}
+
+    # ------------------------------------------------------------------ driver
+    def write_report(self, seconds: dict) -> dict:
+        from toolchain.report.build import build_report
+        from toolchain.report.markdown import render
+
+        stages = {s: r for s in STAGES if (r := self.record(s)) is not None}
+        report = build_report(to_dict(self.config), stages, seconds)
+        write_json(self.path("report.json"), report)
+        write_text(self.path("report.md"), render(report))
+        return report
+
+    def run(self) -> dict:
+        seconds_file = self.path("logs", "stage_seconds.json")
+        seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+        for stage in STAGES:
+            if self.record(stage) is not None:
+                self.echo(f"[{stage}] done earlier, skipped")
+                continue
+            self.echo(f"[{stage}] ...")
+            t0 = time.perf_counter()
+            try:
+                result = getattr(self, f"stage_{stage}")()
+            except VerificationError as e:
+                write_json(self.path("logs", "verify_failed.json"), e.figures)
+                self.write_report(seconds)
+                raise
+            seconds[stage] = round(time.perf_counter() - t0, 1)
+            write_json(self.path("stages", f"{stage}.json"), result)
+            write_json(seconds_file, seconds)
+            self.echo(f"[{stage}] {seconds[stage]:.1f} s")
+        report = self.write_report(seconds)
+        self.echo(f"report: {self.path('report.md')}  ({sum(seconds.values()):.0f} s in stages)")
+        return report
+
+
+def run_pipeline(config: Config, out: str | Path, progress: bool = True, echo=print) -> dict:
+    out = check_writable_dir(out, "run directory")
+    resolved = dump_yaml(config)
+    cfg_file = out / "config.yaml"
+    if cfg_file.is_file() and cfg_file.read_text() != resolved:
+        raise UserError(f"{out} holds a run made with a different config; use a new --out (or delete {out}) to start over")
+    write_text(cfg_file, resolved)
+    return Run(config, out, progress, echo).run()

@@ -1,0 +1,1 @@
+"""report.json (stable keys, documented in README) and a readable report.md."""

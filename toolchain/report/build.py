@@ -1,0 +1,48 @@
+"""Assemble report.json from the stage results of a run directory."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from toolchain import __version__
+
+SCHEMA_VERSION = 1
+
+
+def _bench_row(b: dict) -> dict:
+    keep = ("runtime", "target", "format", "quant", "threads", "n_prompt", "n_gen", "load_s", "ttft_ms",
+            "prefill_tps", "decode_tps", "token_ms", "peak_rss_mb", "bytes", "cpu_per_wall")
+    row = {k: b.get(k) for k in keep}
+    for k in ("ttft_ms", "prefill_tps", "decode_tps"):
+        if isinstance(row.get(k), dict):
+            row[k] = {m: row[k][m] for m in ("median", "p95", "stddev") if m in row[k]}
+    return row
+
+
+def build_report(config: dict, stages: dict, seconds: dict) -> dict:
+    student = stages.get("student", {})
+    distill = stages.get("distill", {})
+    exports = []
+    for e in stages.get("export_gguf", {}).get("files", []) + ([stages["export_onnx"]] if "export_onnx" in stages else []):
+        exports.append({k: e.get(k) for k in ("format", "quant", "path", "bytes", "sha256")})
+    verify = {(v["format"], v["quant"]): v for v in stages.get("verify", {}).get("results", [])}
+    for e in exports:
+        v = verify.get((e["format"], e["quant"]))
+        if v:
+            e["parity"] = {k: v[k] for k in v if k not in ("format", "quant", "path", "sample")}
+            if v.get("sample"):
+                e["sample"] = v["sample"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "toolchain_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"machine": platform.machine(), "python": platform.python_version(), "system": platform.system()},
+        "name": config.get("name"),
+        "teacher": stages.get("teacher", {}),
+        "student": {k: student.get(k) for k in ("params", "bytes", "kept_layers", "path")},
+        "distill": {k: v for k, v in distill.items() if k != "history"} if distill else {},
+        "exports": exports,
+        "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],
+        "stage_seconds": seconds,
+    }

@@ -1,0 +1,77 @@
+"""report.json -> report.md: the tables a person reads first."""
+
+from __future__ import annotations
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f} MB" if n else "-"
+
+
+def _f(x, fmt=".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def render(report: dict) -> str:
+    t, s, d = report.get("teacher", {}), report.get("student", {}), report.get("distill", {})
+    lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
+    lines += [f"toolchain {report.get('toolchain_version')} · {report.get('created')}", ""]
+
+    lines += ["## Models", ""]
+    lines += _table(["model", "params", "size (fp32 safetensors)", "layers"], [
+        [f"teacher `{t.get('name', '?')}`", f"{(t.get('params') or 0) / 1e6:.1f} M", _mb(t.get("bytes")), t.get("layers", "-")],
+        ["student", f"{(s.get('params') or 0) / 1e6:.1f} M", _mb(s.get("bytes")),
+         f"{len(s.get('kept_layers') or [])} (kept {s.get('kept_layers')})"],
+    ])
+
+    if d:
+        b, a = d.get("before", {}), d.get("after", {})
+        lines += ["## Distillation (held-out text)", ""]
+        lines += [f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
+                  f"loss = {d.get('alpha')}·CE + {1 - d.get('alpha', 0):.2g}·T²·KL, T = {d.get('temperature')}", ""]
+        lines += _table(["metric", "before", "after"], [
+            ["student CE (nats/token)", _f(b.get("ce")), _f(a.get("ce"))],
+            ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
+            ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
+            ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
+        ])
+
+    ex = report.get("exports", [])
+    if ex:
+        lines += ["## Exports and parity with the torch model", ""]
+        rows = []
+        for e in ex:
+            p = e.get("parity", {})
+            if e["format"] == "gguf":
+                parity = (f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
+                          f"greedy {_f(p.get('greedy_agreement'), '.0%')}")
+            else:
+                parity = f"max |Δlogit| {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+            rows.append([e["format"], e["quant"], _mb(e.get("bytes")), parity if p else "not verified",
+                         "pass" if p.get("passed") else ("-" if not p else "FAIL"), f"`{e['sha256'][:12]}`"])
+        lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
+        sample = next((e.get("sample") for e in ex if e.get("sample")), None)
+        if sample:
+            lines += ["Sample (greedy, llama.cpp):", "", "```", sample["prompt"] + sample["llama_cpp"], "```", ""]
+
+    bench = report.get("bench", [])
+    if bench:
+        lines += ["## Speed", ""]
+        rows = [[b["runtime"], b["quant"], b["target"], b["threads"], _f(b["prefill_tps"]["median"], ".0f"),
+                 _f(b["decode_tps"]["median"], ".1f"), _f(b["decode_tps"].get("p95"), ".1f"),
+                 _f(b["ttft_ms"]["median"], ".1f"), _f(b.get("peak_rss_mb"), ".0f"), _mb(b.get("bytes"))] for b in bench]
+        n = bench[0]
+        lines += [f"prompt {n.get('n_prompt')} tokens, {n.get('n_gen')} generated; median of runs (after a warm-up).", ""]
+        lines += _table(["runtime", "type", "target", "threads", "prefill tok/s", "decode tok/s", "decode p95",
+                         "TTFT ms", "peak RSS MB", "size"], rows)
+
+    secs = report.get("stage_seconds", {})
+    if secs:
+        lines += ["## Time per stage", ""]
+        lines += _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
+    return "\n".join(lines)
