@@ -17,7 +17,8 @@ def load_documents(source: str) -> list[str]:
     if source == "pydoc":
         from pydoc_data.topics import topics
 
-        return [topics[k] for k in sorted(topics)]
+        # several topic keys share one text; keep each text once so held-out text never leaks
+        return list(dict.fromkeys(topics[k] for k in sorted(topics)))
     text = Path(source).read_text(encoding="utf-8", errors="replace")
     docs = [d.strip() for d in text.split("\n\n\n") if d.strip()]  # blank-line-separated documents
     return docs if len(docs) > 1 else [p for p in text.split("\n\n") if p.strip()]

@@ -36,7 +36,7 @@ CHATML = ChatFormat(
         "{{ end }}<|im_start|>assistant\n"
     ),
     stops=("<|im_end|>", "<|im_start|>"),
-    default_system=r"<\|im_start\|>system\\n(.+?)<\|im_end\|>",
+    default_system=r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>",
 )
 LLAMA3 = ChatFormat(
     name="llama3",

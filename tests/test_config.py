@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from toolchain.config import Config, apply_override, dump_yaml, from_dict, load_config
+from toolchain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid():
+    cfg = from_dict({})
+    assert isinstance(cfg, Config)
+    assert cfg.student.keep_layers == 10
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_validates(example):
+    cfg = load_config(example)
+    assert from_dict(__import__("yaml").safe_load(dump_yaml(cfg))) == cfg  # round-trips
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UserError, match=r"unknown config key 'distill.stpes'.*valid keys here: .*steps"):
+        from_dict({"distill": {"stpes": 3}})
+
+
+def test_unknown_section():
+    with pytest.raises(UserError, match=r"unknown config key 'distil'.*distill"):
+        from_dict({"distil": {}})
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(UserError, match=r"distill.steps: expected int, got str 'ten'"):
+        from_dict({"distill": {"steps": "ten"}})
+
+
+def test_int_accepted_for_float_but_bool_not_for_int():
+    assert from_dict({"distill": {"lr": 1}}).distill.lr == 1.0
+    with pytest.raises(UserError, match="distill.steps"):
+        from_dict({"distill": {"steps": True}})
+
+
+def test_keep_layers_int_or_list():
+    assert from_dict({"student": {"keep_layers": [0, 5, 9]}}).student.keep_layers == [0, 5, 9]
+    with pytest.raises(UserError, match="keep_layers"):
+        from_dict({"student": {"keep_layers": "many"}})
+
+
+@pytest.mark.parametrize("section,key,value,msg", [
+    ("distill", "alpha", 1.5, "between 0 and 1"),
+    ("distill", "temperature", 0, "must be > 0"),
+    ("bench", "runs", 1, ">= 3"),
+    ("export", "gguf", ["Q9_9"], "not one of"),
+    ("teacher", "dtype", "int3", "not one of"),
+    ("data", "source", "/no/such/file.txt", "neither 'pydoc' nor an existing"),
+])
+def test_range_checks(section, key, value, msg):
+    with pytest.raises(UserError, match=msg):
+        from_dict({section: {key: value}})
+
+
+def test_overrides_parse_yaml_values():
+    cfg = from_dict({}, ["distill.steps=7", "export.gguf=[F16]", "teacher.model=/x", "distill.lr=3e-4"])
+    assert cfg.distill.steps == 7 and cfg.export.gguf == ["F16"] and cfg.teacher.model == "/x"
+    assert cfg.distill.lr == pytest.approx(3e-4)
+
+
+def test_override_errors():
+    with pytest.raises(UserError, match="key=value"):
+        apply_override({}, "distill.steps")
+    with pytest.raises(UserError, match="not a section"):
+        apply_override({"name": "x"}, "name.sub=1")
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(lst)
