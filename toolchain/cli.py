@@ -240,8 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import os
+
+    # transformers' per-load progress bars ("Loading weights", "Writing model shards") bury
+    # our own output; our progress bars are separate and stay
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not args.debug:
-        import os
         import warnings
 
         warnings.filterwarnings("ignore")

@@ -128,11 +128,12 @@ class Run:
         return {"target": target.name, "results": results}
 
     # ------------------------------------------------------------------ driver
-    def write_report(self, seconds: dict) -> dict:
+    def write_report(self, seconds: dict, extra: dict | None = None) -> dict:
         from toolchain.report.build import build_report
         from toolchain.report.markdown import render
 
         stages = {s: r for s in STAGES if (r := self.record(s)) is not None}
+        stages.update(extra or {})
         report = build_report(to_dict(self.config), stages, seconds)
         write_json(self.path("report.json"), report)
         write_text(self.path("report.md"), render(report))
@@ -150,8 +151,9 @@ class Run:
             try:
                 result = getattr(self, f"stage_{stage}")()
             except VerificationError as e:
+                # keep the figures: the report shows what failed, the stage stays unfinished
                 write_json(self.path("logs", "verify_failed.json"), e.figures)
-                self.write_report(seconds)
+                self.write_report(seconds, {"verify": e.figures} if stage == "verify" else None)
                 raise
             seconds[stage] = round(time.perf_counter() - t0, 1)
             write_json(self.path("stages", f"{stage}.json"), result)

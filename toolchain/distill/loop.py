@@ -140,9 +140,10 @@ def distill(teacher, student, train: torch.Tensor, heldout: torch.Tensor, cfg: D
         if step > start_step:  # the first step pays one-off allocation costs
             steady_tokens += inputs.numel()
             steady_seconds += dt
-        history.append({"step": step + 1, "loss": float(loss.detach()), **parts, "grad_norm": float(grad_norm),
+        loss_value = loss.item()
+        history.append({"step": step + 1, "loss": loss_value, **parts, "grad_norm": float(grad_norm),
                         "lr": scheduler.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{inputs.numel() / dt:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{inputs.numel() / dt:.0f}")
         bar.update(1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(step + 1)

@@ -24,7 +24,8 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     student = stages.get("student", {})
     distill = stages.get("distill", {})
     exports = []
-    for e in stages.get("export_gguf", {}).get("files", []) + ([stages["export_onnx"]] if "export_onnx" in stages else []):
+    onnx = stages.get("export_onnx") or {}
+    for e in stages.get("export_gguf", {}).get("files", []) + ([onnx] if onnx.get("path") else []):
         exports.append({k: e.get(k) for k in ("format", "quant", "path", "bytes", "sha256")})
     verify = {(v["format"], v["quant"]): v for v in stages.get("verify", {}).get("results", [])}
     for e in exports:
@@ -40,8 +41,10 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         "host": {"machine": platform.machine(), "python": platform.python_version(), "system": platform.system()},
         "name": config.get("name"),
         "teacher": stages.get("teacher", {}),
-        "student": {k: student.get(k) for k in ("params", "bytes", "kept_layers", "path")},
-        "distill": {k: v for k, v in distill.items() if k != "history"} if distill else {},
+        # the shipped student is the distilled one (same shape as the initial one)
+        "student": {"params": distill.get("params", student.get("params")), "bytes": distill.get("bytes"),
+                    "layers": len(student.get("kept_layers") or []), "kept_layers": student.get("kept_layers")},
+        "distill": {k: v for k, v in distill.items() if k not in ("history", "params", "bytes")} if distill else {},
         "exports": exports,
         "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],
         "stage_seconds": seconds,

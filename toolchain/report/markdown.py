@@ -26,7 +26,7 @@ def render(report: dict) -> str:
     lines += _table(["model", "params", "size (fp32 safetensors)", "layers"], [
         [f"teacher `{t.get('name', '?')}`", f"{(t.get('params') or 0) / 1e6:.1f} M", _mb(t.get("bytes")), t.get("layers", "-")],
         ["student", f"{(s.get('params') or 0) / 1e6:.1f} M", _mb(s.get("bytes")),
-         f"{len(s.get('kept_layers') or [])} (kept {s.get('kept_layers')})"],
+         f"{s.get('layers')} (teacher blocks {s.get('kept_layers')})"],
     ])
 
     if d:

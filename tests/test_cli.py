@@ -1,0 +1,98 @@
+"""Bad input: one line on stderr, non-zero exit, no traceback (unless --debug)."""
+
+import pytest
+
+from toolchain.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run(capsys, "run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "config file not found")
+
+
+def test_unknown_config_key_lists_valid_ones(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("distill:\n  step: 3\n")
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, r"unknown config key 'distill.step'.*valid keys here: steps, batch_size")
+
+
+def test_wrong_value_type_via_set(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(tmp_path / "r"), "--set", "distill.batch_size=four")
+    assert_one_line_error(code, err, "distill.batch_size: expected int")
+
+
+def test_missing_teacher_path(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher:\n  model: {tmp_path}/no-such-model\n")
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "model not found")
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(blocker / "run"))
+    assert_one_line_error(code, err, "cannot write to run directory")
+
+
+def test_tokenizer_mismatch(capsys, tmp_path, tiny_dir, tiny_dir_6):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_dir, student)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.add_tokens(["<unseen>"])
+    tok.save_pretrained(student)
+    code, _, err = run(capsys, "distill", "--teacher", str(tiny_dir_6), "--student", str(student),
+                       "--out", str(tmp_path / "o"), "--no-progress")
+    assert_one_line_error(code, err, "tokenizers differ")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from toolchain.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["--debug", "run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")])
+
+
+def test_export_and_inspect_commands(capsys, tmp_path, tiny_dir):
+    code, out, _ = run(capsys, "export", "gguf", str(tiny_dir), "--out", str(tmp_path), "--types", "Q8_0")
+    assert code == 0 and (tmp_path / "model-Q8_0.gguf").is_file() and (tmp_path / "Modelfile").is_file()
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "model-Q8_0.gguf"))
+    assert code == 0 and '"architecture": "llama"' in out and '"Q8_0"' in out
+    code, _, err = run(capsys, "inspect", str(tmp_path / "missing.gguf"))
+    assert_one_line_error(code, err, "path not found")
+    code, _, err = run(capsys, "bench", str(tmp_path / "Modelfile"))
+    assert_one_line_error(code, err, "expected a .gguf file or an ONNX folder")
+
+
+@pytest.mark.parametrize("cmd", [["run"], ["student"], ["distill"], ["export", "gguf"], ["export", "onnx"],
+                                 ["verify"], ["bench"], ["inspect"], ["report"]])
+def test_every_command_has_help(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0
+    assert "usage: toolchain" in capsys.readouterr().out

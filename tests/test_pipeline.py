@@ -1,0 +1,84 @@
+"""The whole pipeline on a tiny random teacher: every stage, the run directory, resume."""
+
+import json
+
+import pytest
+
+from toolchain.config import from_dict
+from toolchain.errors import UserError
+from toolchain.pipeline import run_pipeline
+
+
+def tiny_config(teacher_dir, **over):
+    data = {
+        "name": "tiny-student",
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"keep_layers": 3, "calib_sequences": 2},
+        "data": {"seq_len": 32, "eval_sequences": 4},
+        "distill": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
+        "export": {"gguf": ["F16", "Q8_0"], "onnx": True},
+        "verify": {"greedy_tokens": 8},
+        "bench": {"prompt_tokens": 32, "gen_tokens": 8, "runs": 3},
+    }
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v}
+    return from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir_6, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_pipeline(tiny_config(tiny_dir_6), out, progress=False, echo=lambda m: None)
+    return out
+
+
+def test_run_directory_layout(run_dir):
+    for rel in ["config.yaml", "report.json", "report.md", "student/config.json", "student/model.safetensors",
+                "export/model-F16.gguf", "export/model-Q8_0.gguf", "export/Modelfile", "export/onnx/model.onnx",
+                "logs/distill_history.json"]:
+        assert (run_dir / rel).is_file(), rel
+
+
+def test_report_has_the_stable_keys(run_dir):
+    r = json.loads((run_dir / "report.json").read_text())
+    assert r["teacher"]["params"] > r["student"]["params"] > 0 and r["student"]["bytes"] > 0
+    for k in ("steps", "tokens", "tokens_per_s", "teacher_ce"):
+        assert r["distill"][k] is not None
+    for when in ("before", "after"):
+        assert {"ce", "kl", "top1_agreement"} <= set(r["distill"][when])
+    formats = {(e["format"], e["quant"]) for e in r["exports"]}
+    assert formats == {("gguf", "F16"), ("gguf", "Q8_0"), ("onnx", "fp32")}
+    for e in r["exports"]:
+        assert e["bytes"] > 0 and len(e["sha256"]) == 64 and e["parity"]["passed"]
+    f16 = next(e for e in r["exports"] if e["quant"] == "F16")
+    assert f16["parity"]["nmse_max"] < 1e-4 and f16["parity"]["tokenizer_parity"] == 1.0
+    assert {(b["runtime"], b["quant"]) for b in r["bench"]} == {("llama_cpp", "F16"), ("llama_cpp", "Q8_0"),
+                                                                ("onnxruntime", "fp32")}
+    for b in r["bench"]:
+        assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
+        assert b["target"] == "cpu" and b["threads"] >= 1
+    assert set(r["stage_seconds"]) == {"teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench"}
+    md = (run_dir / "report.md").read_text()
+    assert "## Distillation" in md and "## Speed" in md and "## Time per stage" in md
+
+
+def test_rerun_skips_finished_stages(run_dir, tiny_dir_6):
+    before = (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns
+    lines = []
+    run_pipeline(tiny_config(tiny_dir_6), run_dir, progress=False, echo=lines.append)
+    assert sum("skipped" in l for l in lines) == 7
+    assert (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns == before
+
+
+def test_rerun_with_other_config_is_refused(run_dir, tiny_dir_6):
+    with pytest.raises(UserError, match="different config"):
+        run_pipeline(tiny_config(tiny_dir_6, distill={"steps": 5}), run_dir, progress=False, echo=lambda m: None)
+
+
+def test_failed_verification_fails_the_run(tiny_dir_6, tmp_path):
+    cfg = tiny_config(tiny_dir_6, export={"gguf": ["Q8_0"], "onnx": False},
+                      verify={"max_nmse": {"default": 1e-12}})
+    with pytest.raises(UserError, match="verification failed.*NMSE"):
+        run_pipeline(cfg, tmp_path, progress=False, echo=lambda m: None)
+    assert not (tmp_path / "stages" / "verify.json").exists()
+    assert json.loads((tmp_path / "logs" / "verify_failed.json").read_text())["results"][0]["passed"] is False
