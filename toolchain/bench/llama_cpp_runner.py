@@ -68,7 +68,10 @@ def tokenize(model_path: str, text: str) -> list[int]:
     """Token ids of `text` with the GGUF's own tokenizer (vocabulary only, no weights loaded)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model_path, vocab_only=True, verbose=False)
+    from toolchain.native_output import captured_native_output
+
+    with captured_native_output():  # a vocab-only load still prints a context warning
+        llm = Llama(model_path=model_path, vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     finally:

@@ -14,6 +14,23 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since exec.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across execve, so a child of a
+    big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
 def main() -> None:
     job = json.loads(sys.stdin.read())
     if job.get("cpus"):
@@ -28,7 +45,7 @@ def main() -> None:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = bench(job["model"], job["prompt_ids"], job["gen_tokens"], job["runs"], job["threads"])
     result["cpu_per_wall"] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["torch_imported"] = "torch" in sys.modules
     print(json.dumps(result))
 

@@ -9,6 +9,7 @@ some tensors at Q6_K) and falls back per tensor when a row is not a multiple of 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import numpy as np
 
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
+from toolchain.native_output import captured_native_output
+
+log = logging.getLogger(__name__)
 
 # type name -> (tensor type for 2-D weights, file type written in general.file_type)
 PYTHON_TYPES = {
@@ -80,7 +84,13 @@ def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
     with atomic_path(dst) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
+        with captured_native_output() as log_lines:
+            rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise UserError(f"llama.cpp failed to quantize {src_f16} to {type_name} (return code {rc})")
+            tail = " / ".join(log_lines[-3:])
+            raise UserError(f"llama.cpp failed to quantize {src_f16} to {type_name} (return code {rc}): {tail}")
+    fallbacks = [l for l in log_lines if "fallback" in l and "required" in l]
+    if fallbacks:
+        # e.g. SmolLM2's 576-wide rows are not multiples of 256, so most K-quant tensors fall back
+        log.warning("%s: %s", type_name, fallbacks[-1].split(":", 1)[-1].strip())
     return Path(dst)
