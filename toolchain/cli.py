@@ -111,7 +111,9 @@ def _exports_from_paths(paths: list[str]) -> list[dict]:
             out.append({"format": "gguf", "quant": quant, "path": str(path), "bytes": path.stat().st_size})
         elif (path / "model.onnx").is_file() or path.suffix == ".onnx":
             f = path / "model.onnx" if path.is_dir() else path
-            out.append({"format": "onnx", "quant": "fp32", "path": str(f), "bytes": f.stat().st_size})
+            data = f.with_name(f.name + ".data")  # external weights
+            size = f.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+            out.append({"format": "onnx", "quant": "fp32", "path": str(f), "bytes": size})
         else:
             raise UserError(f"{path}: expected a .gguf file or an ONNX folder holding model.onnx")
     return out

@@ -7,21 +7,12 @@ Timing follows llama_cpp_runner.py: a warm-up run, then per run one prefill of t
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 
+from toolchain.bench.stats import summary
 from toolchain.runtime.onnx_decoder import OnnxDecoder
-
-
-def _summary(values: list[float]) -> dict:
-    return {
-        "median": float(np.median(values)),
-        "p95": float(np.percentile(values, 95)),
-        "stddev": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "runs": [float(v) for v in values],
-    }
 
 
 def _one_run(dec: OnnxDecoder, prompt_ids: list[int], gen_tokens: int):
@@ -60,8 +51,8 @@ def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, th
         "n_prompt": len(prompt_ids),
         "n_gen": gen_tokens,
         "load_s": load_s,
-        "ttft_ms": _summary(ttft),
-        "prefill_tps": _summary(prefill),
-        "decode_tps": _summary(decode),
+        "ttft_ms": summary(ttft),
+        "prefill_tps": summary(prefill),
+        "decode_tps": summary(decode),
         "token_ms": {"p50": float(np.percentile(token_ms, 50)), "p95": float(np.percentile(token_ms, 95))},
     }

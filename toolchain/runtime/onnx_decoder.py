@@ -85,6 +85,8 @@ class OnnxDecoder:
         stop_ids: list[int] | None = None,
     ) -> list[int]:
         """New token ids after `prompt_ids` (stops after a stop id, which is included)."""
+        if max_new_tokens <= 0:
+            return []
         stop = set(self.eos_ids if stop_ids is None else stop_ids)
         rng = np.random.default_rng(seed)
         self.reset()
