@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' per-load progress bars ("Loading weights", "Writing model shards") bury
     # our own output; our progress bars are separate and stay
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (embedded use): the env var came too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     if not args.debug:
         import warnings
 
