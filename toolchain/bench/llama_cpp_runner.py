@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from toolchain.bench.stats import summary
+from toolchain.bench.stats import timed_runs
 
 
 def load(model_path: str, n_ctx: int, threads: int):
@@ -41,26 +41,16 @@ def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, th
     load_s = time.perf_counter() - t0
     try:
         _one_run(llm, prompt_ids, min(gen_tokens, 8))  # warm-up: page in weights, build repacked buffers
-        prefill, ttft, decode, token_ms = [], [], [], []
-        for _ in range(runs):
-            p, f, lat = _one_run(llm, prompt_ids, gen_tokens)
-            prefill.append(len(prompt_ids) / p)
-            ttft.append(f * 1000)
-            decode.append(len(lat) / sum(lat))
-            token_ms.extend(x * 1000 for x in lat)
+        figures = timed_runs(lambda: _one_run(llm, prompt_ids, gen_tokens), len(prompt_ids), runs)
     finally:
         llm.close()
-    token_ms.sort()
     return {
         "runtime": "llama_cpp",
         "threads": threads,
         "n_prompt": len(prompt_ids),
         "n_gen": gen_tokens,
         "load_s": load_s,
-        "ttft_ms": summary(ttft),
-        "prefill_tps": summary(prefill),
-        "decode_tps": summary(decode),
-        "token_ms": {"p50": token_ms[len(token_ms) // 2], "p95": token_ms[int(0.95 * (len(token_ms) - 1))]},
+        **figures,
     }
 
 

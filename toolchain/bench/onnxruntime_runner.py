@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from toolchain.bench.stats import summary
+from toolchain.bench.stats import timed_runs
 from toolchain.runtime.onnx_decoder import OnnxDecoder
 
 
@@ -38,21 +38,12 @@ def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, th
     dec = OnnxDecoder(model_path, threads=threads)
     load_s = time.perf_counter() - t0
     _one_run(dec, prompt_ids, gen_tokens)  # warm-up: page-in, and the arena grows to full length once
-    prefill, ttft, decode, token_ms = [], [], [], []
-    for _ in range(runs):
-        p, f, lat = _one_run(dec, prompt_ids, gen_tokens)
-        prefill.append(len(prompt_ids) / p)
-        ttft.append(f * 1000)
-        decode.append(len(lat) / sum(lat))
-        token_ms.extend(x * 1000 for x in lat)
+    figures = timed_runs(lambda: _one_run(dec, prompt_ids, gen_tokens), len(prompt_ids), runs)
     return {
         "runtime": "onnxruntime",
         "threads": threads,
         "n_prompt": len(prompt_ids),
         "n_gen": gen_tokens,
         "load_s": load_s,
-        "ttft_ms": summary(ttft),
-        "prefill_tps": summary(prefill),
-        "decode_tps": summary(decode),
-        "token_ms": {"p50": float(np.percentile(token_ms, 50)), "p95": float(np.percentile(token_ms, 95))},
+        **figures,
     }
