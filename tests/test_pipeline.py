@@ -35,7 +35,7 @@ def run_dir(tiny_dir_6, tmp_path_factory):
 def test_run_directory_layout(run_dir):
     for rel in ["config.yaml", "report.json", "report.md", "student/config.json", "student/model.safetensors",
                 "export/model-F16.gguf", "export/model-Q8_0.gguf", "export/Modelfile", "export/onnx/model.onnx",
-                "logs/distill_history.json"]:
+                "logs/distill_history.json", "report.html", "bench/llama_cpp-Q8_0-cpu.json"]:
         assert (run_dir / rel).is_file(), rel
 
 
@@ -53,7 +53,7 @@ def test_report_has_the_stable_keys(run_dir):
     f16 = next(e for e in r["exports"] if e["quant"] == "F16")
     assert f16["parity"]["nmse_max"] < 1e-4 and f16["parity"]["tokenizer_parity"] == 1.0
     assert {(b["runtime"], b["quant"]) for b in r["bench"]} == {("llama_cpp", "F16"), ("llama_cpp", "Q8_0"),
-                                                                ("onnxruntime", "fp32")}
+                                                                ("onnxruntime", "fp32"), ("torch", "fp32")}
     for b in r["bench"]:
         assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
         assert b["target"] == "cpu" and b["threads"] >= 1

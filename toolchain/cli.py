@@ -18,6 +18,11 @@ from toolchain import __version__
 from toolchain.errors import UserError
 
 
+# modules only the full install has; a device-mode install (toolchain[bench]) lacks them
+_FULL_INSTALL_MODULES = {"torch", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript",
+                         "bitsandbytes", "matplotlib", "jinja2"}
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -128,17 +133,17 @@ def cmd_verify(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from toolchain.bench.run import bench_models
+    from toolchain.bench.run import bench_targets, describe_model
     from toolchain.bench.targets import load_target
 
-    target = load_target(args.target)
-    results = bench_models(_exports_from_paths(args.models), target, args.prompt_tokens, args.gen_tokens, args.runs,
-                           progress=_echo)
-    for r in results:
-        _echo(f"{r['runtime']:12s} {r['quant']:8s} prefill {r['prefill_tps']['median']:8.1f} tok/s   "
-              f"decode {r['decode_tps']['median']:7.1f} tok/s   RSS {r['peak_rss_mb']:.0f} MB")
+    targets = [load_target(t) for t in (args.target or ["cpu"])]
+    models = [describe_model(p) for p in args.models]
+    results = bench_targets(models, targets, args.prompt_tokens, args.gen_tokens, args.runs, progress=_echo,
+                            out_dir=args.out_dir, short_prompt_tokens=args.short_prompt_tokens)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from toolchain.fileio import write_json
+
+        write_json(args.json, results)
 
 
 def cmd_inspect(args) -> None:
@@ -220,13 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(v)
     v.set_defaults(func=cmd_verify)
 
-    b = sub.add_parser("bench", help="prefill/decode speed in llama.cpp (GGUF) and onnxruntime (ONNX)")
-    b.add_argument("models", nargs="+", help=".gguf files and/or ONNX folders")
-    b.add_argument("--target", default="cpu", help="target profile name in targets/ or a YAML path (default cpu)")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--gen-tokens", type=int, default=64)
-    b.add_argument("--runs", type=int, default=3)
-    b.add_argument("--json", help="also write the results to this JSON file")
+    b = sub.add_parser("bench", help="speed in llama.cpp (GGUF), onnxruntime (ONNX) and torch (HF dir) on targets")
+    b.add_argument("models", nargs="+", help=".gguf files, ONNX folders and/or HF model directories")
+    b.add_argument("--target", action="append",
+                   help="target profile in targets/ (cpu, phone-mid, phone-low, rpi5, cuda) or a YAML path; "
+                        "repeatable (default cpu)")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="long prompt for prefill (default 512)")
+    b.add_argument("--short-prompt-tokens", type=int, default=32, help="short prompt for prefill (default 32)")
+    b.add_argument("--gen-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    b.add_argument("--runs", type=int, default=5, help="timed runs after a warm-up (default 5)")
+    b.add_argument("--out-dir", help="write one JSON per model and target here")
+    b.add_argument("--json", help="also write all results to this JSON file")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="print what a GGUF, ONNX folder, HF directory or run directory holds")
@@ -260,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if args.debug or e.name not in _FULL_INSTALL_MODULES:
+            raise
+        print(f"error: `toolchain {args.command}` needs the full install (module '{e.name}' is missing): "
+              "pip install 'toolchain[all]'", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the cause is the message
         if args.debug:

@@ -129,13 +129,20 @@ class VerifyConfig:
 
 @dataclass
 class BenchConfig:
-    target: str = "cpu"  # a name in targets/ or a path to a target YAML
-    prompt_tokens: int = 128
-    gen_tokens: int = 64
-    runs: int = 3
+    targets: list[str] = field(default_factory=lambda: ["cpu"])  # names in targets/ or YAML paths
+    prompt_tokens: int = 512
+    short_prompt_tokens: int = 32
+    gen_tokens: int = 128
+    runs: int = 5
+    torch_baseline: bool = True  # also time the student in torch (eager), as a reference point
 
     def validate(self, where: str) -> None:
+        from toolchain.bench.targets import load_target
+
+        for t in self.targets:
+            load_target(t)  # a bad target file fails here, before hours of distillation
         _positive(f"{where}.prompt_tokens", self.prompt_tokens)
+        _positive(f"{where}.short_prompt_tokens", self.short_prompt_tokens)
         _positive(f"{where}.gen_tokens", self.gen_tokens)
         if self.runs < 3:
             raise UserError(f"{where}.runs must be >= 3 (a median needs several runs), got {self.runs}")

@@ -116,20 +116,20 @@ class Run:
         return {"results": results}
 
     def stage_bench(self) -> dict:
-        from toolchain.bench.run import bench_models
+        from toolchain.bench.run import bench_targets, describe_model
         from toolchain.bench.targets import load_target
 
         b = self.config.bench
-        target = load_target(b.target)
-        results = bench_models(self._exports(), target, b.prompt_tokens, b.gen_tokens, b.runs, progress=self.echo)
-        for r in results:
-            self.echo(f"  {r['runtime']} {r['quant']}: prefill {r['prefill_tps']['median']:.0f} tok/s, "
-                      f"decode {r['decode_tps']['median']:.1f} tok/s, RSS {r['peak_rss_mb']:.0f} MB")
-        return {"target": target.name, "results": results}
+        targets = [load_target(t) for t in b.targets]
+        models = self._exports() + ([describe_model(self.path("student"))] if b.torch_baseline else [])
+        results = bench_targets(models, targets, b.prompt_tokens, b.gen_tokens, b.runs, progress=self.echo,
+                                out_dir=self.path("bench"), short_prompt_tokens=b.short_prompt_tokens)
+        return {"targets": [t.name for t in targets], "results": results}
 
     # ------------------------------------------------------------------ driver
     def write_report(self, seconds: dict, extra: dict | None = None) -> dict:
         from toolchain.report.build import build_report
+        from toolchain.report.html import render as render_html
         from toolchain.report.markdown import render
 
         stages = {s: r for s in STAGES if (r := self.record(s)) is not None}
@@ -137,6 +137,7 @@ class Run:
         report = build_report(to_dict(self.config), stages, seconds)
         write_json(self.path("report.json"), report)
         write_text(self.path("report.md"), render(report))
+        write_text(self.path("report.html"), render_html(report))
         return report
 
     def run(self) -> dict:

@@ -1,57 +1,59 @@
-"""llama.cpp runner: prefill and decode timing through llama-cpp-python's low-level eval.
+"""llama.cpp runner: prefill and greedy decode through llama-cpp-python's Llama.eval.
 
 Imports neither torch nor transformers, so it runs on a device with only llama-cpp-python.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from toolchain.bench.stats import timed_runs
+from toolchain.bench.stats import run_bench
+
+CUDA_MISSING = ("no CUDA device / llama-cpp-python built without CUDA: "
+                "rebuild with CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall llama-cpp-python")
 
 
-def load(model_path: str, n_ctx: int, threads: int):
-    from llama_cpp import Llama
+def unavailable(device: str) -> str | None:
+    """Why this runtime cannot run on `device` here, or None."""
+    import llama_cpp
 
-    return Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 n_batch=min(512, n_ctx), logits_all=False, verbose=False)
-
-
-def _one_run(llm, prompt_ids: list[int], gen_tokens: int):
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt_ids)
-    prefill_s = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    ttft_s = time.perf_counter() - t0
-    lat = []
-    for _ in range(gen_tokens):
-        t = time.perf_counter()
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        lat.append(time.perf_counter() - t)
-    return prefill_s, ttft_s, lat
+    if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+        return CUDA_MISSING
+    return None
 
 
-def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, threads: int) -> dict:
-    t0 = time.perf_counter()
-    llm = load(model_path, len(prompt_ids) + gen_tokens + 8, threads)
-    load_s = time.perf_counter() - t0
-    try:
-        _one_run(llm, prompt_ids, min(gen_tokens, 8))  # warm-up: page in weights, build repacked buffers
-        figures = timed_runs(lambda: _one_run(llm, prompt_ids, gen_tokens), len(prompt_ids), runs)
-    finally:
-        llm.close()
-    return {
-        "runtime": "llama_cpp",
-        "threads": threads,
-        "n_prompt": len(prompt_ids),
-        "n_gen": gen_tokens,
-        "load_s": load_s,
-        **figures,
-    }
+class LlamaCppSession:
+    def __init__(self, model_path: str, threads: int, n_ctx: int, device: str = "cpu"):
+        import llama_cpp
+
+        n_batch = min(512, n_ctx)  # a 512-token prompt is one batch, as in llama-bench's pp512
+        gpu_layers = -1 if device == "cuda" else 0
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=n_batch, n_gpu_layers=gpu_layers, logits_all=False, verbose=False)
+        self._get_logits = llama_cpp.llama_get_logits_ith
+        self._n_vocab = self.llm.n_vocab()
+        self.info = {"backends": "CUDA" if device == "cuda" else "CPU", "n_batch": n_batch, "n_ubatch": n_batch,
+                     "n_gpu_layers": gpu_layers, "type_k": "f16", "type_v": "f16", "use_mmap": True,
+                     "runtime_version": f"llama-cpp-python {llama_cpp.__version__}"}
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def feed(self, ids: list[int]) -> None:
+        self.llm.eval(ids)
+
+    def argmax(self) -> int:
+        # Llama.eval keeps no logits unless logits_all; read the last position's from the context
+        logits = np.ctypeslib.as_array(self._get_logits(self.llm.ctx, -1), shape=(self._n_vocab,))
+        return int(np.argmax(logits))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, threads: int, **kw) -> dict:
+    """Time `model_path` (a GGUF); keyword options as stats.run_bench (short_ids, device, monitor, progress)."""
+    return run_bench("llama_cpp", LlamaCppSession, model_path, prompt_ids, gen_tokens, runs, threads, **kw)
 
 
 def tokenize(model_path: str, text: str) -> list[int]:

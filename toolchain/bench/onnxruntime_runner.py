@@ -1,49 +1,59 @@
-"""onnxruntime runner: prefill and decode timing of an exported ONNX decoder (OnnxDecoder).
+"""onnxruntime runner: prefill and greedy decode of an exported ONNX decoder (OnnxDecoder).
 
 Imports neither torch nor transformers, so it runs on a device with only onnxruntime.
-Timing follows llama_cpp_runner.py: a warm-up run, then per run one prefill of the prompt and
-`gen_tokens` single-token greedy decode steps (EOS is not a stop: every run does the same work).
+CPU execution provider by default; the CUDA one for the cuda target where onnxruntime-gpu has it.
 """
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
-from toolchain.bench.stats import timed_runs
-from toolchain.runtime.onnx_decoder import OnnxDecoder
+from toolchain.bench.stats import run_bench
+
+CUDA_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _one_run(dec: OnnxDecoder, prompt_ids: list[int], gen_tokens: int):
-    dec.reset()
-    t0 = time.perf_counter()
-    logits = dec.forward(prompt_ids)
-    prefill_s = time.perf_counter() - t0
-    tok = int(np.argmax(logits[-1]))
-    ttft_s = time.perf_counter() - t0
-    lat = []
-    for _ in range(gen_tokens):
-        t = time.perf_counter()
-        tok = int(np.argmax(dec.forward([tok])[-1]))
-        lat.append(time.perf_counter() - t)
-    return prefill_s, ttft_s, lat
+def unavailable(device: str) -> str | None:
+    """Why this runtime cannot run on `device` here, or None."""
+    import onnxruntime as ort
+
+    if device != "cuda":
+        return None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "no CUDA device / onnxruntime without CUDAExecutionProvider: pip install onnxruntime-gpu"
+    return None
 
 
-def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, threads: int) -> dict:
-    """`model_path`: model.onnx or its folder (with model_info.json)."""
-    if not prompt_ids or gen_tokens < 1 or runs < 1:
-        raise ValueError("bench needs a non-empty prompt, gen_tokens >= 1 and runs >= 1")
-    t0 = time.perf_counter()
-    dec = OnnxDecoder(model_path, threads=threads)
-    load_s = time.perf_counter() - t0
-    _one_run(dec, prompt_ids, gen_tokens)  # warm-up: page-in, and the arena grows to full length once
-    figures = timed_runs(lambda: _one_run(dec, prompt_ids, gen_tokens), len(prompt_ids), runs)
-    return {
-        "runtime": "onnxruntime",
-        "threads": threads,
-        "n_prompt": len(prompt_ids),
-        "n_gen": gen_tokens,
-        "load_s": load_s,
-        **figures,
-    }
+class OrtSession:
+    def __init__(self, model_path: str, threads: int, n_ctx: int, device: str = "cpu"):
+        import onnxruntime as ort
+
+        from toolchain.runtime.onnx_decoder import OnnxDecoder
+
+        kw = {"providers": CUDA_PROVIDERS} if device == "cuda" else {}
+        self.dec = OnnxDecoder(model_path, threads=threads, **kw)
+        providers = self.dec.session.get_providers()
+        if device == "cuda" and providers[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"onnxruntime fell back to {providers[0]}")  # no silent CPU run on a cuda target
+        self._logits = None
+        self.info = {"backends": "CUDA" if device == "cuda" else "CPU", "n_batch": None, "n_gpu_layers": None,  # one call per prompt
+                     "runtime_version": f"onnxruntime {ort.__version__}", "providers": providers}
+
+    def reset(self) -> None:
+        self.dec.reset()
+        self._logits = None
+
+    def feed(self, ids: list[int]) -> None:
+        self._logits = self.dec.forward(ids)
+
+    def argmax(self) -> int:
+        return int(np.argmax(self._logits[-1]))
+
+    def close(self) -> None:
+        self.dec = None
+
+
+def bench(model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int, threads: int, **kw) -> dict:
+    """`model_path`: model.onnx or its folder (with model_info.json); options as stats.run_bench."""
+    return run_bench("onnxruntime", OrtSession, model_path, prompt_ids, gen_tokens, runs, threads, **kw)

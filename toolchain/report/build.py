@@ -11,12 +11,14 @@ SCHEMA_VERSION = 1
 
 
 def _bench_row(b: dict) -> dict:
-    keep = ("runtime", "target", "format", "quant", "threads", "n_prompt", "n_gen", "load_s", "ttft_ms",
-            "prefill_tps", "decode_tps", "token_ms", "peak_rss_mb", "bytes", "cpu_per_wall")
-    row = {k: b.get(k) for k in keep}
-    for k in ("ttft_ms", "prefill_tps", "decode_tps"):
-        if isinstance(row.get(k), dict):
-            row[k] = {m: row[k][m] for m in ("median", "p95", "stddev") if m in row[k]}
+    """A bench result for report.json: everything but the per-sample lists (kept in bench/*.json)."""
+    row = {}
+    for k, v in b.items():
+        if k in ("samples_ns", "samples_ts"):
+            continue
+        if isinstance(v, dict) and "runs" in v:
+            v = {**{m: x for m, x in v.items() if m != "runs"}, "n": len(v["runs"])}
+        row[k] = v
     return row
 
 

@@ -17,6 +17,54 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _quality(report: dict) -> dict:
+    out = {}
+    for e in report.get("exports", []):
+        p = e.get("parity") or {}
+        if e["format"] == "gguf" and p:
+            out[(e["format"], e["quant"])] = f"NMSE {_f(p.get('nmse_max'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+        elif p:
+            out[(e["format"], e["quant"])] = f"max Δ {_f(p.get('max_abs_diff'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+    return out
+
+
+def _bench_table(report: dict, bench: list[dict]) -> list[str]:
+    quality = _quality(report)
+    first = next((b for b in bench if b.get("decode_tps")), bench[0])
+    lines = [f"prompt {first.get('n_prompt')} tokens, {first.get('n_gen')} generated; median of "
+             f"{(first.get('decode_tps') or {}).get('n') or len((first.get('decode_tps') or {}).get('runs', [])) or '?'} runs after a warm-up, each model in its "
+             "own process pinned to the target's core count. Ceiling = memory bandwidth / bytes read per token.", ""]
+    rows = []
+    for b in bench:
+        head = [b.get("runtime"), b.get("quant"), b.get("target"), b.get("threads", "-")]
+        if b.get("skipped"):
+            rows.append(head + [f"skipped: {b['skipped']}"] + [""] * 9)
+            continue
+        if b.get("fits") is False:
+            need = (b.get("memory") or {}).get("memory_needed_mb", b.get("memory_needed_mb"))
+            rows.append(head + [f"does not fit: needs {_f(need, '.0f')} MB"] + [""] * 9)
+            continue
+        roof, proj = b.get("roofline") or {}, b.get("projection") or {}
+        rows.append(head + [
+            _f(b["prefill_tps"]["median"], ".0f"),
+            _f((b.get("prefill_short_tps") or {}).get("median"), ".0f"),
+            f"{_f(b['decode_tps']['median'], '.1f')} ± {_f(b['decode_tps'].get('stddev'), '.1f')}",
+            _f(b["ttft_ms"]["median"], ".1f"),
+            _f(b.get("peak_rss_mb"), ".0f"),
+            _mb(b.get("bytes")),
+            quality.get((b.get("format"), b.get("quant")), "-"),
+            f"{_f(roof.get('ceiling_tps'), '.0f')} ({_f(roof.get('efficiency'), '.0%')})" if roof else "-",
+            _f(proj.get("decode_tps"), ".1f") if proj else "-",
+        ])
+    lines += _table(["runtime", "type", "target", "threads", "prefill tok/s", "prefill short", "decode tok/s",
+                     "TTFT ms", "peak RSS MB", "size", "quality vs torch", "ceiling tok/s (efficiency)",
+                     "projected decode"], rows)
+    formulas = {(b.get("projection") or {}).get("formula") for b in bench} - {None}
+    for f in sorted(formulas):
+        lines += [f"Projection (not a measurement): `{f}`", ""]
+    return lines
+
+
 def render(report: dict) -> str:
     t, s, d = report.get("teacher", {}), report.get("student", {}), report.get("distill", {})
     lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
@@ -51,7 +99,7 @@ def render(report: dict) -> str:
                 parity = (f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
                           f"greedy {_f(p.get('greedy_agreement'), '.0%')}")
             else:
-                parity = f"max |Δlogit| {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+                parity = f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
             rows.append([e["format"], e["quant"], _mb(e.get("bytes")), parity if p else "not verified",
                          "pass" if p.get("passed") else ("-" if not p else "FAIL"), f"`{e['sha256'][:12]}`"])
         lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
@@ -62,13 +110,7 @@ def render(report: dict) -> str:
     bench = report.get("bench", [])
     if bench:
         lines += ["## Speed", ""]
-        rows = [[b["runtime"], b["quant"], b["target"], b["threads"], _f(b["prefill_tps"]["median"], ".0f"),
-                 _f(b["decode_tps"]["median"], ".1f"), _f(b["decode_tps"].get("p95"), ".1f"),
-                 _f(b["ttft_ms"]["median"], ".1f"), _f(b.get("peak_rss_mb"), ".0f"), _mb(b.get("bytes"))] for b in bench]
-        n = bench[0]
-        lines += [f"prompt {n.get('n_prompt')} tokens, {n.get('n_gen')} generated; median of runs (after a warm-up).", ""]
-        lines += _table(["runtime", "type", "target", "threads", "prefill tok/s", "decode tok/s", "decode p95",
-                         "TTFT ms", "peak RSS MB", "size"], rows)
+        lines += _bench_table(report, bench)
 
     secs = report.get("stage_seconds", {})
     if secs:

@@ -29,7 +29,7 @@ def load_tokenizer(model_dir: str | Path):
 class OnnxDecoder:
     """Batch-1 greedy/sampled decoding with a KV cache held between `forward` calls."""
 
-    def __init__(self, model_dir: str | Path, threads: int = 0):
+    def __init__(self, model_dir: str | Path, threads: int = 0, providers: list[str] | None = None):
         model_dir = Path(model_dir)
         if model_dir.is_file():  # accept the model.onnx path as well as its directory
             model_dir = model_dir.parent
@@ -41,7 +41,7 @@ class OnnxDecoder:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(model_dir / MODEL_FILE), sess_options=opts, providers=["CPUExecutionProvider"]
+            str(model_dir / MODEL_FILE), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
         )
         self.n_layers = int(self.info["num_layers"])
         self.kv_heads = int(self.info["num_key_value_heads"])
