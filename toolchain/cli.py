@@ -159,7 +159,14 @@ def cmd_report(args) -> None:
     run = Path(args.run_dir)
     if not (run / "report.json").is_file():
         raise UserError(f"{run} has no report.json; run `toolchain run` first")
-    md = write_text(run / "report.md", render(json.loads((run / "report.json").read_text())))
+    report = json.loads((run / "report.json").read_text())
+    md = write_text(run / "report.md", render(report))
+    try:
+        from toolchain.report.html import render as render_html
+
+        write_text(run / "report.html", render_html(report))
+    except ModuleNotFoundError as e:  # device-mode install: no matplotlib
+        print(f"report.html not written ({e.name} is not installed)", file=sys.stderr)
     _echo(md.read_text())
 
 
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(func=cmd_inspect)
 
-    rep = sub.add_parser("report", help="re-render report.md from a run directory's report.json")
+    rep = sub.add_parser("report", help="re-render report.md and report.html from a run directory's report.json")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
     return p
