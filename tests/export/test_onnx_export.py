@@ -46,6 +46,8 @@ def test_export_layout_and_names(exported, tiny_dir):
     assert result["path"] == str(out / "model.onnx")
     assert result["bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     assert len(result["sha256"]) == 64 and result["seconds"] > 0
+    # the checksum covers the weights, not only the graph file
+    assert set(result["files_sha256"]) == {"model.onnx", "model.onnx.data"}
     for name in ("tokenizer.json", "tokenizer_config.json", "model_info.json"):
         assert (out / name).is_file(), name
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers

@@ -19,6 +19,7 @@ size; protobuf's 2 GB limit never matters, and the small graph file is quick to 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -207,11 +208,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> dict:
     onnx_path = out_dir / MODEL_FILE
     data_path = out_dir / DATA_FILE
     size = onnx_path.stat().st_size + (data_path.stat().st_size if data_path.is_file() else 0)
+    # model.onnx holds only the graph; the weights are in model.onnx.data, so a checksum of
+    # model.onnx alone would not change when the model does. Checksum every file, and give one
+    # digest over that listing.
+    files = {p.name: sha256_file(p) for p in (onnx_path, data_path) if p.is_file()}
+    listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
     return {
         "format": "onnx",
         "quant": "fp32",
         "path": str(onnx_path),
         "bytes": size,
-        "sha256": sha256_file(onnx_path),
+        "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "files_sha256": files,
         "seconds": round(seconds, 2),
     }

@@ -28,7 +28,7 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     exports = []
     onnx = stages.get("export_onnx") or {}
     for e in stages.get("export_gguf", {}).get("files", []) + ([onnx] if onnx.get("path") else []):
-        exports.append({k: e.get(k) for k in ("format", "quant", "path", "bytes", "sha256")})
+        exports.append({k: e[k] for k in ("format", "quant", "path", "bytes", "sha256", "files_sha256") if k in e})
     verify = {(v["format"], v["quant"]): v for v in stages.get("verify", {}).get("results", [])}
     for e in exports:
         v = verify.get((e["format"], e["quant"]))
