@@ -105,30 +105,17 @@ def cmd_export_onnx(args) -> None:
     _echo(json.dumps(export_onnx(args.model, args.out), indent=2))
 
 
-def _exports_from_paths(paths: list[str]) -> list[dict]:
-    out = []
-    for p in paths:
-        path = Path(p)
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise UserError(f"GGUF file not found: {path}")
-            quant = path.stem.split("model-")[-1] if path.stem.startswith("model-") else "unknown"
-            out.append({"format": "gguf", "quant": quant, "path": str(path), "bytes": path.stat().st_size})
-        elif (path / "model.onnx").is_file() or path.suffix == ".onnx":
-            f = path / "model.onnx" if path.is_dir() else path
-            data = f.with_name(f.name + ".data")  # external weights
-            size = f.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-            out.append({"format": "onnx", "quant": "fp32", "path": str(f), "bytes": size})
-        else:
-            raise UserError(f"{path}: expected a .gguf file or an ONNX folder holding model.onnx")
-    return out
-
-
 def cmd_verify(args) -> None:
     from toolchain.export.verify import verify_exports
 
+    from toolchain.bench.run import describe_model
+
     cfg = _config(args)
-    results = verify_exports(args.model, _exports_from_paths(args.exports), cfg.verify)
+    exports = [describe_model(p) for p in args.exports]
+    not_exports = [e["path"] for e in exports if e["format"] not in ("gguf", "onnx")]
+    if not_exports:
+        raise UserError(f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories")
+    results = verify_exports(args.model, exports, cfg.verify)
     _echo(json.dumps(results, indent=2))
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def _per_layer_config_lists(config) -> list[str]:
     """Config attributes holding one entry per layer (e.g. gemma's layer_types)."""
     n = config.num_hidden_layers
-    return [k for k, v in vars(config).items() if isinstance(v, list) and len(v) == n and k != "keep_layers"]
+    return [k for k, v in vars(config).items() if isinstance(v, list) and len(v) == n]
 
 
 def _with_layers(model, keep: list[int]):
@@ -41,11 +41,7 @@ def _with_layers(model, keep: list[int]):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    parent_path, _, attr = arch.layers_attr.rpartition(".")
-    parent = student
-    for part in parent_path.split(".") if parent_path else []:
-        parent = getattr(parent, part)
-    setattr(parent, attr, new_layers)
+    arch.set_decoder_layers(student, new_layers)
     for key in _per_layer_config_lists(student.config):
         setattr(student.config, key, [getattr(student.config, key)[i] for i in keep])
     student.config.num_hidden_layers = len(keep)
@@ -56,17 +52,13 @@ def _with_layers(model, keep: list[int]):
 def _only_layers(model, keep: list[int]):
     """Temporarily run `model` with only the blocks in `keep` (no copy; for measuring)."""
     arch = get_arch(model.config.model_type)
-    parent_path, _, attr = arch.layers_attr.rpartition(".")
-    parent = model
-    for part in parent_path.split(".") if parent_path else []:
-        parent = getattr(parent, part)
-    full, n = getattr(parent, attr), model.config.num_hidden_layers
-    setattr(parent, attr, torch.nn.ModuleList([full[i] for i in keep]))
+    full, n = arch.decoder_layers(model), model.config.num_hidden_layers
+    arch.set_decoder_layers(model, torch.nn.ModuleList([full[i] for i in keep]))
     model.config.num_hidden_layers = len(keep)
     try:
         yield model
     finally:
-        setattr(parent, attr, full)
+        arch.set_decoder_layers(model, full)
         model.config.num_hidden_layers = n
 
 

@@ -25,11 +25,20 @@ class ArchSpec:
     # HF tensor names never written (e.g. the output head when embeddings are tied)
     skip: Callable[[str, object], bool]
 
+    def _layers_parent(self, model):
+        parent_path, _, attr = self.layers_attr.rpartition(".")
+        parent = model
+        for part in parent_path.split(".") if parent_path else []:
+            parent = getattr(parent, part)
+        return parent, attr
+
     def decoder_layers(self, model):
-        obj = model
-        for part in self.layers_attr.split("."):
-            obj = getattr(obj, part)
-        return obj
+        parent, attr = self._layers_parent(model)
+        return getattr(parent, attr)
+
+    def set_decoder_layers(self, model, layers) -> None:
+        parent, attr = self._layers_parent(model)
+        setattr(parent, attr, layers)
 
     def gguf_tensors(self, state_dict: dict, config) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (hf name, fp32 array ready for GGUF) in state-dict order."""
