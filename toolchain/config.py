@@ -88,10 +88,15 @@ class DistillConfig:
     beta: float = 0.5  # jsd: mixture weight of the teacher (0 = forward KL, 1 = reverse KL, as TRL's GKD)
     skew: float = 0.1  # skew_kl: KL(P || skew * P + (1 - skew) * Q)
     grad_accum: int = 1  # micro-batches per optimizer step (token-weighted)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: matmuls in bf16, losses and weights in fp32)
+    eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
         _positive(f"{where}.grad_accum", self.grad_accum)
+        _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
+        if self.eval_every < 0:
+            raise UserError(f"{where}.eval_every must be >= 0, got {self.eval_every}")
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{where}.{name} must be between 0 and 1, got {getattr(self, name)}")

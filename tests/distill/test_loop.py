@@ -158,3 +158,21 @@ def test_grad_accumulation_matches_one_big_batch(setup, tmp_path):
         outs.append(student.state_dict())
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], atol=2e-5, rtol=1e-4)  # Adam amplifies fp noise on ~0 grads
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    teacher, sdir, _ = setup
+    train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
+    student = load_model(str(sdir)).model
+    poison = {"on": False}
+
+    def batch_fn(m):
+        poison["on"] = m == 3  # the 4th step's forward pass produces inf (as a diverging run would)
+        return Batch.from_blocks(train[2 * (m % 4) : 2 * (m % 4) + 2])
+
+    student.get_decoder().norm.register_forward_hook(lambda mod, inp, out: out * float("inf") if poison["on"] else out)
+    cfg = DistillConfig(steps=6, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    with pytest.raises(UserError, match=r"step 4: loss nan is not finite.*last good checkpoint \(step 2\) is kept"):
+        loop.distill(teacher.model, student, batch_fn, held, cfg, tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -11,11 +11,10 @@ the step counter are written atomically to `work_dir/checkpoint.pt`; a rerun con
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
-import sys
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,9 @@ from tqdm.auto import tqdm
 from toolchain.config import DistillConfig
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
-from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss
+from toolchain.distill.head import final_hidden, plain_output_weight
+from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
+from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
 
@@ -34,22 +35,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 BatchFn = Callable[[int], Batch]
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from returning the large per-step logits buffers to the kernel.
-
-    Each KD step allocates ~100 MB vocabulary-sized logits; by default glibc unmaps and
-    re-faults them every step, which measured at 17-25% of CPU time here (DESIGN.md).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not fresh mmaps
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not give the heap back eagerly
-    except (OSError, AttributeError):
-        pass
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -90,8 +75,11 @@ def loss_spec(cfg: DistillConfig) -> LossSpec:
     return LossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew)
 
 
-def teacher_target(teacher, batch: Batch):
-    """What the loss compares against: stored top-k (teacher not run) or online teacher logits."""
+def teacher_target(teacher, batch: Batch, spec: LossSpec):
+    """What the loss compares against: stored top-k (teacher not run) or online teacher logits;
+    None when the loss is hard-label CE only (alpha = 1: plain fine-tuning, no teacher run)."""
+    if spec.alpha == 1.0:
+        return None
     if batch.teacher_topk_ids is not None:
         ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
         return SparseTeacher(ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1]))
@@ -104,11 +92,56 @@ def teacher_target(teacher, batch: Batch):
 
 
 def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float):
-    """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens)."""
-    target = teacher_target(teacher, batch)
-    s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens).
+
+    When both models end in a plain linear head, the fused path makes logits chunk by chunk from
+    final hidden states (the whole batch's [tokens, vocab] logits never exist); else full logits.
+    """
     labels = batch.labels.reshape(-1)
+    s_w = plain_output_weight(student)
+    needs_online = spec.alpha < 1.0 and batch.teacher_topk_ids is None
+    t_w = plain_output_weight(teacher) if needs_online and teacher is not None else None
+    if s_w is not None and (not needs_online or t_w is not None):
+        if needs_online:
+            with torch.inference_mode():
+                t_h = final_hidden(teacher, batch)
+            target = (t_h.clone(), t_w)  # clone: a normal tensor, usable next to autograd
+        else:
+            target = teacher_target(teacher, batch, spec)
+        return fused_head_loss(final_hidden(student, batch), s_w, target, labels, spec, denom=denom)
+    target = teacher_target(teacher, batch, spec)
+    s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states) -> None:
+    if isinstance(states, torch.Tensor):  # checkpoints from before python/cuda states were kept
+        states = {"torch": states}
+    torch.set_rng_state(states["torch"])
+    if states.get("python") is not None:
+        random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path, cfg: DistillConfig) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    if ckpt_path.is_file():
+        last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["step"]
+        kept = f"the last good checkpoint (step {last}) is kept in {ckpt_path}; rerunning resumes from it"
+    else:
+        kept = "no checkpoint had been written yet"
+    return (f"distillation stopped at step {step}: {what} is not finite, so this step was not applied; {kept}. "
+            f"Lower distill.lr (now {cfg.lr}), keep distill.grad_clip > 0, or check the data.")
 
 
 def _n_tokens(batch: Batch) -> int:
@@ -135,6 +168,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             p.requires_grad_(False)
     spec = loss_spec(cfg)
     accum = cfg.grad_accum
+    # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
+    autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -147,7 +182,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        _set_rng_states(ckpt["rng"])
         start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
         train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
         log.info("resuming distillation from step %d (%s)", start_step, ckpt_path)
@@ -158,7 +193,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         with atomic_path(ckpt_path) as tmp:
             torch.save(
                 {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "step": step, "history": history, "before": before,
+                 "rng": _rng_states(), "step": step, "history": history, "before": before,
                  "train_seconds": train_seconds, "tokens": tokens},
                 tmp,
             )
@@ -174,12 +209,16 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         optimizer.zero_grad(set_to_none=True)
         loss_value, ce_value, div_value = 0.0, 0.0, 0.0
         for b in batches:
-            loss, ce, div = batch_loss(student, teacher, b, spec, denom)
+            with autocast:
+                loss, ce, div = batch_loss(student, teacher, b, spec, denom)
             loss.backward()
             loss_value += loss.item()
             ce_value += float(ce)
             div_value += float(div)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            bar.close()
+            raise UserError(_nonfinite_message(loss_value, float(grad_norm), step + 1, ckpt_path, cfg))
         optimizer.step()
         scheduler.step()
         dt = time.perf_counter() - t0
@@ -190,9 +229,13 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             steady_tokens += step_tokens
             steady_seconds += dt
         history.append({"step": step + 1, "loss": loss_value, "ce": ce_value, "kl_t": div_value,
-                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "seconds": dt})
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            history[-1]["eval"] = evaluate(student, teacher, heldout)
+            student.train()
+            log.info("step %d held-out %s", step + 1, history[-1]["eval"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(step + 1)
     bar.close()
