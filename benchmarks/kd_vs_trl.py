@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--worker")
     ap.add_argument("--student")
+    ap.add_argument("--student-init", help="reuse a 10-block student made by an earlier run of this script")
+    ap.add_argument("--partial", help="append each finished run's JSON to this file (long runs on a busy machine)")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.student, args.steps)))
@@ -160,10 +162,12 @@ def main() -> None:
     from toolchain.config import DataConfig
     from toolchain.student import build_student
 
-    tmp = Path(tempfile.mkdtemp(prefix="kd-vs-trl-"))
     teacher, _, held = _data()
-    student_dir = tmp / "student-init"
-    build_student(teacher, student_dir, 10, calibration_blocks(teacher.tokenizer, DataConfig(seq_len=SEQ), 8))
+    if args.student_init:
+        student_dir = Path(args.student_init)
+    else:
+        student_dir = Path(tempfile.mkdtemp(prefix="kd-vs-trl-")) / "student-init"
+        build_student(teacher, student_dir, 10, calibration_blocks(teacher.tokenizer, DataConfig(seq_len=SEQ), 8))
     del teacher
     rows = {}
     for run in args.runs.split(","):
@@ -175,6 +179,9 @@ def main() -> None:
             sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
             raise SystemExit(f"run {run} failed (exit {p.returncode})")
         rows[run] = json.loads(line[-1][7:])
+        if args.partial:
+            with open(args.partial, "a") as f:
+                f.write(json.dumps({**rows[run], "steps": args.steps}) + "\n")
         print(f"  {run}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
     print(f"teacher smollm2-135m-instruct, 10-block student, {args.steps} steps of {BATCH}x{SEQ} tokens, fp32, "
