@@ -11,7 +11,7 @@ from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
 ECE_BINS = 15
 
 
-def as_batches(heldout, batch_size: int = 4) -> list[Batch]:
+def as_batches(heldout, batch_size: int = 1) -> list[Batch]:
     """Packed blocks [n, L+1] -> Batches of `batch_size`; a list of Batch passes through."""
     if isinstance(heldout, torch.Tensor):
         return [Batch.from_blocks(heldout[i : i + batch_size]) for i in range(0, len(heldout), batch_size)]
@@ -30,10 +30,11 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: 
 
 
 @torch.no_grad()
-def evaluate(student, teacher, heldout, batch_size: int = 4) -> dict:
+def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
     """Token means over loss positions: student CE, teacher CE, KL(teacher || student) at T=1,
     top-1 agreement and the student's expected calibration error (next-token accuracy vs its
-    top-1 probability). Batches with stored top-k targets use them (KL over top-k + tail bucket;
+    top-1 probability). One sequence at a time by default: full-vocabulary logits of a whole
+    batch would set the run's peak memory. Batches with stored top-k targets use them (KL over top-k + tail bucket;
     teacher CE then counts only tokens inside the top-k, so it is left out)."""
     was_training = student.training
     student.eval()

@@ -172,7 +172,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW updates each tensor in one pass, without the foreach path's parameter-sized
+    # temporaries (~4 bytes x params per step): less memory traffic and a lower peak RSS
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
 
     ckpt_path = work_dir / CHECKPOINT

@@ -326,7 +326,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, g_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = g_out[0]
-        return grad_h * scale, None if grad_w is None else grad_w * scale, None, None, None, None, None
+        if scale.item() != 1.0:  # (loss.backward() passes 1: hand the buffers over without a copy)
+            grad_h, grad_w = grad_h * scale, None if grad_w is None else grad_w * scale
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def fused_head_loss(s_hidden: torch.Tensor, s_weight: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec,
