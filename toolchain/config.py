@@ -90,11 +90,18 @@ class DistillConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (token-weighted)
     precision: str = "fp32"  # fp32 | bf16 (autocast: matmuls in bf16, losses and weights in fp32)
     eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
+    on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
+    on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
+    on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
         _positive(f"{where}.grad_accum", self.grad_accum)
         _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise UserError(f"{where}.on_policy_fraction must be between 0 and 1, got {self.on_policy_fraction}")
+        _positive(f"{where}.on_policy_prompt_tokens", self.on_policy_prompt_tokens)
+        _positive(f"{where}.on_policy_temperature", self.on_policy_temperature)
         if self.eval_every < 0:
             raise UserError(f"{where}.eval_every must be >= 0, got {self.eval_every}")
         for name in ("beta", "skew"):

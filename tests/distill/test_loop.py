@@ -68,7 +68,7 @@ def test_resume_after_interruption_gives_the_same_model(setup, tmp_path, monkeyp
     ref = distill_student(teacher, sdir, tmp_path / "ref", data, cfg, tmp_path / "w_ref", progress=False)
 
     calls = {"n": 0}
-    real = loop.chunked_loss
+    real = loop.batch_loss
 
     def crash_at_step_5(*a, **k):
         calls["n"] += 1
@@ -76,12 +76,12 @@ def test_resume_after_interruption_gives_the_same_model(setup, tmp_path, monkeyp
             raise KeyboardInterrupt  # like Ctrl-C / kill during step 5
         return real(*a, **k)
 
-    monkeypatch.setattr(loop, "chunked_loss", crash_at_step_5)
+    monkeypatch.setattr(loop, "batch_loss", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
     assert not (tmp_path / "out").exists()  # nothing partial at the final path
     assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(loop, "chunked_loss", real)
+    monkeypatch.setattr(loop, "batch_loss", real)
     res = distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
 
     a = load_model(str(tmp_path / "ref")).model.state_dict()

@@ -27,6 +27,7 @@ from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
+from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
 from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
@@ -200,12 +201,21 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
                 tmp,
             )
 
+    if cfg.on_policy_fraction > 0 and teacher is None:
+        raise UserError("distill.on_policy_fraction > 0 needs the online teacher to score the student's samples; "
+                        "it cannot run from an offline teacher cache alone")
+    eos = eos_token_ids(student)
+
+    def next_batch(m: int) -> Batch:
+        b = batch_fn(m)
+        return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
+
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not progress, unit="step")
     student.train()
     steady_tokens, steady_seconds = 0, 0.0
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        batches = [batch_fn(step * accum + k) for k in range(accum)]
+        batches = [next_batch(step * accum + k) for k in range(accum)]
         # token-weighted over the whole step: each micro-batch is divided by the step's loss tokens
         denom = max(1, sum(b.n_loss_tokens for b in batches))
         optimizer.zero_grad(set_to_none=True)
