@@ -176,3 +176,20 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
         loop.distill(teacher.model, student, batch_fn, held, cfg, tmp_path, progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_lora_student_is_trained_through_adapters_and_saved_merged(setup, tmp_path):
+    from toolchain.config import LoraConfig
+
+    teacher, sdir, data = setup
+    cfg = DistillConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=100,
+                        lora=LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
+    before = load_model(str(sdir)).model.state_dict()
+    after = load_model(str(tmp_path / "out")).model.state_dict()
+    assert set(before) == set(after)  # merged: a plain model, no lora_A/lora_B tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    with pytest.raises(UserError, match="not module names"):
+        distill_student(teacher, sdir, tmp_path / "o2", data, DistillConfig(steps=1, lora=LoraConfig(r=2, targets=["qkv"])),
+                        tmp_path / "w2", progress=False)
