@@ -193,3 +193,33 @@ def test_lora_student_is_trained_through_adapters_and_saved_merged(setup, tmp_pa
     with pytest.raises(UserError, match="not module names"):
         distill_student(teacher, sdir, tmp_path / "o2", data, DistillConfig(steps=1, lora=LoraConfig(r=2, targets=["qkv"])),
                         tmp_path / "w2", progress=False)
+
+
+def _mapped_mse(student, teacher, blocks, layer_map):
+    with torch.no_grad():
+        s = student(blocks[:, :-1], output_hidden_states=True).hidden_states
+        t = teacher(blocks[:, :-1], output_hidden_states=True).hidden_states
+    return sum(float((s[i + 1] - t[j + 1]).pow(2).mean()) for i, j in layer_map) / len(layer_map)
+
+
+def test_hidden_state_loss_pulls_mapped_layers_together(setup, tmp_path):
+    from toolchain.distill.hidden import HiddenMatcher, layer_map_from_meta
+    from toolchain.models.load import read_meta
+
+    teacher, sdir, _ = setup
+    train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
+    student = load_model(str(sdir)).model
+    layer_map = layer_map_from_meta(read_meta(sdir), 3)
+    assert len(layer_map) == 3 and layer_map[-1][1] == 5  # the last block is kept
+    before = _mapped_mse(student, teacher.model, train, layer_map)
+    cfg = DistillConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=3, alpha=1.0, hidden_loss="mse",
+                        hidden_weight=10.0)
+    loop.distill(teacher.model, student, loop.packed_batches(train, 4, 0), held, cfg, tmp_path, progress=False,
+                 layer_map=layer_map)
+    assert _mapped_mse(student, teacher.model, train, layer_map) < 0.8 * before
+    # widths that differ get a learned projection, which receives gradients
+    m = HiddenMatcher([(0, 1)], 8, 12, "cosine")
+    s_states = (None, torch.randn(2, 3, 8, requires_grad=True))
+    t_states = (None, None, torch.randn(2, 3, 12))
+    m(s_states, t_states, torch.ones(2, 3, dtype=torch.bool), 6.0).backward()
+    assert m.proj[0].weight.grad.abs().sum() > 0

@@ -135,3 +135,16 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grad():
         loss = chunked_loss(s, t, labels, LossSpec(kind=kind, alpha=0.5, temperature=2.0))[0]
         (grad,) = torch.autograd.grad(loss, s)
         assert loss.item() == 0.0 and torch.isfinite(grad).all() and grad.abs().max() == 0
+
+
+def test_ce_alone_matches_torch_and_has_its_gradient():
+    from toolchain.distill.losses import cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(9, 40, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (9,), generator=g)
+    labels[2] = IGNORE_INDEX
+    a = cross_entropy(s, labels)
+    b = F.cross_entropy(s, labels)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(a, s)[0], torch.autograd.grad(b, s)[0])

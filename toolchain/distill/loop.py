@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from toolchain.config import DistillConfig
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
+from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
@@ -92,27 +93,48 @@ def teacher_target(teacher, batch: Batch, spec: LossSpec):
     return logits.reshape(-1, logits.shape[-1]).clone()  # clone: leave inference mode for autograd's sake
 
 
-def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float):
+def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hidden=None, hidden_weight: float = 1.0):
     """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens).
 
     When both models end in a plain linear head, the fused path makes logits chunk by chunk from
     final hidden states (the whole batch's [tokens, vocab] logits never exist); else full logits.
+    `hidden`: a HiddenMatcher adding hidden_weight * its layer-matching term.
     """
     labels = batch.labels.reshape(-1)
     s_w = plain_output_weight(student)
-    needs_online = spec.alpha < 1.0 and batch.teacher_topk_ids is None
+    needs_online = (spec.alpha < 1.0 and batch.teacher_topk_ids is None) or hidden is not None
+    if hidden is not None and teacher is None:
+        raise UserError("distill.hidden_loss needs the teacher's hidden states, so the teacher must be loaded "
+                        "(an offline cache holds only its top-k logits)")
     t_w = plain_output_weight(teacher) if needs_online and teacher is not None else None
+    want = hidden is not None
+    t_states = s_states = None
     if s_w is not None and (not needs_online or t_w is not None):
+        target = None
         if needs_online:
             with torch.inference_mode():
-                t_h = final_hidden(teacher, batch)
-            target = (t_h.clone(), t_w)  # clone: a normal tensor, usable next to autograd
-        else:
+                t_out = final_hidden(teacher, batch, want)
+            t_h, t_states = t_out if want else (t_out, None)
+            if spec.alpha < 1.0 and batch.teacher_topk_ids is None:
+                target = (t_h.clone(), t_w)  # clone: a normal tensor, usable next to autograd
+        if target is None:
             target = teacher_target(teacher, batch, spec)
-        return fused_head_loss(final_hidden(student, batch), s_w, target, labels, spec, denom=denom)
-    target = teacher_target(teacher, batch, spec)
-    s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
+        s_out = final_hidden(student, batch, want)
+        s_h, s_states = s_out if want else (s_out, None)
+        loss, ce, div = fused_head_loss(s_h, s_w, target, labels, spec, denom=denom)
+    else:
+        target = teacher_target(teacher, batch, spec)
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=want)
+        s_logits, s_states = out.logits, out.hidden_states
+        loss, ce, div = chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
+        if want:
+            with torch.inference_mode():
+                t_states = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   output_hidden_states=True).hidden_states
+    if hidden is not None:
+        t_states = tuple(t.clone() for t in t_states)
+        loss = loss + hidden_weight * hidden(s_states, t_states, batch.labels != IGNORE_INDEX, denom)
+    return loss, ce, div
 
 
 def _rng_states() -> dict:
@@ -150,7 +172,7 @@ def _n_tokens(batch: Batch) -> int:
 
 
 def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
-            work_dir: str | os.PathLike, progress: bool = True) -> dict:
+            work_dir: str | os.PathLike, progress: bool = True, layer_map: list[tuple[int, int]] | None = None) -> dict:
     """Train `student` towards `teacher` on `batch_fn`'s batches; returns figures for the report.
 
     batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1).
@@ -172,7 +194,15 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
     autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
+    hidden = None
+    if cfg.hidden_loss != "none":
+        if teacher is None:
+            raise UserError("distill.hidden_loss needs the teacher loaded (an offline cache holds only top-k logits)")
+        hidden = HiddenMatcher(layer_map or [], student.config.get_text_config().hidden_size,
+                               teacher.config.get_text_config().hidden_size, cfg.hidden_loss)
     params = [p for p in student.parameters() if p.requires_grad]
+    if hidden is not None:
+        params += list(hidden.parameters())  # the projection trains with the student
     # fused AdamW updates each tensor in one pass, without the foreach path's parameter-sized
     # temporaries (~4 bytes x params per step): less memory traffic and a lower peak RSS
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -185,6 +215,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if hidden is not None and ckpt.get("hidden_proj") is not None:
+            hidden.load_state_dict(ckpt["hidden_proj"])
         _set_rng_states(ckpt["rng"])
         start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
         train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
@@ -197,7 +229,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             torch.save(
                 {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": _rng_states(), "step": step, "history": history, "before": before,
-                 "train_seconds": train_seconds, "tokens": tokens},
+                 "train_seconds": train_seconds, "tokens": tokens,
+                 "hidden_proj": hidden.state_dict() if hidden is not None else None},
                 tmp,
             )
 
@@ -222,7 +255,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         loss_value, ce_value, div_value = 0.0, 0.0, 0.0
         for b in batches:
             with autocast:
-                loss, ce, div = batch_loss(student, teacher, b, spec, denom)
+                loss, ce, div = batch_loss(student, teacher, b, spec, denom, hidden, cfg.hidden_weight)
             loss.backward()
             loss_value += loss.item()
             ce_value += float(ce)

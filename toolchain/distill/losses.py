@@ -140,21 +140,26 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
         teacher = teacher[:, :v]
     else:
         v = s32.shape[-1]
-    if spec.kind == "forward_kl" and not isinstance(teacher, SparseTeacher):
+    if (spec.kind == "forward_kl" or teacher is None) and not isinstance(teacher, SparseTeacher):
         # Closed form, no autograd graph: d KL(P||Q_T) / d s = (q_T - p) / T; d CE / d s = q - onehot.
         with torch.no_grad():
-            s_v = s32[:, :v]
-            q_t = torch.log_softmax(s_v / t, -1)
-            p_t = torch.log_softmax(teacher.float() / t, -1)
-            div = _kl(p_t, q_t)
-            q_t = q_t.exp_()
-            p_t = p_t.exp_()
-            ce = torch.zeros_like(div)
+            div = torch.zeros(len(s32))
             grad = None
-            if need_grad:
+            if teacher is not None:
+                q_t = torch.log_softmax(s32[:, :v] / t, -1)
+                p_t = torch.log_softmax(teacher.float() / t, -1)
+                div = _kl(p_t, q_t)
+                if need_grad:  # in place on the two softmax buffers: no further [chunk, V] temporaries
+                    g = q_t.exp_().sub_(p_t.exp_()).mul_(((1 - spec.alpha) * t * w * scale).unsqueeze(-1))
+                    if v == s32.shape[-1]:
+                        grad = g
+                    else:
+                        grad = torch.zeros_like(s32)
+                        grad[:, :v] = g
+                del p_t, q_t
+            if need_grad and grad is None:
                 grad = torch.zeros_like(s32)
-                grad[:, :v] = (q_t - p_t) * ((1 - spec.alpha) * t * w * scale).unsqueeze(-1)
-            del p_t, q_t
+            ce = torch.zeros_like(div)
             if spec.alpha > 0:
                 logq = torch.log_softmax(s32, -1)
                 safe = labels.clamp_min(0)
@@ -166,12 +171,15 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
             return (ce * w).sum(), (div * w).sum(), grad
     with torch.enable_grad():
         s_leaf = s32.detach().requires_grad_(need_grad)
-        if isinstance(teacher, SparseTeacher):
-            s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)
+        if teacher is None:  # hard-label CE only (alpha = 1, or plain fine-tuning)
+            div = torch.zeros(len(s32))
         else:
-            s_logp = torch.log_softmax(s_leaf[:, :v] / t, -1)
-            t_logp = torch.log_softmax(teacher.float() / t, -1)
-        div = divergence(s_logp, t_logp, spec) if teacher is not None else torch.zeros(len(s32))
+            if isinstance(teacher, SparseTeacher):
+                s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)
+            else:
+                s_logp = torch.log_softmax(s_leaf[:, :v] / t, -1)
+                t_logp = torch.log_softmax(teacher.float() / t, -1)
+            div = divergence(s_logp, t_logp, spec)
         ce = F.cross_entropy(s_leaf, labels, ignore_index=spec.ignore_index, reduction="none")
         total = ((spec.alpha * ce + (1 - spec.alpha) * t * t * div) * w).sum() * scale
         grad = torch.autograd.grad(total, s_leaf)[0] if need_grad and total.requires_grad else None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig
 from toolchain.distill.data import train_and_heldout
+from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.distill.loop import check_same_vocabulary, distill, packed_batches
 from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
@@ -21,7 +22,8 @@ def distill_student(teacher: LoadedModel, student_dir: str | os.PathLike, out_di
                                     data.seed, data.eval_sequences)
     batch_fn = packed_batches(train, cfg.batch_size, cfg.seed)
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
-    result = distill(teacher.model, model, batch_fn, held, cfg, work_dir, progress=progress)
+    layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
+    result = distill(teacher.model, model, batch_fn, held, cfg, work_dir, progress=progress, layer_map=layer_map)
     meta = {**read_meta(student_dir), "distilled_steps": cfg.steps}
     if cfg.lora.r:
         student.model = merge_lora(model)
