@@ -110,12 +110,16 @@ class DistillConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA student (merged into the saved student)
     hidden_loss: str = "none"  # none | mse | cosine: also match mapped student/teacher hidden states
     hidden_weight: float = 1.0  # weight of the hidden-state term added to the logit loss
+    eval_sets: list[str] = field(default_factory=list)  # extra text files evaluated like the held-out split
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
         _positive(f"{where}.grad_accum", self.grad_accum)
         _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
         self.lora.validate(f"{where}.lora")
+        for path in self.eval_sets:
+            if not Path(path).is_file():
+                raise UserError(f"{where}.eval_sets: '{path}' is not an existing text file")
         _choice(f"{where}.hidden_loss", self.hidden_loss, ("none", "mse", "cosine"))
         if self.hidden_weight < 0:
             raise UserError(f"{where}.hidden_weight must be >= 0, got {self.hidden_weight}")

@@ -54,9 +54,16 @@ def test_distillation_lowers_heldout_kl(setup, tmp_path):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     noisy.save_pretrained(sdir)
     # alpha=0: a random teacher does not model the text, so the hard-label term would pull away from it
-    cfg = DistillConfig(steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=10, alpha=0.0, temperature=1.0)
+    extra = tmp_path / "faq.txt"
+    extra.write_text("How do I install it? Run pip install.\n\n" * 200)
+    cfg = DistillConfig(steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=10, alpha=0.0, temperature=1.0,
+                        eval_sets=[str(extra)], eval_every=20)
     res = distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "work", progress=False)
     assert res["after"]["kl"] < 0.9 * res["before"]["kl"]
+    assert set(res["eval_sets"]) == {"heldout", "faq"} and res["eval_sets"]["heldout"]["after"] == res["after"]
+    faq = res["eval_sets"]["faq"]["after"]
+    assert faq["tokens"] == 8 * 32 and faq["kl"] != res["after"]["kl"]  # its own text, its own figures
+    assert 0.0 <= res["after"]["ece"] <= 1.0 and "faq" in res["history"][19]["eval"]
     assert res["tokens"] == 25 * 4 * 32 and res["tokens_per_s"] > 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "checkpoint.pt").is_file()

@@ -219,10 +219,19 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             hidden.load_state_dict(ckpt["hidden_proj"])
         _set_rng_states(ckpt["rng"])
         start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
+        if before is not None and "ce" in before:  # a checkpoint from before named eval sets
+            before = {"heldout": before}
         train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
         log.info("resuming distillation from step %d (%s)", start_step, ckpt_path)
+    # several named eval sets may be given; the first is "the" held-out set of before/after
+    eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
+    primary = next(iter(eval_sets))
+
+    def evaluate_all() -> dict:
+        return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()}
+
     if before is None:
-        before = evaluate(student, teacher, heldout)
+        before = evaluate_all()
 
     def save_checkpoint(step: int) -> None:
         with atomic_path(ckpt_path) as tmp:
@@ -278,14 +287,14 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            history[-1]["eval"] = evaluate(student, teacher, heldout)
+            history[-1]["eval"] = evaluate_all()
             student.train()
             log.info("step %d held-out %s", step + 1, history[-1]["eval"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(step + 1)
     bar.close()
     student.eval()
-    after = evaluate(student, teacher, heldout)
+    after = evaluate_all()
     return {
         "steps": cfg.steps,
         "tokens": tokens,
@@ -294,8 +303,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         "loss": cfg.loss,
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,
-        "before": before,
-        "after": after,
-        "teacher_ce": after.get("teacher_ce"),
+        "before": before[primary],
+        "after": after[primary],
+        "teacher_ce": after[primary].get("teacher_ce"),
+        "eval_sets": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
         "history": history,
     }

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig
-from toolchain.distill.data import train_and_heldout
+from toolchain.distill.data import load_documents, pack, train_and_heldout
+from toolchain.errors import UserError
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.distill.loop import check_same_vocabulary, distill, packed_batches
@@ -23,7 +24,13 @@ def distill_student(teacher: LoadedModel, student_dir: str | os.PathLike, out_di
     batch_fn = packed_batches(train, cfg.batch_size, cfg.seed)
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
-    result = distill(teacher.model, model, batch_fn, held, cfg, work_dir, progress=progress, layer_map=layer_map)
+    evals = {"heldout": held}
+    for path in cfg.eval_sets:  # each extra eval file: its first eval_sequences blocks
+        blocks = pack(student.tokenizer, load_documents(path), data.seq_len + 1, data.eval_sequences)
+        if len(blocks) == 0:
+            raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
+        evals[Path(path).stem] = blocks
+    result = distill(teacher.model, model, batch_fn, evals, cfg, work_dir, progress=progress, layer_map=layer_map)
     meta = {**read_meta(student_dir), "distilled_steps": cfg.steps}
     if cfg.lora.r:
         student.model = merge_lora(model)
