@@ -16,7 +16,7 @@ from toolchain.models.load import load_model
 from toolchain.student import build_student
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 150
+STEPS = 60
 
 
 def _cmd(teacher, student, out, work):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
+from toolchain.errors import UserError
 
 ECE_BINS = 15
 
@@ -63,6 +64,8 @@ def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
             sums["agree"] += float((top_i == t_top).sum())
             teacher_ce_known = False
         else:
+            if teacher is None:
+                raise UserError("held-out batches without stored teacher top-k need the teacher model to evaluate")
             t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
             t = t.reshape(-1, t.shape[-1])[keep]
             v = min(t.shape[-1], s.shape[-1])  # same tokenizer, vocab padding may differ
