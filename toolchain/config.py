@@ -72,6 +72,20 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # LoRA rank; 0 = train the whole student
+    alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / r)
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"])
+
+    def validate(self, where: str) -> None:
+        if self.r < 0:
+            raise UserError(f"{where}.r must be >= 0 (0 = full training), got {self.r}")
+        if self.r and not self.targets:
+            raise UserError(f"{where}.targets must name at least one module type, e.g. q_proj")
+
+
+@dataclass
 class DistillConfig:
     steps: int = 40
     batch_size: int = 4
@@ -88,10 +102,33 @@ class DistillConfig:
     beta: float = 0.5  # jsd: mixture weight of the teacher (0 = forward KL, 1 = reverse KL, as TRL's GKD)
     skew: float = 0.1  # skew_kl: KL(P || skew * P + (1 - skew) * Q)
     grad_accum: int = 1  # micro-batches per optimizer step (token-weighted)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: matmuls in bf16, losses and weights in fp32)
+    eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
+    on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
+    on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
+    on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA student (merged into the saved student)
+    hidden_loss: str = "none"  # none | mse | cosine: also match mapped student/teacher hidden states
+    hidden_weight: float = 1.0  # weight of the hidden-state term added to the logit loss
+    eval_sets: list[str] = field(default_factory=list)  # extra text files evaluated like the held-out split
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
         _positive(f"{where}.grad_accum", self.grad_accum)
+        _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
+        self.lora.validate(f"{where}.lora")
+        for path in self.eval_sets:
+            if not Path(path).is_file():
+                raise UserError(f"{where}.eval_sets: '{path}' is not an existing text file")
+        _choice(f"{where}.hidden_loss", self.hidden_loss, ("none", "mse", "cosine"))
+        if self.hidden_weight < 0:
+            raise UserError(f"{where}.hidden_weight must be >= 0, got {self.hidden_weight}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise UserError(f"{where}.on_policy_fraction must be between 0 and 1, got {self.on_policy_fraction}")
+        _positive(f"{where}.on_policy_prompt_tokens", self.on_policy_prompt_tokens)
+        _positive(f"{where}.on_policy_temperature", self.on_policy_temperature)
+        if self.eval_every < 0:
+            raise UserError(f"{where}.eval_every must be >= 0, got {self.eval_every}")
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{where}.{name} must be between 0 and 1, got {getattr(self, name)}")

@@ -54,9 +54,16 @@ def test_distillation_lowers_heldout_kl(setup, tmp_path):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     noisy.save_pretrained(sdir)
     # alpha=0: a random teacher does not model the text, so the hard-label term would pull away from it
-    cfg = DistillConfig(steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=10, alpha=0.0, temperature=1.0)
+    extra = tmp_path / "faq.txt"
+    extra.write_text("How do I install it? Run pip install.\n\n" * 200)
+    cfg = DistillConfig(steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=10, alpha=0.0, temperature=1.0,
+                        eval_sets=[str(extra)], eval_every=20)
     res = distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "work", progress=False)
     assert res["after"]["kl"] < 0.9 * res["before"]["kl"]
+    assert set(res["eval_sets"]) == {"heldout", "faq"} and res["eval_sets"]["heldout"]["after"] == res["after"]
+    faq = res["eval_sets"]["faq"]["after"]
+    assert faq["tokens"] == 8 * 32 and faq["kl"] != res["after"]["kl"]  # its own text, its own figures
+    assert 0.0 <= res["after"]["ece"] <= 1.0 and "faq" in res["history"][19]["eval"]
     assert res["tokens"] == 25 * 4 * 32 and res["tokens_per_s"] > 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
@@ -68,7 +75,7 @@ def test_resume_after_interruption_gives_the_same_model(setup, tmp_path, monkeyp
     ref = distill_student(teacher, sdir, tmp_path / "ref", data, cfg, tmp_path / "w_ref", progress=False)
 
     calls = {"n": 0}
-    real = loop.chunked_loss
+    real = loop.batch_loss
 
     def crash_at_step_5(*a, **k):
         calls["n"] += 1
@@ -76,12 +83,12 @@ def test_resume_after_interruption_gives_the_same_model(setup, tmp_path, monkeyp
             raise KeyboardInterrupt  # like Ctrl-C / kill during step 5
         return real(*a, **k)
 
-    monkeypatch.setattr(loop, "chunked_loss", crash_at_step_5)
+    monkeypatch.setattr(loop, "batch_loss", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
     assert not (tmp_path / "out").exists()  # nothing partial at the final path
     assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(loop, "chunked_loss", real)
+    monkeypatch.setattr(loop, "batch_loss", real)
     res = distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
 
     a = load_model(str(tmp_path / "ref")).model.state_dict()
@@ -158,3 +165,68 @@ def test_grad_accumulation_matches_one_big_batch(setup, tmp_path):
         outs.append(student.state_dict())
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], atol=2e-5, rtol=1e-4)  # Adam amplifies fp noise on ~0 grads
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    teacher, sdir, _ = setup
+    train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
+    student = load_model(str(sdir)).model
+    poison = {"on": False}
+
+    def batch_fn(m):
+        poison["on"] = m == 3  # the 4th step's forward pass produces inf (as a diverging run would)
+        return Batch.from_blocks(train[2 * (m % 4) : 2 * (m % 4) + 2])
+
+    student.get_decoder().norm.register_forward_hook(lambda mod, inp, out: out * float("inf") if poison["on"] else out)
+    cfg = DistillConfig(steps=6, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    with pytest.raises(UserError, match=r"step 4: loss nan is not finite.*last good checkpoint \(step 2\) is kept"):
+        loop.distill(teacher.model, student, batch_fn, held, cfg, tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_lora_student_is_trained_through_adapters_and_saved_merged(setup, tmp_path):
+    from toolchain.config import LoraConfig
+
+    teacher, sdir, data = setup
+    cfg = DistillConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=100,
+                        lora=LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
+    before = load_model(str(sdir)).model.state_dict()
+    after = load_model(str(tmp_path / "out")).model.state_dict()
+    assert set(before) == set(after)  # merged: a plain model, no lora_A/lora_B tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    with pytest.raises(UserError, match="not module names"):
+        distill_student(teacher, sdir, tmp_path / "o2", data, DistillConfig(steps=1, lora=LoraConfig(r=2, targets=["qkv"])),
+                        tmp_path / "w2", progress=False)
+
+
+def _mapped_mse(student, teacher, blocks, layer_map):
+    with torch.no_grad():
+        s = student(blocks[:, :-1], output_hidden_states=True).hidden_states
+        t = teacher(blocks[:, :-1], output_hidden_states=True).hidden_states
+    return sum(float((s[i + 1] - t[j + 1]).pow(2).mean()) for i, j in layer_map) / len(layer_map)
+
+
+def test_hidden_state_loss_pulls_mapped_layers_together(setup, tmp_path):
+    from toolchain.distill.hidden import HiddenMatcher, layer_map_from_meta
+    from toolchain.models.load import read_meta
+
+    teacher, sdir, _ = setup
+    train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
+    student = load_model(str(sdir)).model
+    layer_map = layer_map_from_meta(read_meta(sdir), 3)
+    assert len(layer_map) == 3 and layer_map[-1][1] == 5  # the last block is kept
+    before = _mapped_mse(student, teacher.model, train, layer_map)
+    cfg = DistillConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=3, alpha=1.0, hidden_loss="mse",
+                        hidden_weight=10.0)
+    loop.distill(teacher.model, student, loop.packed_batches(train, 4, 0), held, cfg, tmp_path, progress=False,
+                 layer_map=layer_map)
+    assert _mapped_mse(student, teacher.model, train, layer_map) < 0.8 * before
+    # widths that differ get a learned projection, which receives gradients
+    m = HiddenMatcher([(0, 1)], 8, 12, "cosine")
+    s_states = (None, torch.randn(2, 3, 8, requires_grad=True))
+    t_states = (None, None, torch.randn(2, 3, 12))
+    m(s_states, t_states, torch.ones(2, 3, dtype=torch.bool), 6.0).backward()
+    assert m.proj[0].weight.grad.abs().sum() > 0

@@ -101,3 +101,50 @@ def test_sparse_tail_is_stable_when_topk_holds_almost_all_mass():
     lp = torch.tensor([[-1e-9], [-1e-9]])
     out = sparse_forward_kl(s.requires_grad_(), ids, lp, torch.zeros(2, dtype=torch.long))
     assert torch.isfinite(out) and out.item() < 1e-6
+
+
+@pytest.mark.parametrize("kind,alpha", [("forward_kl", 0.0), ("forward_kl", 0.5), ("jsd", 0.2)])
+def test_fused_head_equals_full_logits(kind, alpha):
+    """Logits made chunk by chunk from hidden states: same loss and gradients as full logits."""
+    from toolchain.distill.losses import LossSpec, chunked_loss, fused_head_loss
+
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(70, 16, generator=g, requires_grad=True)
+    w = torch.randn(90, 16, generator=g, requires_grad=True)
+    th, tw = torch.randn(70, 12, generator=g), torch.randn(92, 12, generator=g)  # teacher: other width, padded vocab
+    labels = torch.randint(0, 90, (70,), generator=g)
+    labels[5:9] = IGNORE_INDEX
+    spec = LossSpec(kind=kind, alpha=alpha, temperature=2.0, beta=0.3)
+    a = fused_head_loss(h, w, (th, tw), labels, spec, chunk=16)[0]
+    ga = torch.autograd.grad(a, (h, w))
+    b = chunked_loss(h @ w.t(), th @ tw.t(), labels, spec)[0]
+    gb = torch.autograd.grad(b, (h, w))
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_all_ignored_batch_gives_zero_loss_and_zero_grad():
+    from toolchain.distill.losses import KINDS, LossSpec, chunked_loss
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(4, 30, generator=g, requires_grad=True)
+    t = torch.randn(4, 30, generator=g)
+    labels = torch.full((4,), IGNORE_INDEX)
+    for kind in KINDS:
+        loss = chunked_loss(s, t, labels, LossSpec(kind=kind, alpha=0.5, temperature=2.0))[0]
+        (grad,) = torch.autograd.grad(loss, s)
+        assert loss.item() == 0.0 and torch.isfinite(grad).all() and grad.abs().max() == 0
+
+
+def test_ce_alone_matches_torch_and_has_its_gradient():
+    from toolchain.distill.losses import cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(9, 40, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (9,), generator=g)
+    labels[2] = IGNORE_INDEX
+    a = cross_entropy(s, labels)
+    b = F.cross_entropy(s, labels)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(a, s)[0], torch.autograd.grad(b, s)[0])

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
+from toolchain.errors import UserError
 
 ECE_BINS = 15
 
 
-def as_batches(heldout, batch_size: int = 4) -> list[Batch]:
+def as_batches(heldout, batch_size: int = 1) -> list[Batch]:
     """Packed blocks [n, L+1] -> Batches of `batch_size`; a list of Batch passes through."""
     if isinstance(heldout, torch.Tensor):
         return [Batch.from_blocks(heldout[i : i + batch_size]) for i in range(0, len(heldout), batch_size)]
@@ -30,10 +31,11 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: 
 
 
 @torch.no_grad()
-def evaluate(student, teacher, heldout, batch_size: int = 4) -> dict:
+def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
     """Token means over loss positions: student CE, teacher CE, KL(teacher || student) at T=1,
     top-1 agreement and the student's expected calibration error (next-token accuracy vs its
-    top-1 probability). Batches with stored top-k targets use them (KL over top-k + tail bucket;
+    top-1 probability). One sequence at a time by default: full-vocabulary logits of a whole
+    batch would set the run's peak memory. Batches with stored top-k targets use them (KL over top-k + tail bucket;
     teacher CE then counts only tokens inside the top-k, so it is left out)."""
     was_training = student.training
     student.eval()
@@ -62,6 +64,8 @@ def evaluate(student, teacher, heldout, batch_size: int = 4) -> dict:
             sums["agree"] += float((top_i == t_top).sum())
             teacher_ce_known = False
         else:
+            if teacher is None:
+                raise UserError("held-out batches without stored teacher top-k need the teacher model to evaluate")
             t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
             t = t.reshape(-1, t.shape[-1])[keep]
             v = min(t.shape[-1], s.shape[-1])  # same tokenizer, vocab padding may differ

@@ -11,11 +11,10 @@ the step counter are written atomically to `work_dir/checkpoint.pt`; a rerun con
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
-import sys
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,11 @@ from tqdm.auto import tqdm
 from toolchain.config import DistillConfig
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
-from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss
+from toolchain.distill.hidden import HiddenMatcher
+from toolchain.distill.head import final_hidden, plain_output_weight
+from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
+from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
+from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
 
@@ -34,22 +37,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 BatchFn = Callable[[int], Batch]
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from returning the large per-step logits buffers to the kernel.
-
-    Each KD step allocates ~100 MB vocabulary-sized logits; by default glibc unmaps and
-    re-faults them every step, which measured at 17-25% of CPU time here (DESIGN.md).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not fresh mmaps
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not give the heap back eagerly
-    except (OSError, AttributeError):
-        pass
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -90,8 +77,11 @@ def loss_spec(cfg: DistillConfig) -> LossSpec:
     return LossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew)
 
 
-def teacher_target(teacher, batch: Batch):
-    """What the loss compares against: stored top-k (teacher not run) or online teacher logits."""
+def teacher_target(teacher, batch: Batch, spec: LossSpec):
+    """What the loss compares against: stored top-k (teacher not run) or online teacher logits;
+    None when the loss is hard-label CE only (alpha = 1: plain fine-tuning, no teacher run)."""
+    if spec.alpha == 1.0:
+        return None
     if batch.teacher_topk_ids is not None:
         ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
         return SparseTeacher(ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1]))
@@ -103,12 +93,78 @@ def teacher_target(teacher, batch: Batch):
     return logits.reshape(-1, logits.shape[-1]).clone()  # clone: leave inference mode for autograd's sake
 
 
-def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float):
-    """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens)."""
-    target = teacher_target(teacher, batch)
-    s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hidden=None, hidden_weight: float = 1.0):
+    """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens).
+
+    When both models end in a plain linear head, the fused path makes logits chunk by chunk from
+    final hidden states (the whole batch's [tokens, vocab] logits never exist); else full logits.
+    `hidden`: a HiddenMatcher adding hidden_weight * its layer-matching term.
+    """
     labels = batch.labels.reshape(-1)
-    return chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
+    s_w = plain_output_weight(student)
+    needs_online = (spec.alpha < 1.0 and batch.teacher_topk_ids is None) or hidden is not None
+    if hidden is not None and teacher is None:
+        raise UserError("distill.hidden_loss needs the teacher's hidden states, so the teacher must be loaded "
+                        "(an offline cache holds only its top-k logits)")
+    t_w = plain_output_weight(teacher) if needs_online and teacher is not None else None
+    want = hidden is not None
+    t_states = s_states = None
+    if s_w is not None and (not needs_online or t_w is not None):
+        target = None
+        if needs_online:
+            with torch.inference_mode():
+                t_out = final_hidden(teacher, batch, want)
+            t_h, t_states = t_out if want else (t_out, None)
+            if spec.alpha < 1.0 and batch.teacher_topk_ids is None:
+                target = (t_h.clone(), t_w)  # clone: a normal tensor, usable next to autograd
+        if target is None:
+            target = teacher_target(teacher, batch, spec)
+        s_out = final_hidden(student, batch, want)
+        s_h, s_states = s_out if want else (s_out, None)
+        loss, ce, div = fused_head_loss(s_h, s_w, target, labels, spec, denom=denom)
+    else:
+        target = teacher_target(teacher, batch, spec)
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=want)
+        s_logits, s_states = out.logits, out.hidden_states
+        loss, ce, div = chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
+        if want:
+            with torch.inference_mode():
+                t_states = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   output_hidden_states=True).hidden_states
+    if hidden is not None:
+        t_states = tuple(t.clone() for t in t_states)
+        loss = loss + hidden_weight * hidden(s_states, t_states, batch.labels != IGNORE_INDEX, denom)
+    return loss, ce, div
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states) -> None:
+    if isinstance(states, torch.Tensor):  # checkpoints from before python/cuda states were kept
+        states = {"torch": states}
+    torch.set_rng_state(states["torch"])
+    if states.get("python") is not None:
+        random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path, cfg: DistillConfig) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    if ckpt_path.is_file():
+        last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["step"]
+        kept = f"the last good checkpoint (step {last}) is kept in {ckpt_path}; rerunning resumes from it"
+    else:
+        kept = "no checkpoint had been written yet"
+    return (f"distillation stopped at step {step}: {what} is not finite, so this step was not applied; {kept}. "
+            f"Lower distill.lr (now {cfg.lr}), keep distill.grad_clip > 0, or check the data.")
 
 
 def _n_tokens(batch: Batch) -> int:
@@ -116,7 +172,7 @@ def _n_tokens(batch: Batch) -> int:
 
 
 def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
-            work_dir: str | os.PathLike, progress: bool = True) -> dict:
+            work_dir: str | os.PathLike, progress: bool = True, layer_map: list[tuple[int, int]] | None = None) -> dict:
     """Train `student` towards `teacher` on `batch_fn`'s batches; returns figures for the report.
 
     batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1).
@@ -135,9 +191,21 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             p.requires_grad_(False)
     spec = loss_spec(cfg)
     accum = cfg.grad_accum
+    # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
+    autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
+    hidden = None
+    if cfg.hidden_loss != "none":
+        if teacher is None:
+            raise UserError("distill.hidden_loss needs the teacher loaded (an offline cache holds only top-k logits)")
+        hidden = HiddenMatcher(layer_map or [], student.config.get_text_config().hidden_size,
+                               teacher.config.get_text_config().hidden_size, cfg.hidden_loss)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if hidden is not None:
+        params += list(hidden.parameters())  # the projection trains with the student
+    # fused AdamW updates each tensor in one pass, without the foreach path's parameter-sized
+    # temporaries (~4 bytes x params per step): less memory traffic and a lower peak RSS
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
 
     ckpt_path = work_dir / CHECKPOINT
@@ -147,39 +215,64 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        if hidden is not None and ckpt.get("hidden_proj") is not None:
+            hidden.load_state_dict(ckpt["hidden_proj"])
+        _set_rng_states(ckpt["rng"])
         start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
+        if before is not None and "ce" in before:  # a checkpoint from before named eval sets
+            before = {"heldout": before}
         train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
         log.info("resuming distillation from step %d (%s)", start_step, ckpt_path)
+    # several named eval sets may be given; the first is "the" held-out set of before/after
+    eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
+    primary = next(iter(eval_sets))
+
+    def evaluate_all() -> dict:
+        return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()}
+
     if before is None:
-        before = evaluate(student, teacher, heldout)
+        before = evaluate_all()
 
     def save_checkpoint(step: int) -> None:
         with atomic_path(ckpt_path) as tmp:
             torch.save(
                 {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "step": step, "history": history, "before": before,
-                 "train_seconds": train_seconds, "tokens": tokens},
+                 "rng": _rng_states(), "step": step, "history": history, "before": before,
+                 "train_seconds": train_seconds, "tokens": tokens,
+                 "hidden_proj": hidden.state_dict() if hidden is not None else None},
                 tmp,
             )
+
+    if cfg.on_policy_fraction > 0 and teacher is None:
+        raise UserError("distill.on_policy_fraction > 0 needs the online teacher to score the student's samples; "
+                        "it cannot run from an offline teacher cache alone")
+    eos = eos_token_ids(student)
+
+    def next_batch(m: int) -> Batch:
+        b = batch_fn(m)
+        return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not progress, unit="step")
     student.train()
     steady_tokens, steady_seconds = 0, 0.0
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        batches = [batch_fn(step * accum + k) for k in range(accum)]
+        batches = [next_batch(step * accum + k) for k in range(accum)]
         # token-weighted over the whole step: each micro-batch is divided by the step's loss tokens
         denom = max(1, sum(b.n_loss_tokens for b in batches))
         optimizer.zero_grad(set_to_none=True)
         loss_value, ce_value, div_value = 0.0, 0.0, 0.0
         for b in batches:
-            loss, ce, div = batch_loss(student, teacher, b, spec, denom)
+            with autocast:
+                loss, ce, div = batch_loss(student, teacher, b, spec, denom, hidden, cfg.hidden_weight)
             loss.backward()
             loss_value += loss.item()
             ce_value += float(ce)
             div_value += float(div)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            bar.close()
+            raise UserError(_nonfinite_message(loss_value, float(grad_norm), step + 1, ckpt_path, cfg))
         optimizer.step()
         scheduler.step()
         dt = time.perf_counter() - t0
@@ -190,14 +283,18 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             steady_tokens += step_tokens
             steady_seconds += dt
         history.append({"step": step + 1, "loss": loss_value, "ce": ce_value, "kl_t": div_value,
-                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "seconds": dt})
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            history[-1]["eval"] = evaluate_all()
+            student.train()
+            log.info("step %d held-out %s", step + 1, history[-1]["eval"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(step + 1)
     bar.close()
     student.eval()
-    after = evaluate(student, teacher, heldout)
+    after = evaluate_all()
     return {
         "steps": cfg.steps,
         "tokens": tokens,
@@ -206,8 +303,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         "loss": cfg.loss,
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,
-        "before": before,
-        "after": after,
-        "teacher_ce": after.get("teacher_ce"),
+        "before": before[primary],
+        "after": after[primary],
+        "teacher_ce": after[primary].get("teacher_ce"),
+        "eval_sets": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
         "history": history,
     }

@@ -140,21 +140,26 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
         teacher = teacher[:, :v]
     else:
         v = s32.shape[-1]
-    if spec.kind == "forward_kl" and not isinstance(teacher, SparseTeacher):
+    if (spec.kind == "forward_kl" or teacher is None) and not isinstance(teacher, SparseTeacher):
         # Closed form, no autograd graph: d KL(P||Q_T) / d s = (q_T - p) / T; d CE / d s = q - onehot.
         with torch.no_grad():
-            s_v = s32[:, :v]
-            q_t = torch.log_softmax(s_v / t, -1)
-            p_t = torch.log_softmax(teacher.float() / t, -1)
-            div = _kl(p_t, q_t)
-            q_t = q_t.exp_()
-            p_t = p_t.exp_()
-            ce = torch.zeros_like(div)
+            div = torch.zeros(len(s32))
             grad = None
-            if need_grad:
+            if teacher is not None:
+                q_t = torch.log_softmax(s32[:, :v] / t, -1)
+                p_t = torch.log_softmax(teacher.float() / t, -1)
+                div = _kl(p_t, q_t)
+                if need_grad:  # in place on the two softmax buffers: no further [chunk, V] temporaries
+                    g = q_t.exp_().sub_(p_t.exp_()).mul_(((1 - spec.alpha) * t * w * scale).unsqueeze(-1))
+                    if v == s32.shape[-1]:
+                        grad = g
+                    else:
+                        grad = torch.zeros_like(s32)
+                        grad[:, :v] = g
+                del p_t, q_t
+            if need_grad and grad is None:
                 grad = torch.zeros_like(s32)
-                grad[:, :v] = (q_t - p_t) * ((1 - spec.alpha) * t * w * scale).unsqueeze(-1)
-            del p_t, q_t
+            ce = torch.zeros_like(div)
             if spec.alpha > 0:
                 logq = torch.log_softmax(s32, -1)
                 safe = labels.clamp_min(0)
@@ -166,12 +171,15 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
             return (ce * w).sum(), (div * w).sum(), grad
     with torch.enable_grad():
         s_leaf = s32.detach().requires_grad_(need_grad)
-        if isinstance(teacher, SparseTeacher):
-            s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)
+        if teacher is None:  # hard-label CE only (alpha = 1, or plain fine-tuning)
+            div = torch.zeros(len(s32))
         else:
-            s_logp = torch.log_softmax(s_leaf[:, :v] / t, -1)
-            t_logp = torch.log_softmax(teacher.float() / t, -1)
-        div = divergence(s_logp, t_logp, spec) if teacher is not None else torch.zeros(len(s32))
+            if isinstance(teacher, SparseTeacher):
+                s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)
+            else:
+                s_logp = torch.log_softmax(s_leaf[:, :v] / t, -1)
+                t_logp = torch.log_softmax(teacher.float() / t, -1)
+            div = divergence(s_logp, t_logp, spec)
         ce = F.cross_entropy(s_leaf, labels, ignore_index=spec.ignore_index, reduction="none")
         total = ((spec.alpha * ce + (1 - spec.alpha) * t * t * div) * w).sum() * scale
         grad = torch.autograd.grad(total, s_leaf)[0] if need_grad and total.requires_grad else None
@@ -280,3 +288,63 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     spec = LossSpec(kind=kind, alpha=alpha, temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index)
     loss, ce, div = chunked_loss(student_logits, teacher_logits, labels, spec)
     return loss, {"ce": float(ce), "kl_t": float(div)}
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """`chunked_loss` with the output layer folded in: logits are made from final hidden states
+    one chunk of tokens at a time, for the student (with grad) and the teacher (without), so no
+    [tokens, vocab] tensor of the whole batch ever exists. Per chunk: logits = h @ W^T, the
+    loss gradient g w.r.t. them, then dL/dh = g @ W and dL/dW += g^T @ h. Same matmuls as the
+    unfused path; what is saved is the memory traffic of several 100 MB tensors per step.
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, teacher, labels, spec: LossSpec, denom: float, chunk: int):
+        n = s_hidden.shape[0]
+        grad_h = torch.empty_like(s_hidden)
+        grad_w = torch.zeros_like(s_weight) if s_weight.requires_grad else None
+        ce_sum = s_hidden.new_zeros((), dtype=torch.float32)
+        div_sum = ce_sum.clone()
+        # under bf16 autocast the hidden states arrive in bf16: the head matmuls and the loss run
+        # in the weights' dtype (fp32) here, explicitly, rather than autocast choosing per op
+        with torch.autocast(s_hidden.device.type, enabled=False):
+            for i in range(0, n, chunk):
+                rows = slice(i, min(n, i + chunk))
+                h = s_hidden[rows].to(s_weight.dtype)
+                s_logits = h @ s_weight.t()
+                tch = None
+                if isinstance(teacher, SparseTeacher):
+                    tch = teacher[rows]
+                elif teacher is not None:
+                    t_h, t_w = teacher
+                    tch = t_h[rows].to(t_w.dtype) @ t_w.t()
+                ce, div, g = _chunk_loss_and_grad(s_logits, tch, labels[rows], spec, 1.0 / denom, True)
+                del s_logits, tch
+                g = g.to(s_weight.dtype)
+                grad_h[rows] = g @ s_weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), h)
+                ce_sum += ce
+                div_sum += div
+        ctx.save_for_backward(grad_h, grad_w)
+        total = (spec.alpha * ce_sum + (1 - spec.alpha) * spec.temperature**2 * div_sum) / denom
+        return torch.stack([total, ce_sum / denom, div_sum / denom])
+
+    @staticmethod
+    def backward(ctx, g_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = g_out[0]
+        if scale.item() != 1.0:  # (loss.backward() passes 1: hand the buffers over without a copy)
+            grad_h, grad_w = grad_h * scale, None if grad_w is None else grad_w * scale
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def fused_head_loss(s_hidden: torch.Tensor, s_weight: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec,
+                    denom: float | None = None, chunk: int = CHUNK_TOKENS):
+    """(total, ce, divergence) like `chunked_loss`, from student final hidden states [N, H] and its
+    output weight [V, H]. teacher: (hidden [N, Ht], weight [V', Ht]), a SparseTeacher, or None."""
+    if denom is None:
+        denom = float((labels != spec.ignore_index).sum())
+    denom = max(1.0, float(denom))
+    out = _FusedHeadLoss.apply(s_hidden, s_weight, teacher, labels, spec, denom, chunk)
+    return out[0], out[1].detach(), out[2].detach()

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig
-from toolchain.distill.data import train_and_heldout
+from toolchain.distill.data import load_documents, pack, train_and_heldout
+from toolchain.errors import UserError
+from toolchain.distill.hidden import layer_map_from_meta
+from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.distill.loop import check_same_vocabulary, distill, packed_batches
 from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
 
@@ -19,8 +22,19 @@ def distill_student(teacher: LoadedModel, student_dir: str | os.PathLike, out_di
     train, held = train_and_heldout(student.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction,
                                     data.seed, data.eval_sequences)
     batch_fn = packed_batches(train, cfg.batch_size, cfg.seed)
-    result = distill(teacher.model, student.model, batch_fn, held, cfg, work_dir, progress=progress)
+    model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
+    layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
+    evals = {"heldout": held}
+    for path in cfg.eval_sets:  # each extra eval file: its first eval_sequences blocks
+        blocks = pack(student.tokenizer, load_documents(path), data.seq_len + 1, data.eval_sequences)
+        if len(blocks) == 0:
+            raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
+        evals[Path(path).stem] = blocks
+    result = distill(teacher.model, model, batch_fn, evals, cfg, work_dir, progress=progress, layer_map=layer_map)
     meta = {**read_meta(student_dir), "distilled_steps": cfg.steps}
+    if cfg.lora.r:
+        student.model = merge_lora(model)
+        meta["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets), "merged": True}
     save_model(student.model, student.tokenizer, out_dir, meta)
     result["params"] = count_params(student.model)
     result["train_blocks"], result["heldout_blocks"] = len(train), len(held)
