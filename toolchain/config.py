@@ -31,9 +31,16 @@ class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # bundled name, HF directory or .gguf file
     adapter: str | None = None  # PEFT/LoRA adapter directory, merged into the teacher
     dtype: str = "float32"
+    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; works on CPU)
+    adapter_mode: str = "merge"  # merge the adapter into the weights, or attach it (needed with quantize)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice(f"{where}.quantize", self.quantize, ("none", "8bit", "4bit"))
+        _choice(f"{where}.adapter_mode", self.adapter_mode, ("merge", "attach"))
+        if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
+            raise UserError(f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; "
+                            "use attach")
 
 
 @dataclass
