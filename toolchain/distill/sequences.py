@@ -178,9 +178,26 @@ class EncodedSequences:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def batch(self, indices) -> Batch:
+    def batch(self, indices, one_hot_targets: bool = True) -> Batch:
+        """Rows `indices` as a Batch.
+
+        one_hot_targets: attach the response tokens as a k=1 "teacher top-k" with log-prob 0,
+        i.e. the teacher's distribution is its own sampled token. The sparse KD loss of that
+        target is exactly the CE on the response (sequence-level KD, Kim & Rush 2016), so the
+        loop trains black-box without a teacher model, whatever tokenizer the teacher had.
+        Without it the loop runs the teacher online on the same tokens (shared tokenizer only).
+        """
         idx = torch.as_tensor(list(indices))
-        return Batch(input_ids=self.input_ids[idx], labels=self.labels[idx], attention_mask=self.attention_mask[idx])
+        b = Batch(input_ids=self.input_ids[idx], labels=self.labels[idx], attention_mask=self.attention_mask[idx])
+        if one_hot_targets:
+            b.teacher_topk_ids = b.labels.clamp_min(0).unsqueeze(-1)  # ignored positions: any valid id
+            b.teacher_topk_logprobs = torch.zeros(b.teacher_topk_ids.shape)
+        return b
+
+    def batches(self, batch_size: int = 4, one_hot_targets: bool = True) -> list[Batch]:
+        """All rows in order, for held-out evaluation."""
+        return [self.batch(range(i, min(i + batch_size, len(self))), one_hot_targets)
+                for i in range(0, len(self), batch_size)]
 
 
 def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
@@ -234,7 +251,19 @@ def encode_pairs(tokenizer, examples: list[list[dict]], seq_len: int) -> Encoded
     return EncodedSequences(torch.tensor(rows), torch.tensor(labels), torch.tensor(masks), dropped, truncated)
 
 
-def sequence_batch_fn(data: EncodedSequences, batch_size: int, seed: int):
+def split_examples(examples: list, heldout_fraction: float, max_heldout: int, seed: int) -> tuple[list, list]:
+    """Seeded split into (train, held-out); at least one example on each side."""
+    import random
+
+    if len(examples) < 2:
+        raise UserError(f"sequence-level KD needs at least 2 examples (one is held out for evaluation), got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_held = min(max_heldout, max(1, round(len(examples) * heldout_fraction)), len(examples) - 1)
+    return [examples[i] for i in sorted(order[n_held:])], [examples[i] for i in sorted(order[:n_held])]
+
+
+def sequence_batch_fn(data: EncodedSequences, batch_size: int, seed: int, one_hot_targets: bool = True):
     """`batch_fn(step) -> Batch` over encoded examples, in the loop's seeded order."""
     from toolchain.distill.cache import batch_indices
 
@@ -243,6 +272,6 @@ def sequence_batch_fn(data: EncodedSequences, batch_size: int, seed: int):
                         "add examples or lower the batch size")
 
     def batch_fn(step: int) -> Batch:
-        return data.batch(batch_indices(step, batch_size, len(data), seed).tolist())
+        return data.batch(batch_indices(step, batch_size, len(data), seed).tolist(), one_hot_targets)
 
     return batch_fn
