@@ -78,6 +78,7 @@ class DataConfig:
     prompts: str | None = None  # sequences mode without pairs: prompts (.txt one a line, or .jsonl) to sample
     gen_max_new_tokens: int = 128  # sequences mode: teacher generation length
     gen_temperature: float = 0.7  # sequences mode: sampling temperature (0 = greedy)
+    max_train_blocks: int | None = None  # use only the first N training blocks (e.g. steps x batch: what a cache needs)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.mode", self.mode, ("text", "cache", "sequences"))
@@ -92,6 +93,8 @@ class DataConfig:
                 if value and not Path(value).is_file():
                     raise UserError(f"{where}.{key}: file not found: {value}")
         _positive(f"{where}.gen_max_new_tokens", self.gen_max_new_tokens)
+        if self.max_train_blocks is not None:
+            _positive(f"{where}.max_train_blocks", self.max_train_blocks)
         if self.gen_temperature < 0:
             raise UserError(f"{where}.gen_temperature must be >= 0, got {self.gen_temperature}")
         _positive(f"{where}.seq_len", self.seq_len)

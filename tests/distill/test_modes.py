@@ -31,7 +31,7 @@ def _noisy_copy(teacher, seed=0):
     return s
 
 
-DATA = dict(seq_len=32, eval_sequences=4)
+DATA = dict(seq_len=32, eval_sequences=4, max_train_blocks=16)
 CFG = DistillConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, alpha=0.0, temperature=1.0, checkpoint_every=100)
 
 

@@ -65,7 +65,7 @@ def prepare_data(data: DataConfig, cfg: DistillConfig, student, student_tok, wor
     if data.mode == "sequences":
         return _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg)
     train, held = train_and_heldout(student_tok, data.source, data.seq_len + 1, data.heldout_fraction, data.seed,
-                                    data.eval_sequences)
+                                    data.eval_sequences, max_train_blocks=data.max_train_blocks)
     check_enough_blocks(train, cfg.batch_size * cfg.grad_accum, data.source)
     info = {"mode": data.mode, "train_blocks": len(train), "heldout_blocks": len(held)}
     if data.mode == "text":
