@@ -113,3 +113,15 @@ def test_data_mode_config_checks(tmp_path):
     with pytest.raises(UserError, match="data.pairs: file not found"):
         from_dict({"data": {"mode": "sequences", "pairs": str(tmp_path / "none.jsonl")}})
     assert from_dict({"data": {"mode": "cache", "cache_k": 16}}).data.cache_k == 16
+
+
+def test_distill_cache_cli_builds_and_refuses_other_settings(tiny_dir_6, tmp_path, capsys):
+    from toolchain.cli import main
+
+    args = ["distill-cache", "--teacher", str(tiny_dir_6), "--out", str(tmp_path / "c"), "--no-progress",
+            "--set", "data.seq_len=32", "--set", "data.max_train_blocks=6", "--set", "data.eval_sequences=2"]
+    assert main(args + ["--k", "8"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache_k"] == 8 and info["train_blocks"] == 6 and (tmp_path / "c" / "train" / "manifest.json").is_file()
+    assert main(args + ["--k", "16"]) == 2
+    assert "stores another top-k" in capsys.readouterr().err
