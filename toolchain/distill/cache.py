@@ -172,7 +172,11 @@ def build_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: str | os.Path
     teacher.eval()
     t0 = time.perf_counter()
     built = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_shards, desc="teacher cache", unit="shard", disable=not progress)
     for s in range(n_shards):
+        bar.update(1)
         path = out / _shard_name(s)
         if path.is_file():
             continue  # written whole by an earlier, interrupted build
@@ -189,8 +193,7 @@ def build_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: str | os.Path
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         built += 1
-        if progress:
-            log.warning("teacher cache: shard %d/%d", s + 1, n_shards)
+    bar.close()
     seconds = time.perf_counter() - t0
     shard_bytes = sum((out / _shard_name(s)).stat().st_size for s in range(n_shards))
     manifest = {
