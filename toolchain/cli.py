@@ -92,6 +92,22 @@ def cmd_distill(args) -> None:
     _echo(json.dumps(res, indent=2))
 
 
+def cmd_distill_cache(args) -> None:
+    from toolchain.distill.modes import prepare_data
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import teacher_from_config
+
+    extra = [f"teacher.model={args.teacher}", "data.mode=cache", f"data.cache_dir={args.out}"]
+    extra += [f"data.cache_k={args.k}"] if args.k is not None else []
+    extra += [f"teacher.adapter={args.adapter}"] if args.adapter else []
+    cfg = _config(args, extra)
+    check_writable_dir(args.out, "cache directory")
+    teacher = teacher_from_config(cfg.teacher)
+    plan = prepare_data(cfg.data, cfg.distill, teacher.model, teacher.tokenizer, args.out, teacher=teacher,
+                        teacher_cfg=cfg.teacher, progress=not args.no_progress)
+    _echo(json.dumps(plan.info, indent=2))
+
+
 def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
@@ -210,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="optimizer steps")
     _add_config_args(d)
     d.set_defaults(func=cmd_distill)
+
+    c = sub.add_parser("distill-cache", help="run the teacher once and store its top-k log-probs for "
+                                             "data.mode: cache (resumable; refused if teacher or data change)")
+    c.add_argument("--teacher", required=True, help="bundled name, HF directory or .gguf file")
+    c.add_argument("--adapter", help="PEFT/LoRA adapter directory for the teacher")
+    c.add_argument("--out", required=True, help="cache directory (then train with --set data.mode=cache "
+                                                "--set data.cache_dir=OUT)")
+    c.add_argument("--k", type=int, help="top-k log-probs stored per token (default data.cache_k, 64)")
+    c.add_argument("--no-progress", action="store_true")
+    _add_config_args(c)
+    c.set_defaults(func=cmd_distill_cache)
 
     e = sub.add_parser("export", help="export a model: gguf or onnx")
     esub = e.add_subparsers(dest="format", required=True, metavar="FORMAT")

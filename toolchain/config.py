@@ -34,9 +34,16 @@ class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # bundled name, HF directory or .gguf file
     adapter: str | None = None  # PEFT/LoRA adapter directory, merged into the teacher
     dtype: str = "float32"
+    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; works on CPU)
+    adapter_mode: str = "merge"  # merge the adapter into the weights, or attach it (needed with quantize)
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice(f"{where}.quantize", self.quantize, ("none", "8bit", "4bit"))
+        _choice(f"{where}.adapter_mode", self.adapter_mode, ("merge", "attach"))
+        if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
+            raise UserError(f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; "
+                            "use attach")
 
 
 @dataclass
@@ -61,8 +68,35 @@ class DataConfig:
     heldout_fraction: float = 0.1  # fraction of topics (documents) held out for evaluation
     eval_sequences: int = 16
     seed: int = 0
+    # where the teacher signal comes from (toolchain/distill/modes.py):
+    #   text: packed text, teacher run online; cache: teacher top-k stored once, then not loaded;
+    #   sequences: black-box KD on prompt/response pairs (a JSONL, or teacher generations of `prompts`)
+    mode: str = "text"
+    cache_dir: str | None = None  # cache mode: where the teacher cache lives (default: in the run's work dir)
+    cache_k: int = 64  # cache mode: top-k log-probs stored per token (64: ~258 bytes/token)
+    pairs: str | None = None  # sequences mode: JSONL of {"prompt","response"} or {"messages": [...]}
+    prompts: str | None = None  # sequences mode without pairs: prompts (.txt one a line, or .jsonl) to sample
+    gen_max_new_tokens: int = 128  # sequences mode: teacher generation length
+    gen_temperature: float = 0.7  # sequences mode: sampling temperature (0 = greedy)
+    max_train_blocks: int | None = None  # use only the first N training blocks (e.g. steps x batch: what a cache needs)
 
     def validate(self, where: str) -> None:
+        _choice(f"{where}.mode", self.mode, ("text", "cache", "sequences"))
+        if not 1 <= self.cache_k <= 65536:
+            raise UserError(f"{where}.cache_k must be between 1 and 65536, got {self.cache_k}")
+        if self.mode == "sequences":
+            if not self.pairs and not self.prompts:
+                raise UserError(f"{where}.mode: sequences needs {where}.pairs (a prompt/response JSONL) or "
+                                f"{where}.prompts (prompts for the teacher to answer)")
+            for key in ("pairs", "prompts"):
+                value = getattr(self, key)
+                if value and not Path(value).is_file():
+                    raise UserError(f"{where}.{key}: file not found: {value}")
+        _positive(f"{where}.gen_max_new_tokens", self.gen_max_new_tokens)
+        if self.max_train_blocks is not None:
+            _positive(f"{where}.max_train_blocks", self.max_train_blocks)
+        if self.gen_temperature < 0:
+            raise UserError(f"{where}.gen_temperature must be >= 0, got {self.gen_temperature}")
         _positive(f"{where}.seq_len", self.seq_len)
         _positive(f"{where}.eval_sequences", self.eval_sequences)
         if not 0.0 < self.heldout_fraction < 1.0:

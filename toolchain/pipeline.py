@@ -44,6 +44,23 @@ class Run:
             self._teacher = load_model(t.model, t.adapter, t.dtype)
         return self._teacher
 
+    @property
+    def distill_teacher(self):
+        """The teacher as distillation uses it: 8/4-bit or with an attached adapter when configured.
+
+        The student is still made from the plain teacher (`self.teacher`): its blocks are copied,
+        and quantized or LoRA-wrapped blocks are not something to copy into a student.
+        """
+        t = self.config.teacher
+        if t.quantize == "none" and (t.adapter_mode == "merge" or not t.adapter):
+            return self.teacher
+        if getattr(self, "_distill_teacher", None) is None:
+            from toolchain.models.load import teacher_from_config
+
+            self.echo(f"loading teacher {t.model} for distillation (quantize {t.quantize}, adapter {t.adapter_mode})")
+            self._distill_teacher = teacher_from_config(t)
+        return self._distill_teacher
+
     # ------------------------------------------------------------------ stages
     def stage_teacher(self) -> dict:
         from toolchain.models.load import count_params
@@ -67,7 +84,7 @@ class Run:
     def stage_distill(self) -> dict:
         from toolchain.distill.run import distill_student
 
-        res = distill_student(self.teacher, self.path("work", "student-init"), self.path("student"),
+        res = distill_student(self.distill_teacher, self.path("work", "student-init"), self.path("student"),
                               self.config.data, self.config.distill, self.path("work", "distill"), self.progress)
         write_json(self.path("logs", "distill_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]

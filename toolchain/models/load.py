@@ -177,3 +177,78 @@ def count_params(model) -> int:
             seen.add(p.data_ptr())
             total += p.numel()
     return total
+
+
+# ---------------------------------------------------------------------------- teacher variants
+
+QUANTIZE_MODES = ("none", "8bit", "4bit")
+ADAPTER_MODES = ("merge", "attach")
+
+
+def _bnb_config(quantize: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # nf4 with fp32 compute: the teacher's logits stay fp32; only weights are stored in 4 bits
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", quantize: str = "none",
+                 adapter_mode: str = "merge") -> LoadedModel:
+    """Load a teacher: plain (as `load_model`), 8-bit or 4-bit through bitsandbytes (CPU works),
+    with a PEFT adapter merged into the weights or attached as a separate LoRA path.
+
+    Attaching keeps the base weights bit-identical to the files (needed for a quantized base:
+    merging LoRA deltas into int8/nf4 weights would round them away). `meta["variant"]` records
+    what was loaded, so an offline teacher cache can tell two variants of the same files apart.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise UserError(f"teacher.quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
+    if adapter_mode not in ADAPTER_MODES:
+        raise UserError(f"teacher.adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got '{adapter_mode}'")
+    if adapter and quantize != "none" and adapter_mode == "merge":
+        raise UserError(f"a LoRA adapter cannot be merged into a {quantize} teacher without rounding it away; "
+                        "set teacher.adapter_mode: attach (QLoRA-style) or teacher.quantize: none")
+    variant = {"dtype": dtype, "quantize": quantize, "adapter_mode": adapter_mode if adapter else None}
+    if quantize == "none" and adapter_mode == "merge":
+        loaded = load_model(spec, adapter, dtype)
+        loaded.meta = {**loaded.meta, "variant": variant}
+        return loaded
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    model_dir = resolve_model_dir(spec)
+    from toolchain.models.registry import get_arch
+
+    config = json.loads((model_dir / "config.json").read_text())
+    get_arch(config.get("model_type", "?"))
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if quantize != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ModuleNotFoundError:
+            raise UserError(f"teacher.quantize: {quantize} needs bitsandbytes: pip install bitsandbytes") from None
+        kwargs.update(quantization_config=_bnb_config(quantize), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}
+    if adapter:
+        from peft import PeftModel
+
+        a = Path(adapter)
+        if not (a / "adapter_config.json").is_file():
+            raise UserError(f"{a} is not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, a)  # attached: LoRA runs beside the frozen base
+        meta = {**meta, "adapter": str(adapter)}
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta={**meta, "variant": variant})
+
+
+def teacher_from_config(t) -> LoadedModel:
+    """`load_teacher` from a `TeacherConfig` (fields added later default like older configs)."""
+    return load_teacher(t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"))

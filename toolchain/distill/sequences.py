@@ -1,0 +1,277 @@
+"""Sequence-level (black-box) KD: train on whole responses instead of teacher logits.
+
+Two sources of (prompt, response) pairs, both stored as JSONL with one example a line:
+- the teacher's own generations, sampled (seeded) from a list of prompts and cached next to
+  the run so they are made once (`generate_pairs`);
+- a user's file ("distill your own traffic"): `{"prompt": ..., "response": ...}` or chat
+  format `{"messages": [{"role": ..., "content": ...}, ...]}` whose last message is the
+  assistant's answer (`read_pairs`).
+
+Each example is rendered with the tokenizer's chat template; the loss applies to the response
+tokens only (labels are IGNORE_INDEX on the prompt and on padding), padding is on the right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from toolchain.distill.batch import IGNORE_INDEX, Batch
+from toolchain.errors import UserError
+from toolchain.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+_ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------------------- reading JSONL
+
+
+def _messages_from(obj, where: str) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise UserError(f"{where}: 'messages' must be a list of at least two messages (a prompt and the answer)")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+                raise UserError(f"{where}: messages[{j}] must be {{\"role\": one of {'/'.join(_ROLES)}, "
+                                f"\"content\": a string}}, got {json.dumps(m)[:80]}")
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant'), "
+                            f"got role '{msgs[-1]['role']}'")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    missing = [k for k in ("prompt", "response") if k not in obj]
+    if missing:
+        raise UserError(f"{where}: missing key '{missing[0]}'; each line needs \"prompt\" and \"response\" "
+                        f"(or \"messages\"), found keys: {', '.join(obj) or 'none'}")
+    for k in ("prompt", "response"):
+        if not isinstance(obj[k], str):
+            raise UserError(f"{where}: '{k}' must be a string, got {type(obj[k]).__name__}")
+    return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+
+
+def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
+    """Read a JSONL of prompt/response pairs (or chat messages) into chat message lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sequence data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+    examples = []
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
+        examples.append(_messages_from(obj, f"{path}:{no}"))
+    if not examples:
+        raise UserError(f"{path} holds no examples; it needs one JSON object per line with \"prompt\" and \"response\"")
+    return examples
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts for teacher generation: a .jsonl with {"prompt": ...} lines, or plain text, one a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    prompts = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise UserError(f"{path}:{no}: expected {{\"prompt\": \"...\"}}")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------- teacher generations
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@torch.no_grad()
+def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.PathLike, teacher_id: str,
+                   max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                   batch_size: int = 8) -> list[list[dict]]:
+    """Sample one teacher response per prompt (chat template applied), cached as JSONL.
+
+    The file is reused when its sidecar `<file>.meta.json` shows it was made by the same teacher,
+    prompts and sampling settings; otherwise it is regenerated. The output is plain
+    prompt/response JSONL, so it can be read, edited and reused like a user's own file.
+    """
+    if not prompts:
+        raise UserError("no prompts to generate teacher responses from")
+    out_path = Path(out_path)
+    settings = {"teacher": teacher_id, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": seed,
+                "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()}
+    meta_path = out_path.with_name(out_path.name + ".meta.json")
+    if out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == settings:
+        log.info("reusing teacher generations %s", out_path)
+        return read_pairs(out_path)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    teacher.eval()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in chunk]
+        enc = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        width = max(map(len, enc))
+        # left padding for generation, so every prompt ends where decoding starts
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        torch.manual_seed(seed * 1_000_003 + i)  # per chunk, so a chunk's samples do not depend on the batch before
+        out = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                               temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
+                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for p, seq in zip(chunk, out[:, width:]):
+            rows.append({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True).strip()})
+    _write_jsonl(out_path, rows)
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}] for r in rows]
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class EncodedSequences:
+    input_ids: torch.Tensor  # [N, L] long, right-padded
+    labels: torch.Tensor  # [N, L] long, shifted; IGNORE_INDEX on prompt tokens and padding
+    attention_mask: torch.Tensor  # [N, L] long
+    dropped: int  # examples left out because their prompt alone filled seq_len
+    truncated: int  # examples whose response was cut at seq_len
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, indices, one_hot_targets: bool = True) -> Batch:
+        """Rows `indices` as a Batch.
+
+        one_hot_targets: attach the response tokens as a k=1 "teacher top-k" with log-prob 0,
+        i.e. the teacher's distribution is its own sampled token. The sparse KD loss of that
+        target is exactly the CE on the response (sequence-level KD, Kim & Rush 2016), so the
+        loop trains black-box without a teacher model, whatever tokenizer the teacher had.
+        Without it the loop runs the teacher online on the same tokens (shared tokenizer only).
+        """
+        idx = torch.as_tensor(list(indices))
+        b = Batch(input_ids=self.input_ids[idx], labels=self.labels[idx], attention_mask=self.attention_mask[idx])
+        if one_hot_targets:
+            b.teacher_topk_ids = b.labels.clamp_min(0).unsqueeze(-1)  # ignored positions: any valid id
+            b.teacher_topk_logprobs = torch.zeros(b.teacher_topk_ids.shape)
+        return b
+
+    def batches(self, batch_size: int = 4, one_hot_targets: bool = True) -> list[Batch]:
+        """All rows in order, for held-out evaluation."""
+        return [self.batch(range(i, min(i + batch_size, len(self))), one_hot_targets)
+                for i in range(0, len(self), batch_size)]
+
+
+def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """Token ids of a rendered chat and how many of them are prompt (everything before the answer)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        # templates that rewrite earlier turns when an answer follows: fall back to appending
+        full = prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
+    p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    ids = tokenizer(full, add_special_tokens=False).input_ids
+    # BPE can merge across the prompt/answer boundary; count the prompt as the common prefix
+    n_prompt = 0
+    for a, b in zip(p_ids, ids):
+        if a != b:
+            break
+        n_prompt += 1
+    # the template's trailing newline after <|im_end|> is not something to learn to emit
+    while len(ids) > n_prompt + 1 and tokenizer.decode(ids[-1:]).strip() == "":
+        ids = ids[:-1]
+    return ids, n_prompt
+
+
+def encode_pairs(tokenizer, examples: list[list[dict]], seq_len: int) -> EncodedSequences:
+    """Chat-template each example into [seq_len] rows with labels on the answer tokens only."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, labels, masks = [], [], []
+    dropped = truncated = 0
+    longest_prompt = 0
+    for msgs in examples:
+        ids, n_prompt = encode_example(tokenizer, msgs)
+        longest_prompt = max(longest_prompt, n_prompt)
+        if n_prompt >= seq_len or len(ids) <= n_prompt:
+            dropped += 1  # no answer token would be inside the window
+            continue
+        if len(ids) > seq_len + 1:
+            truncated += 1
+            ids = ids[: seq_len + 1]
+        inp, tgt = ids[:-1], ids[1:]
+        # tgt[i] is token i+1; it is an answer token when i + 1 >= n_prompt
+        lab = [t if i + 1 >= n_prompt else IGNORE_INDEX for i, t in enumerate(tgt)]
+        n_pad = seq_len - len(inp)
+        rows.append(inp + [pad] * n_pad)
+        labels.append(lab + [IGNORE_INDEX] * n_pad)
+        masks.append([1] * len(inp) + [0] * n_pad)
+    if not rows:
+        raise UserError(f"all {len(examples)} examples are longer than data.seq_len={seq_len} before their answer "
+                        f"starts (longest prompt: {longest_prompt} tokens); raise data.seq_len or shorten the prompts")
+    if dropped:
+        log.warning("%d of %d examples left out: their prompt fills data.seq_len=%d", dropped, len(examples), seq_len)
+    return EncodedSequences(torch.tensor(rows), torch.tensor(labels), torch.tensor(masks), dropped, truncated)
+
+
+def split_examples(examples: list, heldout_fraction: float, max_heldout: int, seed: int) -> tuple[list, list]:
+    """Seeded split into (train, held-out); at least one example on each side."""
+    import random
+
+    if len(examples) < 2:
+        raise UserError(f"sequence-level KD needs at least 2 examples (one is held out for evaluation), got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_held = min(max_heldout, max(1, round(len(examples) * heldout_fraction)), len(examples) - 1)
+    return [examples[i] for i in sorted(order[n_held:])], [examples[i] for i in sorted(order[:n_held])]
+
+
+def sequence_batch_fn(data: EncodedSequences, batch_size: int, seed: int, one_hot_targets: bool = True):
+    """`batch_fn(step) -> Batch` over encoded examples, in the loop's seeded order."""
+    from toolchain.distill.cache import batch_indices
+
+    if len(data) < batch_size:
+        raise UserError(f"only {len(data)} usable examples for distill.batch_size={batch_size}; "
+                        "add examples or lower the batch size")
+
+    def batch_fn(step: int) -> Batch:
+        return data.batch(batch_indices(step, batch_size, len(data), seed).tolist(), one_hot_targets)
+
+    return batch_fn
