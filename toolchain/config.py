@@ -99,12 +99,20 @@ class DistillConfig:
 class ExportConfig:
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
     onnx: bool = True
+    # per-tensor GGUF types: {tensor-name regex: type}, e.g. {"token_embd": "Q8_0", "^output": "F16"}
+    gguf_overrides: dict[str, str] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         from toolchain.quantize.gguf_types import SUPPORTED_TYPES
 
         for q in self.gguf:
             _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
+        if self.gguf_overrides:
+            from toolchain.quantize.gguf_types import check_overrides
+
+            for q in self.gguf:
+                if q not in ("F16", "F32"):
+                    check_overrides(self.gguf_overrides, q)
 
 
 @dataclass

@@ -83,7 +83,8 @@ class Run:
         types = self.config.export.gguf
         if not types:
             return {"files": []}
-        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name)
+        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name,
+                            overrides=self.config.export.gguf_overrides)
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
         mf = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))

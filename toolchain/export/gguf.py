@@ -20,7 +20,8 @@ from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
 from toolchain.models.load import read_meta
 from toolchain.models.registry import get_arch
-from toolchain.quantize.gguf_types import PYTHON_TYPES, check_type, file_type, llama_cpp_quantize, quantize_tensor
+from toolchain.quantize.gguf_types import (PYTHON_TYPES, check_overrides, check_type, file_type, llama_cpp_quantize,
+                                          override_for, quantize_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,17 @@ def _size_label(n_params: int) -> str:
     return str(n_params)
 
 
-def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None) -> Path:
-    """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...)."""
+def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None,
+               overrides: dict[str, str] | None = None) -> Path:
+    """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
+
+    `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"})."""
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     if type_name not in PYTHON_TYPES:
         raise UserError(f"{type_name} is not written in Python; use export_gguf() which routes it through llama.cpp")
+    overrides = check_overrides(overrides, type_name)
     config, state, tokenizer = _load_hf(model_dir)
     arch = get_arch(config.model_type)
     meta = read_meta(model_dir)
@@ -73,7 +78,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
             if gguf_name is None:
                 raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
             n_params += data.size
-            qdata, qtype = quantize_tensor(data, type_name)
+            qdata, qtype = quantize_tensor(data, type_name, override_for(gguf_name, overrides))
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name
@@ -100,11 +105,17 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
     return out_path
 
 
-def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None) -> list[dict]:
-    """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file."""
+def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None,
+                overrides: dict[str, str] | None = None) -> list[dict]:
+    """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
+
+    `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
+    F16/F32 files, which stay exact references for verify and for the K-quants made from them."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     for t in types:
         check_type(t)
+        if t not in ("F16", "F32"):
+            check_overrides(overrides, t)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     f16_path = out_dir / gguf_filename("F16")
@@ -112,8 +123,9 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types:
     for t in sorted(types, key=lambda t: t not in PYTHON_TYPES):  # Python types first: K-quants reuse F16
         path = out_dir / gguf_filename(t)
         start = time.perf_counter()
+        own = None if t in ("F16", "F32") else overrides
         if t in PYTHON_TYPES:
-            write_gguf(model_dir, path, t, name)
+            write_gguf(model_dir, path, t, name, own)
         else:
             src = f16_path
             if not src.is_file():
@@ -123,7 +135,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types:
                     tmp_f16 = Path(tmp)
                     write_gguf(model_dir, tmp_f16, "F16", name)
                 src = tmp_f16
-            llama_cpp_quantize(src, path, t)
+            llama_cpp_quantize(src, path, t, overrides=own)
         records.append(
             {
                 "format": "gguf",
