@@ -40,6 +40,9 @@ def _load_hf(model_dir: Path):
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir} has no .safetensors weights; save the model with safe_serialization")
+    from toolchain.models.file_checks import check_model_dir_weights
+
+    check_model_dir_weights(model_dir)
     state = {}
     for f in files:
         state.update(load_file(f))
@@ -52,6 +55,36 @@ def _size_label(n_params: int) -> str:
         if n_params >= div:
             return f"{n_params / div:.0f}{suffix}"
     return str(n_params)
+
+
+def _repo_url(source: str | None) -> str | None:
+    # "org/name" is a Hugging Face repo id; paths and URLs are kept as they are elsewhere
+    if source and source.count("/") == 1 and not source.startswith((".", "/")) and "://" not in source:
+        return f"https://huggingface.co/{source}"
+    return source if source and "://" in source else None
+
+
+def _write_provenance(w, meta: dict) -> None:
+    """general.source / general.base_model.* and toolchain.* keys: where the weights come from.
+
+    A distilled student names its teacher as base model (with the teacher's licence, which
+    usually still applies to the student); a plain conversion names its source.
+    """
+    teacher = meta.get("distilled_from")
+    if teacher:
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, str(teacher))
+        if _repo_url(teacher):
+            w.add_base_model_repo_url(0, _repo_url(teacher))
+        w.add_string("toolchain.teacher.name", str(teacher))
+        if meta.get("teacher_license"):
+            w.add_string("toolchain.teacher.license", str(meta["teacher_license"]))
+        if meta.get("kept_layers") is not None:
+            w.add_array("toolchain.student.kept_layers", [int(i) for i in meta["kept_layers"]])
+    elif meta.get("source"):
+        w.add_string("toolchain.source", str(meta["source"]))
+        if _repo_url(meta["source"]):
+            w.add_source_url(_repo_url(meta["source"]))
 
 
 def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None,
@@ -87,9 +120,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
         w.add_size_label(_size_label(n_params))
         if meta.get("license"):
             w.add_license(meta["license"])
-        if meta.get("distilled_from"):
-            w.add_base_model_count(1)
-            w.add_base_model_name(0, meta["distilled_from"])
+        _write_provenance(w, meta)
         w.add_description(f"Written by toolchain {__version__} from {model_name}")
         w.add_quantized_by(f"toolchain {__version__}")
         w.add_file_type(file_type(type_name))
