@@ -126,6 +126,10 @@ def cmd_verify(args) -> None:
     if not_exports:
         raise UserError(f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories")
     results = verify_exports(args.model, exports, cfg.verify)
+    if any(r.get("quality") for r in results):
+        from toolchain.export.gguf_quality import format_table
+
+        print(format_table(results, "GGUF quality on held-out text:"), file=sys.stderr)
     _echo(json.dumps(results, indent=2))
 
 

@@ -114,6 +114,10 @@ class Run:
                           f"greedy {r['greedy_agreement']:.0%}")
             else:
                 self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, greedy {r['greedy_agreement']:.0%}")
+        if any(r.get("quality") for r in results):
+            from toolchain.export.gguf_quality import format_table
+
+            self.echo(format_table(results, "  GGUF quality on held-out text:"))
         return {"results": results}
 
     def stage_bench(self) -> dict:
