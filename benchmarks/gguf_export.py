@@ -131,16 +131,20 @@ def quality(model_dir: Path, out: Path, types: list[str], tokens: int, ctx: int,
     add_bos = len(tok("a").input_ids) > len(tok("a", add_special_tokens=False).input_ids)
     chunks = heldout_chunks(tok, tokens, ctx, add_bos)
     f16 = next(r for r in recs if r["quant"] == "F16")
-    ref = llama_scored(f16["path"], chunks)
+    # one thread: with two, llama.cpp's spinning workers collapse whenever another process
+    # takes a core on this shared machine, and quality does not depend on the thread count
+    ref = llama_scored(f16["path"], chunks, threads=1)
     rows = []
     for r in recs + [{"quant": k, "path": str(p), "bytes": p.stat().st_size} for k, p in (extra or {}).items()]:
-        q = compare(ref, llama_scored(r["path"], chunks))
+        q = compare(ref, llama_scored(r["path"], chunks, threads=1))
+        print(f"   scored {r['quant']}", file=sys.stderr, flush=True)
         q["reference"] = "our F16 GGUF"
         rows.append({"quant": r["quant"], "bytes": r["bytes"], "seconds": r.get("seconds"), "quality": q})
     return rows
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quality-tokens", type=int, default=2048)

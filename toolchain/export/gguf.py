@@ -115,6 +115,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name
+        w.add_type("model")
         w.add_name(model_name)
         w.add_basename(model_name)
         w.add_size_label(_size_label(n_params))

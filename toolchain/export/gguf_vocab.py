@@ -167,6 +167,10 @@ def write_vocab(writer, tokenizer, model_dir: Path, meta: dict, vocab_size: int)
         writer.add_add_space_prefix(_prepends_space(tokenizer))
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        # say it either way: llama.cpp's default depends on the tokenizer model, not on the HF tokenizer
+        plain, with_special = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+        writer.add_add_bos_token(len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id)
 
 
 def _prepends_space(tokenizer) -> bool:
