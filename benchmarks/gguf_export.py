@@ -143,29 +143,15 @@ def quality(model_dir: Path, out: Path, types: list[str], tokens: int, ctx: int,
     return rows
 
 
-def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--quality-tokens", type=int, default=2048)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
-    ap.add_argument("--work", help="working directory (default: a temporary one, removed)")
-    args = ap.parse_args()
-
-    from toolchain.export.gguf_quality import format_table
+def _timing_and_comparison(work: Path, runs: int):
     from toolchain.models.load import resolve_model_dir
-    from toolchain.quantize.gguf_types import SUPPORTED_TYPES
 
-    tmp = tempfile.TemporaryDirectory(prefix="gguf-bench-") if not args.work else None
-    work = Path(args.work or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
     ref = fetch_reference(work)
     smol = resolve_model_dir("smollm2-135m-instruct")
 
-    print(f"1. export time, SmolLM2-135M HF dir, median of {args.runs} fresh processes (imports included)")
-    t = export_times(smol, ref, work / "timing", args.runs)
-    print(f"| type | ours s | llama.cpp s | ratio |\n|------|-------:|------------:|------:|")
+    print(f"1. export time, SmolLM2-135M HF dir, median of {runs} fresh processes (imports included)")
+    t = export_times(smol, ref, work / "timing", runs)
+    print("| type | ours s | llama.cpp s | ratio |\n|------|-------:|------------:|------:|")
     for ty in ("F16", "Q8_0"):
         print(f"| {ty:<4} | {t[f'ours_{ty}']:6.2f} | {t[f'ref_{ty}']:11.2f} | {t[f'ours_{ty}'] / t[f'ref_{ty}']:5.2f}x |")
 
@@ -179,11 +165,36 @@ def main() -> None:
     print("metadata differences (F16 files):")
     for line in cmp["F16"]["metadata_differences"]:
         print(f"   {line}")
+    return t, cmp
 
+
+def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quality-tokens", type=int, default=2048)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    ap.add_argument("--work", help="working directory (default: a temporary one, removed)")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="skip parts 1-2 (reference converter timing and comparison): quality tables only")
+    args = ap.parse_args()
+
+    from toolchain.export.gguf_quality import format_table
+    from toolchain.models.load import resolve_model_dir
+    from toolchain.quantize.gguf_types import SUPPORTED_TYPES
+
+    tmp = tempfile.TemporaryDirectory(prefix="gguf-bench-") if not args.work else None
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    t, cmp = {}, {}
+    if not args.no_timing:
+        t, cmp = _timing_and_comparison(work, args.runs)
     tables, ppl = {}, {}
     for name in [m for m in args.models.split(",") if m]:
         model_dir = resolve_model_dir(name)
-        extra = {"Q8_0 (llama.cpp)": work / "timing" / "ref-0-Q8_0.gguf"} if name.startswith("smollm2") else None
+        ref_q8 = work / "timing" / "ref-0-Q8_0.gguf"
+        extra = {"Q8_0 (llama.cpp)": ref_q8} if name.startswith("smollm2") and ref_q8.is_file() else None
         rows = quality(model_dir, work / f"q-{name}", list(SUPPORTED_TYPES), args.quality_tokens, args.ctx, extra)
         tables[name] = rows
         title = f"\n3. quality of every type, {name}, {rows[0]['quality']['tokens_scored']} held-out pydoc tokens scored"
@@ -194,11 +205,11 @@ def main() -> None:
 
     smol_q = ppl.get("smollm2-135m-instruct", {})
     summary = {
-        "ours_s_f16": round(t["ours_F16"], 3), "ref_s_f16": round(t["ref_F16"], 3),
-        "ours_s_q8_0": round(t["ours_Q8_0"], 3), "ref_s_q8_0": round(t["ref_Q8_0"], 3),
-        "tensors_identical": all(not c["tensors_differing"] for c in cmp.values()),
+        "ours_s_f16": round(t["ours_F16"], 3) if t else None, "ref_s_f16": round(t["ref_F16"], 3) if t else None,
+        "ours_s_q8_0": round(t["ours_Q8_0"], 3) if t else None, "ref_s_q8_0": round(t["ref_Q8_0"], 3) if t else None,
+        "tensors_identical": all(not c["tensors_differing"] for c in cmp.values()) if cmp else None,
         "tensors_differing": {ty: len(c["tensors_differing"]) for ty, c in cmp.items()},
-        "metadata_differences": cmp["F16"]["metadata_differences"],
+        "metadata_differences": cmp["F16"]["metadata_differences"] if cmp else None,
         "ppl_ratio_q8_0": smol_q.get("Q8_0", {}).get("ppl_ratio"),
         "ref_ppl_ratio_q8_0": smol_q.get("Q8_0 (llama.cpp)", {}).get("ppl_ratio"),
         "mean_kld_q8_0": smol_q.get("Q8_0", {}).get("mean_kld"),
