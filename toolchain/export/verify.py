@@ -40,6 +40,9 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
     from toolchain.export.verify_gguf import TorchReference, verify_gguf, verify_prompts
     from toolchain.export.verify_onnx import verify_onnx
 
+    # one llama.cpp thread unless told otherwise: the checks measure numbers, not speed, and
+    # two spinning threads collapse (seconds per token) whenever another process takes a core
+    threads = threads or 1
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts)
