@@ -112,12 +112,22 @@ def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
 
-    files = export_gguf(args.model, args.out, _csv(args.types), name=args.name)
+    files = export_gguf(args.model, args.out, _csv(args.types), name=args.name, overrides=_overrides(args.override))
     if not args.no_modelfile:
         pick = min(files, key=lambda f: f["bytes"])
         mf = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
         _echo(f"Modelfile: {mf}   (then: ollama create NAME -f {mf})")
     _echo(json.dumps(files, indent=2))
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise UserError(f"--override expects PATTERN=TYPE (e.g. token_embd=Q8_0), got '{item}'")
+        out[pattern] = type_name
+    return out
 
 
 def cmd_export_onnx(args) -> None:
@@ -137,6 +147,10 @@ def cmd_verify(args) -> None:
     if not_exports:
         raise UserError(f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories")
     results = verify_exports(args.model, exports, cfg.verify)
+    if any(r.get("quality") for r in results):
+        from toolchain.export.gguf_quality import format_table
+
+        print(format_table(results, "GGUF quality on held-out text:"), file=sys.stderr)
     _echo(json.dumps(results, indent=2))
 
 
@@ -246,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="comma-separated GGUF types (default F16,Q8_0,Q4_K_M)")
     g.add_argument("--name", help="model name written into the GGUF metadata")
     g.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    g.add_argument("--override", action="append", metavar="PATTERN=TYPE",
+                   help="per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
+                        "(e.g. token_embd=Q8_0 or '^output=F16'); repeatable; not applied to F16/F32 files")
     g.set_defaults(func=cmd_export_gguf)
     o = esub.add_parser("onnx", help="write an fp32 ONNX decoder with KV cache")
     o.add_argument("model", help="HF model directory")

@@ -182,18 +182,26 @@ class DistillConfig:
 class ExportConfig:
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
     onnx: bool = True
+    # per-tensor GGUF types: {tensor-name regex: type}, e.g. {"token_embd": "Q8_0", "^output": "F16"}
+    gguf_overrides: dict[str, str] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         from toolchain.quantize.gguf_types import SUPPORTED_TYPES
 
         for q in self.gguf:
             _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
+        if self.gguf_overrides:
+            from toolchain.quantize.gguf_types import check_overrides
+
+            for q in self.gguf:
+                if q not in ("F16", "F32"):
+                    check_overrides(self.gguf_overrides, q)
 
 
 @dataclass
 class VerifyConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    greedy_tokens: int = 32
+    greedy_tokens: int = 64
     # per GGUF type: max normalised MSE of next-token logits vs torch (fp32)
     max_nmse: dict[str, float] = field(
         default_factory=lambda: {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 2e-3, "default": 0.1}
@@ -203,11 +211,24 @@ class VerifyConfig:
         default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0}
     )
     onnx_max_abs_diff: float = 1e-3
+    # GGUF: prompts are topped up to this many with held-out text openings
+    min_prompts: int = 16
+    # GGUF quality table (PPL ratio, mean KLD, top-1 vs the F16 file) on this many held-out
+    # tokens in chunks of quality_ctx (second half of each chunk scored); 0 turns it off
+    quality_tokens: int = 2048
+    quality_ctx: int = 512
+    max_ppl_ratio: dict[str, float | None] = field(
+        default_factory=lambda: {"F32": 1.002, "BF16": 1.01, "Q8_0": 1.01, "default": None}
+    )
+    max_mean_kld: dict[str, float | None] = field(default_factory=lambda: {"Q8_0": 0.01, "default": None})
+    min_top1_agreement: dict[str, float | None] = field(default_factory=lambda: {"default": None})
 
     def validate(self, where: str) -> None:
         if not self.prompts:
             raise UserError(f"{where}.prompts must list at least one prompt")
         _positive(f"{where}.greedy_tokens", self.greedy_tokens)
+        if self.quality_tokens and self.quality_tokens < self.quality_ctx:
+            raise UserError(f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})")
 
 
 @dataclass

@@ -10,9 +10,9 @@ from toolchain.errors import UserError
 
 
 def inspect_gguf(path: Path) -> dict:
-    import gguf
+    from toolchain.models.file_checks import open_gguf
 
-    r = gguf.GGUFReader(str(path))
+    r = open_gguf(path)
     meta = {}
     for key, f in r.fields.items():
         if key.startswith("GGUF."):
@@ -27,6 +27,9 @@ def inspect_gguf(path: Path) -> dict:
             v = v[:200] + f"... ({len(v)} chars)"
         meta[key] = v
     types = collections.Counter(t.tensor_type.name for t in r.tensors)
+    bytes_by_type = collections.Counter()
+    for t in r.tensors:
+        bytes_by_type[t.tensor_type.name] += int(t.n_bytes)
     return {
         "kind": "gguf",
         "path": str(path),
@@ -35,7 +38,10 @@ def inspect_gguf(path: Path) -> dict:
         "tensors": len(r.tensors),
         "params": int(sum(int(t.n_elements) for t in r.tensors)),
         "tensor_types": dict(types),
+        "bytes_by_type": dict(bytes_by_type),
         "metadata": meta,
+        # one line per tensor: name, type, shape (ggml order: fastest-varying first), bytes
+        "tensor_list": [f"{t.name} {t.tensor_type.name} {list(map(int, t.shape))} {int(t.n_bytes)}" for t in r.tensors],
     }
 
 

@@ -100,7 +100,8 @@ class Run:
         types = self.config.export.gguf
         if not types:
             return {"files": []}
-        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name)
+        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name,
+                            overrides=self.config.export.gguf_overrides)
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
         mf = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
@@ -130,6 +131,10 @@ class Run:
                           f"greedy {r['greedy_agreement']:.0%}")
             else:
                 self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, greedy {r['greedy_agreement']:.0%}")
+        if any(r.get("quality") for r in results):
+            from toolchain.export.gguf_quality import format_table
+
+            self.echo(format_table(results, "  GGUF quality on held-out text:"))
         return {"results": results}
 
     def stage_bench(self) -> dict:

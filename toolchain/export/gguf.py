@@ -20,7 +20,8 @@ from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
 from toolchain.models.load import read_meta
 from toolchain.models.registry import get_arch
-from toolchain.quantize.gguf_types import PYTHON_TYPES, check_type, file_type, llama_cpp_quantize, quantize_tensor
+from toolchain.quantize.gguf_types import (PYTHON_TYPES, check_overrides, check_type, file_type, llama_cpp_quantize,
+                                          override_for, quantize_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ def _load_hf(model_dir: Path):
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir} has no .safetensors weights; save the model with safe_serialization")
+    from toolchain.models.file_checks import check_model_dir_weights
+
+    check_model_dir_weights(model_dir)
     state = {}
     for f in files:
         state.update(load_file(f))
@@ -53,13 +57,47 @@ def _size_label(n_params: int) -> str:
     return str(n_params)
 
 
-def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None) -> Path:
-    """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...)."""
+def _repo_url(source: str | None) -> str | None:
+    # "org/name" is a Hugging Face repo id; paths and URLs are kept as they are elsewhere
+    if source and source.count("/") == 1 and not source.startswith((".", "/")) and "://" not in source:
+        return f"https://huggingface.co/{source}"
+    return source if source and "://" in source else None
+
+
+def _write_provenance(w, meta: dict) -> None:
+    """general.source / general.base_model.* and toolchain.* keys: where the weights come from.
+
+    A distilled student names its teacher as base model (with the teacher's licence, which
+    usually still applies to the student); a plain conversion names its source.
+    """
+    teacher = meta.get("distilled_from")
+    if teacher:
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, str(teacher))
+        if _repo_url(teacher):
+            w.add_base_model_repo_url(0, _repo_url(teacher))
+        w.add_string("toolchain.teacher.name", str(teacher))
+        if meta.get("teacher_license"):
+            w.add_string("toolchain.teacher.license", str(meta["teacher_license"]))
+        if meta.get("kept_layers") is not None:
+            w.add_array("toolchain.student.kept_layers", [int(i) for i in meta["kept_layers"]])
+    elif meta.get("source"):
+        w.add_string("toolchain.source", str(meta["source"]))
+        if _repo_url(meta["source"]):
+            w.add_source_url(_repo_url(meta["source"]))
+
+
+def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None,
+               overrides: dict[str, str] | None = None) -> Path:
+    """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
+
+    `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"})."""
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     if type_name not in PYTHON_TYPES:
         raise UserError(f"{type_name} is not written in Python; use export_gguf() which routes it through llama.cpp")
+    overrides = check_overrides(overrides, type_name)
     config, state, tokenizer = _load_hf(model_dir)
     arch = get_arch(config.model_type)
     meta = read_meta(model_dir)
@@ -73,18 +111,17 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
             if gguf_name is None:
                 raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
             n_params += data.size
-            qdata, qtype = quantize_tensor(data, type_name)
+            qdata, qtype = quantize_tensor(data, type_name, override_for(gguf_name, overrides))
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name
+        w.add_type("model")
         w.add_name(model_name)
         w.add_basename(model_name)
         w.add_size_label(_size_label(n_params))
         if meta.get("license"):
             w.add_license(meta["license"])
-        if meta.get("distilled_from"):
-            w.add_base_model_count(1)
-            w.add_base_model_name(0, meta["distilled_from"])
+        _write_provenance(w, meta)
         w.add_description(f"Written by toolchain {__version__} from {model_name}")
         w.add_quantized_by(f"toolchain {__version__}")
         w.add_file_type(file_type(type_name))
@@ -100,11 +137,17 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
     return out_path
 
 
-def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None) -> list[dict]:
-    """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file."""
+def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None,
+                overrides: dict[str, str] | None = None) -> list[dict]:
+    """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
+
+    `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
+    F16/F32 files, which stay exact references for verify and for the K-quants made from them."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     for t in types:
         check_type(t)
+        if t not in ("F16", "F32"):
+            check_overrides(overrides, t)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     f16_path = out_dir / gguf_filename("F16")
@@ -112,8 +155,9 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types:
     for t in sorted(types, key=lambda t: t not in PYTHON_TYPES):  # Python types first: K-quants reuse F16
         path = out_dir / gguf_filename(t)
         start = time.perf_counter()
+        own = None if t in ("F16", "F32") else overrides
         if t in PYTHON_TYPES:
-            write_gguf(model_dir, path, t, name)
+            write_gguf(model_dir, path, t, name, own)
         else:
             src = f16_path
             if not src.is_file():
@@ -123,7 +167,7 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types:
                     tmp_f16 = Path(tmp)
                     write_gguf(model_dir, tmp_f16, "F16", name)
                 src = tmp_f16
-            llama_cpp_quantize(src, path, t)
+            llama_cpp_quantize(src, path, t, overrides=own)
         records.append(
             {
                 "format": "gguf",

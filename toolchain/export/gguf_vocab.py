@@ -21,20 +21,36 @@ from toolchain.errors import UserError
 # llama.cpp picks its pre-tokenizer regexes by name. We recognise the HF pre-tokenizer
 # structure of the families we support; a GGUF teacher carries its own name in toolchain.json.
 _PRE_BY_STRUCTURE = {
-    ("ByteLevel",): "gpt2",
+    ("ByteLevel",): "gpt-2",  # llama.cpp spells this pre-tokenizer "gpt-2" ("gpt2" is the model)
     ("Digits", "ByteLevel"): "smollm",
 }
 
+# Split regexes of tokenizer.json -> llama.cpp pre-tokenizer name (llama-vocab.cpp holds the
+# same expressions, as comments next to its adapted ones)
+_LETTERS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+_REST = " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+_PRE_BY_REGEX = {
+    _LETTERS + "\\p{N}|" + _REST: "qwen2",
+    _LETTERS + "\\p{N}{1,3}|" + _REST: "llama-bpe",
+}
 
-def tokenizer_pre(model_dir: Path, meta: dict) -> str:
+
+def tokenizer_pre(model_dir: Path, meta: dict, tokenizer=None) -> str:
     if meta.get("tokenizer_pre"):
         return meta["tokenizer_pre"]
-    tok_json = model_dir / "tokenizer.json"
-    if not tok_json.is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json; the GGUF exporter needs a fast (tokenizers) tokenizer")
-    pre = json.loads(tok_json.read_text()).get("pre_tokenizer") or {}
+    if tokenizer is not None and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        # what the loaded tokenizer really runs (a model-specific class may replace the file's)
+        pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    else:
+        tok_json = model_dir / "tokenizer.json"
+        if not tok_json.is_file():
+            raise UserError(f"{model_dir} has no tokenizer.json; the GGUF exporter needs a fast (tokenizers) tokenizer")
+        pre = json.loads(tok_json.read_text()).get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     key = tuple(p.get("type") for p in parts)
+    regex = (parts[0].get("pattern") or {}).get("Regex") if parts and parts[0].get("type") == "Split" else None
+    if key == ("Split", "ByteLevel") and regex in _PRE_BY_REGEX:
+        return _PRE_BY_REGEX[regex]
     if key not in _PRE_BY_STRUCTURE:
         raise UserError(
             f"cannot tell which llama.cpp pre-tokenizer matches {model_dir}'s tokenizer ({'+'.join(map(str, key))}); "
@@ -137,7 +153,7 @@ def write_vocab(writer, tokenizer, model_dir: Path, meta: dict, vocab_size: int)
     if kind == "gpt2":
         tokens, types = bpe_vocab(tokenizer, vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer_pre(model_dir, meta))
+        writer.add_tokenizer_pre(tokenizer_pre(model_dir, meta, tokenizer))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     else:
@@ -151,6 +167,10 @@ def write_vocab(writer, tokenizer, model_dir: Path, meta: dict, vocab_size: int)
         writer.add_add_space_prefix(_prepends_space(tokenizer))
     special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        # say it either way: llama.cpp's default depends on the tokenizer model, not on the HF tokenizer
+        plain, with_special = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+        writer.add_add_bos_token(len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id)
 
 
 def _prepends_space(tokenizer) -> bool:

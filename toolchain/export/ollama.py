@@ -28,11 +28,15 @@ class ChatFormat:
     default_system: str | None = None
 
 
+# The templates leave BOS out: llama.cpp (and so Ollama) adds it when the GGUF says add_bos,
+# and a BOS written in the template too would be doubled. Ollama injects the Modelfile's
+# SYSTEM as a system message when a conversation has none, so a template's default system
+# prompt becomes SYSTEM instead of template text.
 CHATML = ChatFormat(
     name="chatml",
     marker="<|im_start|>",
     go_template=(
-        "{{- range $i, $_ := .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
         "{{ end }}<|im_start|>assistant\n"
     ),
     stops=("<|im_end|>", "<|im_start|>"),
@@ -42,19 +46,21 @@ LLAMA3 = ChatFormat(
     name="llama3",
     marker="<|start_header_id|>",
     go_template=(
-        "{{- range $i, $_ := .Messages }}{{ if eq $i 0 }}<|begin_of_text|>{{ end }}"
-        "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
         "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
 )
+# Gemma has no system role: HF's template puts the system text, then a blank line, at the
+# start of the first user turn; "assistant" is called "model".
 GEMMA = ChatFormat(
     name="gemma",
     marker="<start_of_turn>",
     go_template=(
-        "{{- range $i, $_ := .Messages }}{{ if eq $i 0 }}<bos>{{ end }}<start_of_turn>"
-        "{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n"
-        "{{ end }}<start_of_turn>model\n"
+        '{{- $sys := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $sys = .Content }}'
+        '{{- else }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+        '{{ if $sys }}{{ $sys }}\n\n{{ $sys = "" }}{{ end }}{{ .Content }}<end_of_turn>\n{{ end }}'
+        "{{- end }}<start_of_turn>model\n"
     ),
     stops=("<end_of_turn>",),
 )
@@ -86,15 +92,70 @@ def _quote(s: str) -> str:
     return f'"""{s}"""'
 
 
+# conversations the translation must reproduce exactly (system / none, multi-turn)
+CHECK_CONVERSATIONS = (
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Sky colour?"}],
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And times 3?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
+     {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another?"}],
+)
+
+
+def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
+    """What Ollama hands the template: Role/Content, with SYSTEM injected when none is given."""
+    msgs = [{"Role": m["role"], "Content": m["content"]} for m in messages]
+    if system and not any(m["Role"] == "system" for m in msgs):
+        msgs.insert(0, {"Role": "system", "Content": system})
+    return msgs
+
+
+def check_translation(fmt: ChatFormat, render_jinja, system: str | None, bos_text: str | None) -> None:
+    """Refuse a translation that does not reproduce the Jinja prompt on every check conversation.
+
+    `render_jinja(messages, add_generation_prompt)` renders the model's own template (as
+    transformers' apply_chat_template does); `bos_text` is stripped from its start when the
+    GGUF makes llama.cpp add BOS itself.
+    """
+    from toolchain.export.go_template import render
+
+    for conv in CHECK_CONVERSATIONS:
+        try:
+            want = render_jinja(conv, True)
+        except Exception as e:  # a template may reject a shape (e.g. no system role): skip that shape
+            if conv[0]["role"] == "system":
+                continue
+            raise UserError(f"the model's chat template fails on a plain conversation ({e})") from None
+        if bos_text and want.startswith(bos_text):
+            want = want[len(bos_text):]
+        got = render(fmt.go_template, {"Messages": ollama_messages(conv, system), "System": system or ""})
+        if got != want:
+            raise UserError(
+                f"the chat template looks like {fmt.name} but our Ollama translation renders it differently "
+                f"(expected {want!r}, got {got!r}); write the Modelfile TEMPLATE by hand"
+            )
+
+
 def render_modelfile(gguf_name: str, chat_template: str | None, context_length: int,
-                     license_text: str | None = None, generation: dict | None = None) -> str:
-    fmt = detect_format(chat_template)
-    lines = [f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
-             "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", f"TEMPLATE {_quote(fmt.go_template)}"]
-    system = _default_system(fmt, chat_template)
+                     license_text: str | None = None, generation: dict | None = None,
+                     render_jinja=None, bos_text: str | None = None, extra_stops: tuple[str, ...] = ()) -> str:
+    if not chat_template:
+        # a base model: Ollama sends the raw prompt (no chat turns to translate)
+        lines = ["# Ollama Modelfile (no chat template: plain completion). Create the model with:",
+                 "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""']
+        fmt, system = None, None
+    else:
+        fmt = detect_format(chat_template)
+        system = _default_system(fmt, chat_template)
+        if render_jinja is not None:
+            check_translation(fmt, render_jinja, system, bos_text)
+        lines = [f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
+                 "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", f"TEMPLATE {_quote(fmt.go_template)}"]
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
-    for stop in fmt.stops:
+    stops = list(fmt.stops if fmt else ()) + [s for s in extra_stops if s and s not in (fmt.stops if fmt else ())]
+    for stop in stops:
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER num_ctx {min(context_length, 8192)}")
     for key in ("temperature", "top_p", "top_k"):
@@ -116,6 +177,12 @@ def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, 
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     gen_file = model_dir / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    def render_jinja(messages, add_generation_prompt):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    adds_bos = tok.bos_token is not None and len(tok("a").input_ids) > len(tok("a", add_special_tokens=False).input_ids)
     text = render_modelfile(gguf_path.name, tok.chat_template, int(config.get("max_position_embeddings", 2048)),
-                            meta.get("license"), generation)
+                            meta.get("license"), generation, render_jinja=render_jinja,
+                            bos_text=tok.bos_token if adds_bos else None,
+                            extra_stops=(tok.eos_token,) if tok.chat_template and tok.eos_token else ())
     return write_text(out_path or gguf_path.parent / "Modelfile", text)

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from toolchain.config import VerifyConfig
 from toolchain.errors import VerificationError
+
+log = logging.getLogger(__name__)
+
+
+def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig, threads: int):
+    """(Scored reference, chunks) for the quality table: the F16 (else F32) GGUF, else torch."""
+    from toolchain.export.gguf_quality import heldout_chunks, llama_scored, torch_scored
+
+    ggufs = {e["quant"]: e for e in exports if e["format"] == "gguf"}
+    if not cfg.quality_tokens or not ggufs:
+        return None, None
+    add_bos = len(tokenizer("a").input_ids) > len(tokenizer("a", add_special_tokens=False).input_ids)
+    chunks = heldout_chunks(tokenizer, cfg.quality_tokens, cfg.quality_ctx, add_bos)
+    if not chunks:
+        return None, None
+    for t in ("F16", "F32"):
+        if t in ggufs:
+            ref = llama_scored(ggufs[t]["path"], chunks, threads)
+            ref.label = f"{t} GGUF"
+            return ref, chunks
+    ref = torch_scored(model, chunks)
+    ref.label = "torch fp32"
+    return ref, chunks
 
 
 def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: VerifyConfig, threads: int = 0) -> list[dict]:
@@ -13,23 +37,37 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolchain.export.verify_gguf import verify_gguf
+    from toolchain.export.verify_gguf import TorchReference, verify_gguf, verify_prompts
     from toolchain.export.verify_onnx import verify_onnx
 
+    # one llama.cpp thread unless told otherwise: the checks measure numbers, not speed, and
+    # two spinning threads collapse (seconds per token) whenever another process takes a core
+    threads = threads or 1
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = verify_prompts(cfg.prompts, cfg.min_prompts)
+    reference = quality_ref = chunks = None
+    if any(e["format"] == "gguf" for e in exports):
+        reference = TorchReference(model, tokenizer, prompts, cfg.greedy_tokens)  # once for every type
+        quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads)
+    limits = {"max_ppl_ratio": cfg.max_ppl_ratio, "max_mean_kld": cfg.max_mean_kld,
+              "min_top1_agreement": cfg.min_top1_agreement}
     results, failures = [], []
     for e in exports:
         try:
             if e["format"] == "gguf":
-                r = verify_gguf(model_dir, e["path"], e["quant"], cfg.prompts, cfg.greedy_tokens, cfg.max_nmse,
-                                cfg.min_greedy_agreement, threads=threads, model=model, tokenizer=tokenizer)
+                r = verify_gguf(model_dir, e["path"], e["quant"], prompts, cfg.greedy_tokens, cfg.max_nmse,
+                                cfg.min_greedy_agreement, threads=threads, model=model, tokenizer=tokenizer,
+                                reference=reference, quality_reference=quality_ref, quality_chunks=chunks,
+                                quality_limits=limits)
             else:
                 r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.greedy_tokens,
                                 cfg.onnx_max_abs_diff, threads=threads)
         except VerificationError as err:
             r = {"format": e["format"], "quant": e["quant"], **err.figures, "passed": False}
             failures.append(str(err))
+        if e.get("bytes") is not None:
+            r.setdefault("bytes", e["bytes"])
         results.append(r)
     if failures:
         raise VerificationError("verification failed: " + " | ".join(failures), {"results": results})

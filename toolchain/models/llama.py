@@ -35,9 +35,8 @@ def _write_hparams(writer, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_rope_dimension_count(head_dim(config))
-    if head_dim(config) != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim(config))
-        writer.add_value_length(head_dim(config))
+    writer.add_key_length(head_dim(config))  # always, as llama.cpp's converter does
+    writer.add_value_length(head_dim(config))
     writer.add_vocab_size(config.vocab_size)
 
 

@@ -60,6 +60,9 @@ def _check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    from toolchain.models.file_checks import open_gguf
+
+    open_gguf(path)  # truncated or corrupt: a clear error before transformers reads it
 
 
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
@@ -140,6 +143,9 @@ def load_model(spec: str, adapter: str | None = None, dtype: str = "float32") ->
 
     config = json.loads((model_dir / "config.json").read_text())
     get_arch(config.get("model_type", "?"))  # refuse unsupported architectures up front
+    from toolchain.models.file_checks import check_model_dir_weights
+
+    check_model_dir_weights(model_dir)  # a truncated/corrupt file fails here with a clear message
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}

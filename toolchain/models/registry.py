@@ -16,6 +16,8 @@ _MODULES = {
     "llama": "llama",
     "mistral": "llama",
     "gemma3_text": "gemma3",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 

@@ -48,29 +48,82 @@ def file_type(name: str):
     return gguf.LlamaFileType[PYTHON_TYPES[name][1]]
 
 
-def quantize_tensor(data: np.ndarray, type_name: str):
+# tensor types a per-tensor override may name in a Python-written file
+PYTHON_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def check_overrides(overrides: dict[str, str] | None, type_name: str) -> dict[str, str]:
+    """Validate {tensor-name regex: tensor type} (llama-quantize's --tensor-type semantics:
+    the first pattern found anywhere in the GGUF tensor name wins)."""
+    import re
+
+    import gguf
+
+    overrides = dict(overrides or {})
+    allowed = PYTHON_TENSOR_TYPES if type_name in PYTHON_TYPES else tuple(
+        t.name for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64", "F64"))
+    for pattern, t in overrides.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"tensor override pattern '{pattern}' is not a valid regex: {e}") from None
+        if t not in allowed:
+            where = "written in Python" if type_name in PYTHON_TYPES else "quantized by llama.cpp"
+            raise UserError(
+                f"tensor override '{pattern}={t}': {type_name} files are {where}; allowed tensor types: {', '.join(allowed)}"
+            )
+    return overrides
+
+
+def override_for(gguf_name: str, overrides: dict[str, str] | None) -> str | None:
+    import re
+
+    for pattern, t in (overrides or {}).items():
+        if re.search(pattern, gguf_name):
+            return t
+    return None
+
+
+def quantize_tensor(data: np.ndarray, type_name: str, tensor_type: str | None = None):
     """(array, GGMLQuantizationType) for one tensor under a Python-written file type.
 
     Vectors (norms, biases) stay F32 as llama.cpp's converter keeps them; a matrix whose rows
-    do not split into whole quantization blocks falls back to F16.
+    do not split into whole quantization blocks falls back to F16. `tensor_type` (a
+    per-tensor override, e.g. keep token_embd at Q8_0) replaces the file type's tensor type.
     """
     import gguf
     from gguf.quants import quantize
 
     data = np.ascontiguousarray(data, dtype=np.float32)
-    if data.ndim <= 1 or type_name == "F32":
+    tensor_type = tensor_type or PYTHON_TYPES[type_name][0]
+    if data.ndim <= 1 or tensor_type == "F32":
         return data, gguf.GGMLQuantizationType.F32
-    if type_name == "F16":
+    if tensor_type == "F16":
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
-    qtype = gguf.GGMLQuantizationType[PYTHON_TYPES[type_name][0]]
+    qtype = gguf.GGMLQuantizationType[tensor_type]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if data.shape[-1] % block:
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
     return quantize(data, qtype), qtype
 
 
-def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_name: str, threads: int = 0) -> Path:
-    """Quantize an F16/F32 GGUF to a K-quant type with llama.cpp; written atomically."""
+def _tensor_overrides(llama_cpp, overrides: dict[str, str]):
+    """A NULL-terminated llama_model_tensor_override array (kept alive by the caller)."""
+    import gguf
+
+    arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (pattern, t) in enumerate(overrides.items()):
+        arr[i].pattern = pattern.encode()
+        arr[i].type = int(gguf.GGMLQuantizationType[t])
+    arr[len(overrides)].pattern = None
+    return arr
+
+
+def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_name: str, threads: int = 0,
+                       overrides: dict[str, str] | None = None) -> Path:
+    """Quantize an F16/F32 GGUF to a K-quant type with llama.cpp; written atomically.
+
+    `overrides` ({tensor-name regex: ggml type}) go to llama.cpp's own tensor-type overrides."""
     try:
         import llama_cpp
     except ImportError:
@@ -83,6 +136,10 @@ def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
+    keep_alive = None
+    if overrides:
+        keep_alive = _tensor_overrides(llama_cpp, check_overrides(overrides, type_name))
+        params.tt_overrides = ctypes.cast(keep_alive, type(params.tt_overrides))
     with atomic_path(dst) as tmp:
         with captured_native_output() as log_lines:
             rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
