@@ -70,3 +70,13 @@ def tiny_dir(tmp_path_factory, teacher_dir) -> Path:
 def tiny_dir_6(tmp_path_factory, teacher_dir) -> Path:
     """A 6-layer variant, used as a tiny teacher for student/distill tests."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny6") / "model", teacher_dir, layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """(export record, folder) of `tiny_dir` exported to ONNX once per session in every precision:
+    fp32 at <folder>, fp16/int8/int4 beside it (<folder>-int4, ...)."""
+    from toolchain.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    return export_onnx(tiny_dir, out, ["int4", "fp32", "int8", "fp16"]), out

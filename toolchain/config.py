@@ -99,12 +99,17 @@ class DistillConfig:
 class ExportConfig:
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
     onnx: bool = True
+    # ONNX precisions: fp32 is always written (the others are made from it); fp16, int8 and
+    # int4 each add a self-contained folder beside it (export/onnx-int4/, ...)
+    onnx_precisions: list[str] = field(default_factory=lambda: ["fp32"])
 
     def validate(self, where: str) -> None:
         from toolchain.quantize.gguf_types import SUPPORTED_TYPES
 
         for q in self.gguf:
             _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
+        for q in self.onnx_precisions:
+            _choice(f"{where}.onnx_precisions", q, ["fp32", "fp16", "int8", "int4"])
 
 
 @dataclass
@@ -120,11 +125,17 @@ class VerifyConfig:
         default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0}
     )
     onnx_max_abs_diff: float = 1e-3
+    onnx_fp16_max_abs_diff: float = 2e-2
+    # quantized ONNX (int8/int4): min top-1 agreement and max mean KL(torch || onnx) per step
+    onnx_min_top1: dict[str, float] = field(default_factory=lambda: {"int8": 0.95, "int4": 0.90})
+    onnx_max_kl: dict[str, float] = field(default_factory=lambda: {"int8": 0.05, "int4": 0.25})
+    onnx_greedy_tokens: int = 64
 
     def validate(self, where: str) -> None:
         if not self.prompts:
             raise UserError(f"{where}.prompts must list at least one prompt")
         _positive(f"{where}.greedy_tokens", self.greedy_tokens)
+        _positive(f"{where}.onnx_greedy_tokens", self.onnx_greedy_tokens)
 
 
 @dataclass

@@ -25,8 +25,10 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
                 r = verify_gguf(model_dir, e["path"], e["quant"], cfg.prompts, cfg.greedy_tokens, cfg.max_nmse,
                                 cfg.min_greedy_agreement, threads=threads, model=model, tokenizer=tokenizer)
             else:
-                r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.greedy_tokens,
-                                cfg.onnx_max_abs_diff, threads=threads)
+                r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.onnx_greedy_tokens,
+                                cfg.onnx_max_abs_diff, threads=threads, model=model, tokenizer=tokenizer,
+                                fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff, min_top1=cfg.onnx_min_top1,
+                                max_kl=cfg.onnx_max_kl)
         except VerificationError as err:
             r = {"format": e["format"], "quant": e["quant"], **err.figures, "passed": False}
             failures.append(str(err))
