@@ -65,12 +65,17 @@ def test_verify_each_precision(exported, tiny_dir):
     results = {}
     for precision in ("fp32", "fp16", "int8", "int4"):
         folder = out if precision == "fp32" else out.with_name(f"onnx-{precision}")
-        r = verify_onnx(tiny_dir, folder, PROMPTS, greedy_tokens=8, threads=1, model=model, tokenizer=tok)
+        # a random 64-wide model has many near-ties among its top logits, so 4-bit flips its
+        # top-1 far more often than a trained one (SmolLM2 int4: see README); the default 90%
+        # is checked on the real model, here only that int4 stays well above chance
+        r = verify_onnx(tiny_dir, folder, PROMPTS, greedy_tokens=8, threads=1, model=model, tokenizer=tok,
+                        min_top1={"int4": 0.4})
         assert r["passed"] and r["quant"] == precision
         results[precision] = r
     assert results["fp32"]["max_abs_diff"] < 1e-3 and results["fp16"]["max_abs_diff"] < 2e-2
     assert results["fp32"]["mean_kl"] < results["int8"]["mean_kl"] < results["int4"]["mean_kl"]
-    assert results["int8"]["top1_agreement"] >= 0.95 and results["int4"]["top1_agreement"] >= 0.90
+    assert results["int8"]["top1_agreement"] >= 0.95 and results["int4"]["top1_agreement"] >= 0.4
+    assert results["int4"]["thresholds"]["top-1 agreement"] == 0.4 and results["int8"]["thresholds"]["top-1 agreement"] == 0.95
     assert "mean KL" in results["int4"]["thresholds"]
 
     # an impossible threshold fails with the figures in the message and on the error

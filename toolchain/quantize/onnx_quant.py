@@ -111,30 +111,46 @@ def to_fp16(src_file: Path, out_file: Path) -> None:
     _save(model, out_file)
 
 
-def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_SIZE,
-             accuracy_level: int = ACCURACY_LEVEL, keep_lm_head: bool = False) -> None:
-    import onnx
+def _nbits_pass(model, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
+                exclude: list[str], include: list[str] | None = None):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = onnx.load(str(src_file))
-    exclude = _lm_head_nodes(model) if keep_lm_head else []
-    if not keep_lm_head:
-        fold_weight_transposes(model)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
                                        bits=bits, op_types_to_quantize=("MatMul",))
-    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                 accuracy_level=accuracy_level, nodes_to_exclude=exclude, algo_config=cfg)
+    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=exclude, nodes_to_include=include,
+                                 algo_config=cfg)
     # the quantizer logs one INFO line per MatMul
-    level = logging.getLogger("onnxruntime.quantization").level
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    qlog = logging.getLogger("onnxruntime.quantization")
+    level = qlog.level
+    qlog.setLevel(logging.WARNING)
     try:
         quant.process()
     finally:
-        logging.getLogger("onnxruntime.quantization").setLevel(level)
-    n = sum(1 for node in quant.model.model.graph.node if node.op_type == "MatMulNBits")
+        qlog.setLevel(level)
+    return quant.model.model
+
+
+def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_SIZE,
+             accuracy_level: int = ACCURACY_LEVEL, keep_lm_head: bool = False, head_bits: int | None = None,
+             symmetric: bool = True) -> None:
+    """MatMul weights -> MatMulNBits with `bits`; the output projection with `head_bits`
+    (default: the same), or left fp32 with `keep_lm_head`."""
+    import onnx
+
+    model = onnx.load(str(src_file))
+    head = _lm_head_nodes(model)
+    if not keep_lm_head:
+        fold_weight_transposes(model)
+    head_bits = head_bits or bits
+    separate_head = keep_lm_head or head_bits != bits
+    model = _nbits_pass(model, bits, block_size, accuracy_level, symmetric, exclude=head if separate_head else [])
+    if head and not keep_lm_head and head_bits != bits:
+        model = _nbits_pass(model, head_bits, block_size, accuracy_level, symmetric, exclude=[], include=head)
+    n = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
     if n == 0:
         raise UserError(f"{src_file}: no MatMul with a constant weight to quantize; is this an exported decoder?")
-    _save(quant.model.model, out_file)
+    _save(model, out_file)
 
 
 def to_int8_dynamic(src_file: Path, out_file: Path, keep_lm_head: bool = True) -> None:
