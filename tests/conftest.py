@@ -72,6 +72,92 @@ def tiny_dir_6(tmp_path_factory, teacher_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny6") / "model", teacher_dir, layers=6, seed=1)
 
 
+# Gemma 3's chat template (as shipped with google/gemma-3-*-it), used by the tiny Gemma below.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = \"\" -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
+
+def make_spm_tokenizer(out: Path) -> Path:
+    """A small SentencePiece-style tokenizer (BPE with byte fallback, spaces as '▁', no prefix
+    space, BOS added), shaped like Gemma's tokenizer.json; trained on pydoc text in ~1 s."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")  # only to keep training fast
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special, show_progress=False, limit_alphabet=200)
+    tk.train_from_iterator([topics[k] for k in sorted(topics)[:60]], trainer)
+    # byte-fallback pieces are ordinary vocabulary entries (not added tokens), right after the specials
+    spec = json.loads(tk.to_str())["model"]
+    learned = sorted((i, t) for t, i in spec["vocab"].items() if i >= len(special))
+    vocab = {t: i for i, t in enumerate(special + [f"<0x{b:02X}>" for b in range(256)] + [t for _, t in learned])}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["merges"]]
+    tk.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tk.add_special_tokens(special)
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")  # Gemma's (a no-op after the normalizer)
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                      special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def make_tiny_gemma3(out: Path, tokenizer_src: Path, layers: int = 6, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 text model: sliding window 8 so short prompts already cross it."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_src)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=512, sliding_window=8, rms_norm_eps=1e-6,
+        layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)],
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("norm.weight"):  # HF Gemma norms are offsets from 1: make them matter
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "toolchain.json").write_text(json.dumps({"name": "tiny-gemma3", "license": "gemma"}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    return make_spm_tokenizer(tmp_path_factory.mktemp("spm-tok") / "tok")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """A 6-layer, 64-wide random Gemma 3 (sliding + full attention) with a Gemma-style tokenizer."""
+    return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma") / "model", spm_tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_dir, tmp_path_factory) -> tuple[dict, Path]:
     """(export record, folder) of `tiny_dir` exported to ONNX once per session in every precision:

@@ -26,6 +26,9 @@ DEFAULT_PROMPTS = [
 ]
 
 
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
 @dataclass
 class TeacherConfig:
     model: str = "smollm2-135m-instruct"  # bundled name, HF directory or .gguf file
@@ -81,8 +84,17 @@ class DistillConfig:
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+    beta: float = 0.5  # jsd: mixture weight of the teacher (0 = forward KL, 1 = reverse KL, as TRL's GKD)
+    skew: float = 0.1  # skew_kl: KL(P || skew * P + (1 - skew) * Q)
+    grad_accum: int = 1  # micro-batches per optimizer step (token-weighted)
 
     def validate(self, where: str) -> None:
+        _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
+        _positive(f"{where}.grad_accum", self.grad_accum)
+        for name in ("beta", "skew"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{where}.{name} must be between 0 and 1, got {getattr(self, name)}")
         _positive(f"{where}.batch_size", self.batch_size)
         _positive(f"{where}.temperature", self.temperature)
         _positive(f"{where}.checkpoint_every", self.checkpoint_every)

@@ -36,7 +36,7 @@ def test_missing_and_invalid_paths(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported():
-    with pytest.raises(UserError, match="not supported yet; supported: llama"):
+    with pytest.raises(UserError, match="not supported yet; supported: gemma3_text, llama"):
         get_arch("mamba")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig
 from toolchain.distill.data import train_and_heldout
-from toolchain.distill.loop import check_same_vocabulary, distill
+from toolchain.distill.loop import check_same_vocabulary, distill, packed_batches
 from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
 
 
@@ -18,7 +18,8 @@ def distill_student(teacher: LoadedModel, student_dir: str | os.PathLike, out_di
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
     train, held = train_and_heldout(student.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction,
                                     data.seed, data.eval_sequences)
-    result = distill(teacher.model, student.model, train, held, cfg, work_dir, progress=progress)
+    batch_fn = packed_batches(train, cfg.batch_size, cfg.seed)
+    result = distill(teacher.model, student.model, batch_fn, held, cfg, work_dir, progress=progress)
     meta = {**read_meta(student_dir), "distilled_steps": cfg.steps}
     save_model(student.model, student.tokenizer, out_dir, meta)
     result["params"] = count_params(student.model)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from toolchain import __version__
 from toolchain.errors import UserError
-from toolchain.export.gguf_vocab import bpe_vocab, tokenizer_pre
+from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
 from toolchain.models.load import read_meta
 from toolchain.models.registry import get_arch
@@ -91,13 +91,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.write_hparams(w, config)
 
-        tokens, types = bpe_vocab(tokenizer, config.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(tokenizer_pre(model_dir, meta))
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
-        special.add_to_gguf(w, quiet=True)
+        write_vocab(w, tokenizer, model_dir, meta, config.vocab_size)
 
         w.write_header_to_file()
         w.write_kv_data_to_file()

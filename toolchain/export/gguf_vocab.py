@@ -1,8 +1,19 @@
-"""Tokenizer -> GGUF vocabulary (byte-level BPE, the "gpt2" tokenizer model of llama.cpp)."""
+"""Tokenizer -> GGUF vocabulary, in the two forms llama.cpp knows for our families.
+
+- byte-level BPE ("gpt2" tokenizer model: tokens + merges + a named pre-tokenizer), used by
+  SmolLM2, Llama 3, Qwen;
+- SentencePiece-style BPE ("llama" tokenizer model: tokens + scores + types, merged by score,
+  unknown characters as <0xNN> byte tokens), used by Gemma and Llama 2/Mistral. An HF
+  tokenizer.json keeps such a vocabulary as BPE with byte_fallback and a merge list but no
+  scores, so we derive each token's score from the rank of the first merge that makes it:
+  llama.cpp then merges in the same order as the HF tokenizer (checked by verify's
+  tokenizer-parity corpus).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from toolchain.errors import UserError
@@ -57,3 +68,95 @@ def bpe_vocab(tokenizer, vocab_size: int):
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """Which llama.cpp tokenizer model fits: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise UserError("the GGUF exporter needs a fast (tokenizers) tokenizer with a tokenizer.json")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise UserError(f"tokenizer model '{model['type']}' is not supported by the GGUF exporter yet (only BPE)")
+    if model.get("byte_fallback"):
+        return "llama"
+    return "gpt2"
+
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def spm_vocab(tokenizer, vocab_size: int):
+    """(tokens, scores, types) for a SentencePiece-style BPE tokenizer (see module docstring)."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = spec["model"].get("merges") or []
+    rank: dict[str, int] = {}
+    for k, m in enumerate(merges):
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        rank.setdefault(a + b, k)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size:
+        raise UserError(f"tokenizer has {len(by_id)} tokens but the model's vocab_size is {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    unk = tokenizer.unk_token_id
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        tok = by_id.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(tok)
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif i == unk:
+            tokens.append(tok)
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif _BYTE_TOKEN.match(tok):
+            tokens.append(tok)
+            scores.append(0.0)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(tok)
+            # merged pieces rank by their merge; single characters are never a merge result,
+            # so their score is never compared (they sort after every merge)
+            scores.append(-float(rank.get(tok, len(merges) + i)))
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, scores, types
+
+
+def write_vocab(writer, tokenizer, model_dir: Path, meta: dict, vocab_size: int) -> None:
+    """Tokenizer metadata: model, pre-tokenizer, tokens (+scores), types, merges, special ids."""
+    import gguf
+
+    kind = tokenizer_kind(tokenizer)
+    if kind == "gpt2":
+        tokens, types = bpe_vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer_pre(model_dir, meta))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    else:
+        tokens, scores, types = spm_vocab(tokenizer, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        # the HF normalizer only replaces spaces (no "▁" prepended), as Gemma's tokenizer.model says
+        writer.add_add_space_prefix(_prepends_space(tokenizer))
+    special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _prepends_space(tokenizer) -> bool:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    parts = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    flat = []
+    for p in parts:
+        flat.extend(p.get("normalizers") or p.get("pretokenizers") or [p])
+    return any(p.get("type") == "Prepend" or p.get("prepend_scheme") in ("always", "first") for p in flat)

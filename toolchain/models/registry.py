@@ -15,6 +15,7 @@ from toolchain.errors import UserError
 _MODULES = {
     "llama": "llama",
     "mistral": "llama",
+    "gemma3_text": "gemma3",
 }
 
 
