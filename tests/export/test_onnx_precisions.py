@@ -77,6 +77,9 @@ def test_verify_each_precision(exported, tiny_dir):
     assert results["int8"]["top1_agreement"] >= 0.95 and results["int4"]["top1_agreement"] >= 0.4
     assert results["int4"]["thresholds"]["top-1 agreement"] == 0.4 and results["int8"]["thresholds"]["top-1 agreement"] == 0.95
     assert "mean KL" in results["int4"]["thresholds"]
+    # fp16 is judged against torch with the same fp16-rounded weights (the export's error only)
+    assert results["fp16"]["reference"] == "torch fp32, fp16-rounded weights"
+    assert results["int8"]["reference"] == "torch fp32"
 
     # an impossible threshold fails with the figures in the message and on the error
     with pytest.raises(VerificationError, match=r"ONNX int4 export differs from torch: top-1 agreement") as err:
