@@ -1,4 +1,8 @@
-"""HF directory -> fp32 ONNX decoder with a KV cache, for onnxruntime (see runtime/onnx_decoder.py).
+"""HF directory -> ONNX decoder with a KV cache, for onnxruntime (see runtime/onnx_decoder.py).
+
+fp32 at the output folder, and optionally fp16/int8/int4 folders beside it
+(quantize/onnx_quant.py), each self-contained with the same inputs and outputs. The fp32 graph
+gets the offline fusions of export/onnx_optimize.py first, so every precision inherits them.
 
 The graph is exported with `torch.onnx.export(dynamo=True)`. Past keys/values travel as flat
 graph inputs (`past_key_values.{i}.key` / `.value`) and come back as `present.{i}.key` /
