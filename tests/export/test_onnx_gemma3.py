@@ -26,8 +26,11 @@ def test_gemma3_export_verify_and_generate(tiny_gemma_dir, tmp_path):
     r = verify_onnx(tiny_gemma_dir, out, PROMPTS, greedy_tokens=12, threads=1)
     assert r["passed"] and r["max_abs_diff"] < 1e-3 and r["greedy_agreement"] == 1.0
     assert min(p["n_tokens"] for p in r["per_prompt"]) + 12 > 8  # the sliding window was crossed
-    q = verify_onnx(tiny_gemma_dir, out.with_name("onnx-int8"), PROMPTS, greedy_tokens=12, threads=1)
-    assert q["passed"] and q["quant"] == "int8" and 0 < q["mean_kl"] < 0.05
+    # a random tiny model's near-tied logits flip top-1 easily (91.7% here at KL 3e-4); the KL
+    # bound is the default one, the top-1 floor is lowered for this model only
+    q = verify_onnx(tiny_gemma_dir, out.with_name("onnx-int8"), PROMPTS, greedy_tokens=12, threads=1,
+                    min_top1={"int8": 0.8})
+    assert q["passed"] and q["quant"] == "int8" and 0 < q["mean_kl"] < 0.01
 
     # every present.N has the same layout (full length), sliding layers included
     dec = OnnxDecoder(out, threads=1)
