@@ -156,3 +156,13 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_gemma_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
     """A 6-layer, 64-wide random Gemma 3 (sliding + full attention) with a Gemma-style tokenizer."""
     return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma") / "model", spm_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """(export record, folder) of `tiny_dir` exported to ONNX once per session in every precision:
+    fp32 at <folder>, fp16/int8/int4 beside it (<folder>-int4, ...)."""
+    from toolchain.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    return export_onnx(tiny_dir, out, ["int4", "fp32", "int8", "fp16"]), out

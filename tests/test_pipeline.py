@@ -16,8 +16,8 @@ def tiny_config(teacher_dir, **over):
         "student": {"keep_layers": 3, "calib_sequences": 2},
         "data": {"seq_len": 32, "eval_sequences": 4},
         "distill": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
-        "export": {"gguf": ["F16", "Q8_0"], "onnx": True},
-        "verify": {"greedy_tokens": 8},
+        "export": {"gguf": ["F16", "Q8_0"], "onnx": True, "onnx_precisions": ["fp32", "int8"]},
+        "verify": {"greedy_tokens": 8, "onnx_greedy_tokens": 8},
         "bench": {"prompt_tokens": 32, "gen_tokens": 8, "runs": 3},
     }
     for k, v in over.items():
@@ -35,6 +35,7 @@ def run_dir(tiny_dir_6, tmp_path_factory):
 def test_run_directory_layout(run_dir):
     for rel in ["config.yaml", "report.json", "report.md", "student/config.json", "student/model.safetensors",
                 "export/model-F16.gguf", "export/model-Q8_0.gguf", "export/Modelfile", "export/onnx/model.onnx",
+                "export/onnx-int8/model.onnx", "export/onnx-int8/tokenizer.json",
                 "logs/distill_history.json", "report.html", "bench/llama_cpp-Q8_0-cpu.json"]:
         assert (run_dir / rel).is_file(), rel
 
@@ -47,13 +48,14 @@ def test_report_has_the_stable_keys(run_dir):
     for when in ("before", "after"):
         assert {"ce", "kl", "top1_agreement"} <= set(r["distill"][when])
     formats = {(e["format"], e["quant"]) for e in r["exports"]}
-    assert formats == {("gguf", "F16"), ("gguf", "Q8_0"), ("onnx", "fp32")}
+    assert formats == {("gguf", "F16"), ("gguf", "Q8_0"), ("onnx", "fp32"), ("onnx", "int8")}
     for e in r["exports"]:
         assert e["bytes"] > 0 and len(e["sha256"]) == 64 and e["parity"]["passed"]
     f16 = next(e for e in r["exports"] if e["quant"] == "F16")
     assert f16["parity"]["nmse_max"] < 1e-4 and f16["parity"]["tokenizer_parity"] == 1.0
     assert {(b["runtime"], b["quant"]) for b in r["bench"]} == {("llama_cpp", "F16"), ("llama_cpp", "Q8_0"),
-                                                                ("onnxruntime", "fp32"), ("torch", "fp32")}
+                                                                ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                                                ("torch", "fp32")}
     for b in r["bench"]:
         assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
         assert b["target"] == "cpu" and b["threads"] >= 1

@@ -133,7 +133,7 @@ def _overrides(items: list[str] | None) -> dict[str, str]:
 def cmd_export_onnx(args) -> None:
     from toolchain.export.onnx import export_onnx
 
-    _echo(json.dumps(export_onnx(args.model, args.out), indent=2))
+    _echo(json.dumps(export_onnx(args.model, args.out, _csv(args.precisions), optimize=not args.no_optimize), indent=2))
 
 
 def cmd_verify(args) -> None:
@@ -264,9 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
                         "(e.g. token_embd=Q8_0 or '^output=F16'); repeatable; not applied to F16/F32 files")
     g.set_defaults(func=cmd_export_gguf)
-    o = esub.add_parser("onnx", help="write an fp32 ONNX decoder with KV cache")
+    o = esub.add_parser("onnx", help="write an ONNX decoder with KV cache (fp32, and fp16/int8/int4 beside it)")
     o.add_argument("model", help="HF model directory")
     o.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, model_info.json)")
+    o.add_argument("--precisions", default="fp32",
+                   help="comma-separated: fp32 (always written, at --out), fp16, int8, int4 (each in OUT-<precision>/); "
+                        "default fp32")
+    o.add_argument("--no-optimize", action="store_true", help="skip the offline graph fusions (RMSNorm)")
     o.set_defaults(func=cmd_export_onnx)
 
     v = sub.add_parser("verify", help="check GGUF/ONNX exports against the torch model (fails on thresholds)")

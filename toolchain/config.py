@@ -184,6 +184,9 @@ class ExportConfig:
     onnx: bool = True
     # per-tensor GGUF types: {tensor-name regex: type}, e.g. {"token_embd": "Q8_0", "^output": "F16"}
     gguf_overrides: dict[str, str] = field(default_factory=dict)
+    # ONNX precisions: fp32 is always written (the others are made from it); fp16, int8 and
+    # int4 each add a self-contained folder beside it (export/onnx-int4/, ...)
+    onnx_precisions: list[str] = field(default_factory=lambda: ["fp32"])
 
     def validate(self, where: str) -> None:
         from toolchain.quantize.gguf_types import SUPPORTED_TYPES
@@ -196,6 +199,8 @@ class ExportConfig:
             for q in self.gguf:
                 if q not in ("F16", "F32"):
                     check_overrides(self.gguf_overrides, q)
+        for q in self.onnx_precisions:
+            _choice(f"{where}.onnx_precisions", q, ["fp32", "fp16", "int8", "int4"])
 
 
 @dataclass
@@ -222,6 +227,11 @@ class VerifyConfig:
     )
     max_mean_kld: dict[str, float | None] = field(default_factory=lambda: {"Q8_0": 0.01, "default": None})
     min_top1_agreement: dict[str, float | None] = field(default_factory=lambda: {"default": None})
+    onnx_fp16_max_abs_diff: float = 2e-2
+    # quantized ONNX (int8/int4): min top-1 agreement and max mean KL(torch || onnx) per step
+    onnx_min_top1: dict[str, float] = field(default_factory=lambda: {"int8": 0.95, "int4": 0.90})
+    onnx_max_kl: dict[str, float] = field(default_factory=lambda: {"int8": 0.05, "int4": 0.25})
+    onnx_greedy_tokens: int = 64
 
     def validate(self, where: str) -> None:
         if not self.prompts:
@@ -229,6 +239,7 @@ class VerifyConfig:
         _positive(f"{where}.greedy_tokens", self.greedy_tokens)
         if self.quality_tokens and self.quality_tokens < self.quality_ctx:
             raise UserError(f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})")
+        _positive(f"{where}.onnx_greedy_tokens", self.onnx_greedy_tokens)
 
 
 @dataclass

@@ -114,12 +114,12 @@ class Run:
             return {}
         from toolchain.export.onnx import export_onnx
 
-        return export_onnx(self.path("student"), self.path("export", "onnx"))
+        return export_onnx(self.path("student"), self.path("export", "onnx"), self.config.export.onnx_precisions)
 
     def _exports(self) -> list[dict]:
         files = list((self.record("export_gguf") or {}).get("files", []))
         onnx = self.record("export_onnx") or {}
-        return files + ([onnx] if onnx.get("path") else [])
+        return files + ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))
 
     def stage_verify(self) -> dict:
         from toolchain.export.verify import verify_exports
@@ -130,7 +130,8 @@ class Run:
                 self.echo(f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
                           f"greedy {r['greedy_agreement']:.0%}")
             else:
-                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, greedy {r['greedy_agreement']:.0%}")
+                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r.get('top1_agreement', 1):.1%}, "
+                          f"mean KL {r.get('mean_kl', 0):.2e}, greedy {r['greedy_agreement']:.0%}")
         if any(r.get("quality") for r in results):
             from toolchain.export.gguf_quality import format_table
 

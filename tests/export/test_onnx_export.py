@@ -1,6 +1,7 @@
 """ONNX path: export with KV cache, torch-free decoding, verification against torch, bench runner.
 
-The tiny model is exported once per module (~20 s on 2 cores; torch.export dominates).
+The tiny model is exported once per session (conftest `tiny_onnx`, every precision; ~20 s on
+2 cores when idle, torch.export dominates).
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dir, tmp_path_factory):
-    from toolchain.export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    return export_onnx(tiny_dir, out), out
+def exported(tiny_onnx):
+    return tiny_onnx
 
 
 def _torch_logits(model_dir, ids):
@@ -42,7 +40,7 @@ def test_export_layout_and_names(exported, tiny_dir):
     import onnx
 
     result, out = exported
-    assert result["format"] == "onnx" and result["quant"] == "fp32"
+    assert result["format"] == "onnx" and result["quant"] == "fp32" and result["exporter"] == "dynamo"
     assert result["path"] == str(out / "model.onnx")
     assert result["bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     assert len(result["sha256"]) == 64 and result["seconds"] > 0
@@ -51,6 +49,7 @@ def test_export_layout_and_names(exported, tiny_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "model_info.json"):
         assert (out / name).is_file(), name
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    assert sorted(p.name for p in out.parent.iterdir()) == ["onnx", "onnx-fp16", "onnx-int4", "onnx-int8"]
 
     info = json.loads((out / "model_info.json").read_text())
     config = json.loads((tiny_dir / "config.json").read_text())
@@ -136,16 +135,22 @@ except ImportError:
 from toolchain.runtime.onnx_decoder import OnnxDecoder, load_tokenizer
 from toolchain.bench.onnxruntime_runner import bench
 d = {str(exported[1])!r}
-ids = load_tokenizer(d).encode("The capital of France is", add_special_tokens=False).ids
+tok = load_tokenizer(d)
+ids = tok.encode("The capital of France is", add_special_tokens=False).ids
 toks = OnnxDecoder(d, threads=1).generate(ids, 5, stop_ids=[])
 bench(d, ids, 2, 1, 1)
-print(json.dumps({{"ids": ids, "toks": toks, "torch": "torch" in sys.modules}}))
+# the int4 folder alone, as an app ships it: greedy and sampled text, decoded by `tokenizers`
+q = OnnxDecoder(d + "-int4", threads=1)
+text = tok.decode(q.generate(ids, 12, stop_ids=[]))
+sampled = tok.decode(q.generate(ids, 12, greedy=False, temperature=0.9, top_k=40, seed=1, stop_ids=[]))
+print(json.dumps({{"ids": ids, "toks": toks, "text": text, "sampled": sampled, "torch": "torch" in sys.modules}}))
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["torch"] and len(out["toks"]) == 5
+    assert out["text"].strip() and out["sampled"].strip() and out["text"] != out["sampled"]
 
     from toolchain.runtime.onnx_decoder import OnnxDecoder
 
@@ -157,15 +162,55 @@ def test_interrupted_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
 
     from toolchain.export.onnx import export_onnx
 
-    def boom(*a, **k):
-        raise RuntimeError("exporter died")
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C mid-export: not an exporter failure, no fallback
 
-    monkeypatch.setattr(torch.onnx, "export", boom)
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
     out = tmp_path / "out" / "onnx"
-    with pytest.raises(RuntimeError, match="exporter died"):
+    with pytest.raises(KeyboardInterrupt):
         export_onnx(tiny_dir, out)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # temp dir cleaned up too
+
+
+def test_exporter_failure_is_a_user_error_naming_both_exporters(tiny_dir, tmp_path, monkeypatch):
+    import torch
+
+    from toolchain.export.onnx import export_onnx
+
+    def unsupported(*a, dynamo=True, **k):
+        raise RuntimeError(f"Unsupported operator aten::frobnicate ({'dynamo' if dynamo else 'legacy'})")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    out = tmp_path / "out" / "onnx"
+    with pytest.raises(UserError, match=r"both exporters.*frobnicate \(dynamo\).*frobnicate \(legacy\)"):
+        export_onnx(tiny_dir, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_interrupted_quantization_leaves_no_variant(exported, monkeypatch, tmp_path):
+    from toolchain.export.onnx import precision_dir, quantize_export
+    from toolchain.quantize import onnx_quant
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    src = tmp_path / "onnx"
+    shutil.copytree(exported[1], src)
+    monkeypatch.setattr(onnx_quant, "to_nbits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_export(src, "int4")
+    assert precision_dir(src, "int4") == tmp_path / "onnx-int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no variant, no temp dir
+
+
+def test_bad_precision_is_a_user_error(exported, tiny_dir, tmp_path):
+    from toolchain.export.onnx import export_onnx, quantize_export
+
+    with pytest.raises(UserError, match="unknown ONNX precision 'int3'"):
+        export_onnx(tiny_dir, tmp_path / "x", ["fp32", "int3"])
+    with pytest.raises(UserError, match="quantize from the fp32 export"):
+        quantize_export(exported[1].with_name(exported[1].name + "-int4"), "int8")
 
 
 def test_unsupported_architecture_is_a_user_error(tmp_path):

@@ -73,7 +73,9 @@ def describe_model(path: str | os.PathLike) -> dict:
     if path.suffix == ".onnx" or (path / "model.onnx").is_file():
         f = path / "model.onnx" if path.is_dir() else path
         size = sum(p.stat().st_size for p in f.parent.glob(f.name + "*"))  # + external weights
-        return {"format": "onnx", "quant": "fp32", "path": str(f), "bytes": size}
+        info = f.parent / "model_info.json"  # fp16/int8/int4 exports say so there
+        quant = json.loads(info.read_text()).get("precision", "fp32") if info.is_file() else "fp32"
+        return {"format": "onnx", "quant": quant, "path": str(f), "bytes": size}
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         dtype = json.loads((path / "config.json").read_text()).get("dtype") or "fp32"
         quant = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)

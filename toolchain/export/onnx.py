@@ -1,4 +1,8 @@
-"""HF directory -> fp32 ONNX decoder with a KV cache, for onnxruntime (see runtime/onnx_decoder.py).
+"""HF directory -> ONNX decoder with a KV cache, for onnxruntime (see runtime/onnx_decoder.py).
+
+fp32 at the output folder, and optionally fp16/int8/int4 folders beside it
+(quantize/onnx_quant.py), each self-contained with the same inputs and outputs. The fp32 graph
+gets the offline fusions of export/onnx_optimize.py first, so every precision inherits them.
 
 The graph is exported with `torch.onnx.export(dynamo=True)`. Past keys/values travel as flat
 graph inputs (`past_key_values.{i}.key` / `.value`) and come back as `present.{i}.key` /
@@ -64,7 +68,10 @@ def _wrapper(model):
 
         def forward(self, input_ids, attention_mask, position_ids, *flat_past):
             pairs = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(self.n_layers)]
-            cache = DynamicCache(pairs, config=self.lm.config)
+            # no config: every layer a plain full-length DynamicLayer, so all present.N tensors
+            # have the same layout; sliding-window layers (Gemma-3) get their window from the
+            # attention mask, which transformers builds from config.sliding_window
+            cache = DynamicCache(pairs)
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -169,23 +176,18 @@ def _quiet_exporter():
         log.debug("torch.onnx.export output:\n%s", buf.getvalue())
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path) -> dict:
-    """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json)."""
+def _export_graph(wrapper, config, path: Path) -> str:
+    """Write the graph to `path` (+ external data); returns which exporter succeeded.
+
+    dynamo first (the one torch maintains); the legacy TorchScript exporter as a fallback,
+    since some models trace where torch.export cannot. If both fail, a UserError names the
+    architecture and both causes (usually an operator neither exporter supports).
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} is not an HF model directory (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir)
-    get_arch(config.model_type)  # refuse unsupported architectures before the slow part
-
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    wrapper = _wrapper(model)
-    inputs, outputs = io_names(config.num_hidden_layers)
-    with atomic_dir(out_dir) as tmp:
+    n = config.num_hidden_layers
+    inputs, outputs = io_names(n)
+    try:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 wrapper,
@@ -193,18 +195,50 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> dict:
                 dynamo=True,
                 input_names=inputs,
                 output_names=outputs,
-                dynamic_shapes=_dynamic_shapes(config.num_hidden_layers),
+                dynamic_shapes=_dynamic_shapes(n),
                 opset_version=OPSET,
                 optimize=True,
                 verify=False,
             )
-            program.save(str(tmp / MODEL_FILE), external_data=True)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        (tmp / INFO_FILE).write_text(json.dumps(model_info(model_dir, config), indent=2) + "\n")
-    seconds = time.perf_counter() - t0
+            program.save(str(path), external_data=True)
+        return "dynamo"
+    except Exception as dynamo_err:  # noqa: BLE001 - any exporter failure gets the fallback
+        log.warning("dynamo export failed (%s); trying the legacy exporter", _first_line(dynamo_err))
+        first = dynamo_err
+    try:
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+        for name in inputs[3:]:
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        for name in outputs[1:]:
+            axes[name] = {0: "batch", 2: "total_sequence"}
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(wrapper, _example_inputs(config), str(path), dynamo=False, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, opset_version=OPSET)
+        _to_external_data(path)
+        return "legacy"
+    except Exception as legacy_err:  # noqa: BLE001
+        raise UserError(
+            f"ONNX export of a '{config.model_type}' model failed with both exporters: dynamo: "
+            f"{_first_line(first)}; legacy: {_first_line(legacy_err)} (an operator or model feature the "
+            "exporters do not support; --debug shows the full trace)"
+        ) from legacy_err
 
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _to_external_data(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def _record(out_dir: Path, precision: str, seconds: float, extra: dict | None = None) -> dict:
     onnx_path = out_dir / MODEL_FILE
     data_path = out_dir / DATA_FILE
     size = onnx_path.stat().st_size + (data_path.stat().st_size if data_path.is_file() else 0)
@@ -215,10 +249,94 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path) -> dict:
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
     return {
         "format": "onnx",
-        "quant": "fp32",
+        "quant": precision,
         "path": str(onnx_path),
         "bytes": size,
         "sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "files_sha256": files,
         "seconds": round(seconds, 2),
+        **(extra or {}),
     }
+
+
+def precision_dir(out_dir: str | Path, precision: str) -> Path:
+    """Folder of one precision: fp32 at `out_dir` itself, the others beside it (`onnx-int4`)."""
+    out_dir = Path(out_dir)
+    return out_dir if precision == "fp32" else out_dir.with_name(f"{out_dir.name}-{precision}")
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, precisions: list[str] | tuple[str, ...] = ("fp32",),
+                optimize: bool = True) -> dict:
+    """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json).
+
+    fp32 is always written at `out_dir` (the reference the others are made from); each other
+    precision in `precisions` (fp16, int8, int4) becomes its own self-contained folder beside
+    it (`<out_dir>-int4/`: graph, weights, tokenizer, model_info.json), so an app ships one
+    folder. Each folder is written atomically. Returns the fp32 record with the others under
+    "variants".
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from toolchain.quantize.onnx_quant import check_precisions
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    precisions = check_precisions(list(precisions))
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    get_arch(config.model_type)  # refuse unsupported architectures before the slow part
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    wrapper = _wrapper(model)
+    with atomic_dir(out_dir) as tmp:
+        exporter = _export_graph(wrapper, config, tmp / MODEL_FILE)
+        fusions = _optimize_in_place(tmp / MODEL_FILE) if optimize else {}
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        info = model_info(model_dir, config)
+        info.update(precision="fp32", exporter=exporter, fusions=fusions)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    record = _record(out_dir, "fp32", time.perf_counter() - t0, {"exporter": exporter, "fusions": fusions})
+    record["variants"] = [quantize_export(out_dir, p) for p in precisions if p != "fp32"]
+    return record
+
+
+def _optimize_in_place(path: Path) -> dict:
+    import onnx
+
+    from toolchain.export.onnx_optimize import optimize_graph
+
+    model = onnx.load(str(path))
+    fusions = optimize_graph(model)
+    if any(fusions.values()):
+        (path.parent / DATA_FILE).unlink(missing_ok=True)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    return fusions
+
+
+def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = False) -> dict:
+    """Write `precision_dir(fp32_dir, precision)` from an fp32 export folder, atomically."""
+    from toolchain.quantize.onnx_quant import check_precisions, quantize_file
+
+    fp32_dir = Path(fp32_dir)
+    check_precisions([precision])
+    if not (fp32_dir / MODEL_FILE).is_file() or not (fp32_dir / INFO_FILE).is_file():
+        raise UserError(f"{fp32_dir} is not an fp32 ONNX export (needs {MODEL_FILE} and {INFO_FILE})")
+    info = json.loads((fp32_dir / INFO_FILE).read_text())
+    if info.get("precision", "fp32") != "fp32":
+        raise UserError(f"{fp32_dir} holds a {info['precision']} model; quantize from the fp32 export")
+    out = precision_dir(fp32_dir, precision)
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        quantize_file(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, keep_lm_head=keep_lm_head)
+        for name in TOKENIZER_FILES:
+            if (fp32_dir / name).is_file():
+                shutil.copy2(fp32_dir / name, tmp / name)
+        info.update(precision=precision)  # inputs/outputs (and the fp32 KV cache) stay as they were
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return _record(out, precision, time.perf_counter() - t0)

@@ -61,8 +61,10 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
                                 reference=reference, quality_reference=quality_ref, quality_chunks=chunks,
                                 quality_limits=limits)
             else:
-                r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.greedy_tokens,
-                                cfg.onnx_max_abs_diff, threads=threads)
+                r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.onnx_greedy_tokens,
+                                cfg.onnx_max_abs_diff, threads=threads, model=model, tokenizer=tokenizer,
+                                fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff, min_top1=cfg.onnx_min_top1,
+                                max_kl=cfg.onnx_max_kl)
         except VerificationError as err:
             r = {"format": e["format"], "quant": e["quant"], **err.figures, "passed": False}
             failures.append(str(err))

@@ -27,7 +27,8 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     distill = stages.get("distill", {})
     exports = []
     onnx = stages.get("export_onnx") or {}
-    for e in stages.get("export_gguf", {}).get("files", []) + ([onnx] if onnx.get("path") else []):
+    onnx_all = ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))  # fp16/int8/int4 folders
+    for e in stages.get("export_gguf", {}).get("files", []) + onnx_all:
         exports.append({k: e[k] for k in ("format", "quant", "path", "bytes", "sha256", "files_sha256") if k in e})
     verify = {(v["format"], v["quant"]): v for v in stages.get("verify", {}).get("results", [])}
     for e in exports:

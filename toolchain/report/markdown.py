@@ -100,6 +100,8 @@ def render(report: dict) -> str:
                           f"greedy {_f(p.get('greedy_agreement'), '.0%')}")
             else:
                 parity = f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+                if "top1_agreement" in p:  # int8/int4 are judged on choices, not absolute logits
+                    parity += f", top-1 {_f(p.get('top1_agreement'), '.1%')}, mean KL {_f(p.get('mean_kl'), '.2e')}"
             rows.append([e["format"], e["quant"], _mb(e.get("bytes")), parity if p else "not verified",
                          "pass" if p.get("passed") else ("-" if not p else "FAIL"), f"`{e['sha256'][:12]}`"])
         lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
