@@ -96,3 +96,21 @@ def test_every_command_has_help(capsys, cmd):
         main(cmd + ["--help"])
     assert e.value.code == 0
     assert "usage: toolchain" in capsys.readouterr().out
+
+
+def test_distill_from_jsonl_pairs_needs_no_teacher(capsys, tmp_path, tiny_dir):
+    # data.mode=sequences with a user's JSONL: the teacher named here does not even exist,
+    # so this passes only if the stage never loads it
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(24)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(capsys, "distill", "--teacher", str(tmp_path / "no-such-teacher"), "--student", str(tiny_dir),
+                         "--out", str(tmp_path / "o"), "--no-progress", "--set", "data.mode=sequences",
+                         "--set", f"data.pairs={pairs}", "--set", "distill.steps=2", "--set", "distill.batch_size=2",
+                         "--set", "data.seq_len=96", "--set", "data.eval_sequences=2")
+    assert code == 0, err
+    res = json.loads(out[out.index("{"):])
+    assert res["mode"] == "sequences" and res["steps"] == 2
+    assert (tmp_path / "o" / "config.json").is_file()

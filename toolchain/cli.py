@@ -77,7 +77,7 @@ def cmd_student(args) -> None:
 def cmd_distill(args) -> None:
     from toolchain.distill.run import distill_student
     from toolchain.fileio import check_writable_dir
-    from toolchain.models.load import load_model
+    from toolchain.models.load import teacher_from_config
 
     extra = [f"teacher.model={args.teacher}"] + [f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS
                                                   if getattr(args, k, None) is not None]
@@ -85,9 +85,12 @@ def cmd_distill(args) -> None:
     if not (Path(args.student) / "config.json").is_file():
         raise UserError(f"student directory not found or not an HF model: {args.student}")
     check_writable_dir(Path(args.out).parent, "output directory")
-    teacher = load_model(cfg.teacher.model, args.adapter, cfg.teacher.dtype)
+    if args.adapter:
+        cfg.teacher.adapter = args.adapter
     work = Path(args.work or f"{args.out}.work")
-    res = distill_student(teacher, args.student, args.out, cfg.data, cfg.distill, work, progress=not args.no_progress)
+    # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
+    res = distill_student(lambda: teacher_from_config(cfg.teacher), args.student, args.out, cfg.data, cfg.distill,
+                          work, progress=not args.no_progress, teacher_cfg=cfg.teacher)
     res.pop("history")
     _echo(json.dumps(res, indent=2))
 

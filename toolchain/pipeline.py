@@ -84,12 +84,15 @@ class Run:
     def stage_distill(self) -> dict:
         from toolchain.distill.run import distill_student
 
-        res = distill_student(self.distill_teacher, self.path("work", "student-init"), self.path("student"),
-                              self.config.data, self.config.distill, self.path("work", "distill"), self.progress)
+        # a function, so a complete teacher cache or a JSONL of pairs never loads the teacher
+        res = distill_student(lambda: self.distill_teacher, self.path("work", "student-init"), self.path("student"),
+                              self.config.data, self.config.distill, self.path("work", "distill"), self.progress,
+                              teacher_cfg=self.config.teacher)
         write_json(self.path("logs", "distill_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]
         self.echo(f"held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement {b['top1_agreement']:.1%} -> "
-                  f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f} (teacher {a['teacher_ce']:.3f})")
+                  f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f}"
+                  + (f" (teacher {a['teacher_ce']:.3f})" if a.get("teacher_ce") is not None else ""))
         res["bytes"] = dir_bytes(self.path("student"))
         return res
 

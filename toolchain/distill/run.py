@@ -2,42 +2,54 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
-from toolchain.config import DataConfig, DistillConfig
+from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.distill.data import load_documents, pack, train_and_heldout
 from toolchain.errors import UserError
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.lora import attach_lora, merge_lora
-from toolchain.distill.loop import check_same_vocabulary, distill, packed_batches
-from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
+from toolchain.distill.loop import distill
+from toolchain.models.load import count_params, load_model, read_meta, save_model
 
 
-def distill_student(teacher: LoadedModel, student_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    data: DataConfig, cfg: DistillConfig, work_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train the student in student_dir towards the teacher; save it to out_dir (atomically)."""
+def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    data: DataConfig, cfg: DistillConfig, work_dir: str | os.PathLike, progress: bool = True,
+                    teacher_cfg: TeacherConfig | None = None) -> dict:
+    """Train the student in student_dir towards the teacher; save it to out_dir (atomically).
+
+    `teacher` is a LoadedModel or a zero-argument function returning one: `data.mode` decides
+    whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
+    """
+    from toolchain.distill.modes import prepare_data
+
+    if callable(teacher):
+        teacher = functools.cache(teacher)  # prepare_data and the loop share one load
     student = load_model(str(student_dir))
-    check_same_vocabulary(teacher.tokenizer, student.tokenizer)
-    train, held = train_and_heldout(student.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction,
-                                    data.seed, data.eval_sequences)
-    batch_fn = packed_batches(train, cfg.batch_size, cfg.seed)
+    plan = prepare_data(data, cfg, student.model, student.tokenizer, work_dir, teacher=teacher,
+                        teacher_cfg=teacher_cfg, progress=progress)
+    t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
-    evals = {"heldout": held}
+    evals = {"heldout": plan.heldout}
     for path in cfg.eval_sets:  # each extra eval file: its first eval_sequences blocks
+        if not plan.needs_teacher:
+            raise UserError("distill.eval_sets needs the online teacher (data.mode: text)")
         blocks = pack(student.tokenizer, load_documents(path), data.seq_len + 1, data.eval_sequences)
         if len(blocks) == 0:
             raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
         evals[Path(path).stem] = blocks
-    result = distill(teacher.model, model, batch_fn, evals, cfg, work_dir, progress=progress, layer_map=layer_map)
-    meta = {**read_meta(student_dir), "distilled_steps": cfg.steps}
+    result = distill(t.model if t is not None else None, model, plan.batch_fn, evals, cfg, work_dir,
+                     progress=progress, layer_map=layer_map)
+    meta = {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
     if cfg.lora.r:
         student.model = merge_lora(model)
         meta["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets), "merged": True}
     save_model(student.model, student.tokenizer, out_dir, meta)
     result["params"] = count_params(student.model)
-    result["train_blocks"], result["heldout_blocks"] = len(train), len(held)
+    result.update(plan.info)
     return result
 
 
