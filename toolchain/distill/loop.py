@@ -65,14 +65,6 @@ def packed_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> BatchFn:
     return lambda m: Batch.from_blocks(blocks[_batch_indices(m, batch_size, len(blocks), seed)])
 
 
-def check_same_vocabulary(teacher_tok, student_tok) -> None:
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise UserError(
-            "teacher and student tokenizers differ; logit distillation needs a shared tokenizer "
-            "(make the student from the teacher with `toolchain student`)"
-        )
-
-
 def loss_spec(cfg: DistillConfig) -> LossSpec:
     return LossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew)
 
