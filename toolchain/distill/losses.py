@@ -338,7 +338,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, teacher, labels, spec: LossSpec, denom: float, chunk: int, slab: int):
         n = s_hidden.shape[0]
         grad_h = torch.empty_like(s_hidden)
-        grad_w = torch.zeros_like(s_weight) if s_weight.requires_grad else None
+        grad_w = None  # the first slab writes it (no zero-fill of a vocab-sized buffer), the rest add
         ce_sum = s_hidden.new_zeros((), dtype=torch.float32)
         div_sum = ce_sum.clone()
         # under bf16 autocast the hidden states arrive in bf16: the head matmuls and the loss run
@@ -369,8 +369,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 del t_logits
                 g = s_logits
                 grad_h[rows] = g @ s_weight
-                if grad_w is not None:
-                    grad_w.addmm_(g.t(), h)
+                if s_weight.requires_grad:
+                    grad_w = g.t() @ h if grad_w is None else grad_w.addmm_(g.t(), h)
                 del g, s_logits
         ctx.save_for_backward(grad_h, grad_w)
         total = (spec.alpha * ce_sum + (1 - spec.alpha) * spec.temperature**2 * div_sum) / denom
