@@ -1,5 +1,6 @@
 import importlib.metadata
 import json
+import shutil
 
 import pytest
 import torch
@@ -79,6 +80,14 @@ def test_gguf_teacher_round_trip(tiny_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(_logits(loaded.model), _logits(ref), atol=1e-4, rtol=1e-4)
     # the conversion is cached: a second resolve does not convert again
     assert resolve_model_dir(str(path)) == loaded.path
+    # keyed by content: the same file at another path (another venv's copy of a bundled GGUF)
+    # reuses it; other bytes at the first path get a conversion of their own
+    copy = tmp_path / "elsewhere" / path.name
+    copy.parent.mkdir()
+    shutil.copy2(path, copy)
+    assert resolve_model_dir(str(copy)) == loaded.path
+    write_gguf(tiny_dir, path, "F16")
+    assert resolve_model_dir(str(path)) != loaded.path
 
 
 @pytest.mark.slow
