@@ -133,9 +133,6 @@ def _train_trl(teacher, student, blocks, steps: int) -> list[float]:
     return times.seconds
 
 
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
-
-
 def run_env(run: str) -> dict:
     """Process environment of one run: TRL as it starts by default; ours and trl_tuned tuned alike."""
     from toolchain.distill.tuning import process_env
