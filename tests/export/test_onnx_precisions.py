@@ -49,7 +49,9 @@ def test_variants_are_self_contained_folders_with_the_same_io(exported):
         if precision in ("int8", "int4"):
             # every linear layer and the (tied) output projection: 7 per block + lm_head
             assert ops["MatMulNBits"] == 7 * 4 + 1, ops
-    # the fp32 embedding table (a Gather) is kept; the tied head becomes a quantized copy
+        # int4 also looks tokens up in a 4-bit table; int8 keeps the fp32 one (no 8-bit Gather)
+        assert ops["GatherBlockQuantized"] == (1 if precision == "int4" else 0), (precision, ops)
+    # the tied head becomes a quantized copy of the table
     assert variants["int4"]["bytes"] < variants["int8"]["bytes"] and variants["fp16"]["bytes"] < record["bytes"] / 1.9
 
 
