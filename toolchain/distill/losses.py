@@ -328,10 +328,11 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
 
 class _FusedHeadLoss(torch.autograd.Function):
     """`chunked_loss` with the output layer folded in: logits are made from final hidden states
-    one chunk of tokens at a time, for the student (with grad) and the teacher (without), so no
-    [tokens, vocab] tensor of the whole batch ever exists. Per chunk: logits = h @ W^T, the
-    loss gradient g w.r.t. them, then dL/dh = g @ W and dL/dW += g^T @ h. Same matmuls as the
-    unfused path; what is saved is the memory traffic of several 100 MB tensors per step.
+    one slab of `slab` tokens at a time, for the student (with grad) and the teacher (without),
+    so no [tokens, vocab] tensor of a larger batch ever exists. Per slab: logits = h @ W^T, the
+    loss gradient g w.r.t. them (computed `chunk` rows at a time, written over the logits),
+    then dL/dh = g @ W and dL/dW += g^T @ h. Same matmuls as the unfused path; what is saved
+    is the memory traffic of several vocab-sized tensors per step.
     """
 
     @staticmethod
