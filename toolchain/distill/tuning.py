@@ -2,11 +2,11 @@
 
 Every KD step allocates and frees vocabulary-sized buffers (tens of MB). glibc serves blocks
 above its mmap threshold with fresh mmaps and unmaps them on free, so each step faults the same
-memory back in; that measured at 17-25% of CPU time (DESIGN.md). Keeping freed memory in the
-heap (`mmap_max=0`, a high `trim_threshold`) stops it. These settings are read when glibc
-initialises, so they are set in the environment of a process before it starts
-(`process_env`); `keep_freed_memory` applies the same through mallopt() at run time for
-processes started without them.
+memory back in; that measured at 17-25% of CPU time (DESIGN.md). Serving such blocks from the
+heap (a 256 MB `mmap_threshold`) and keeping freed heap (a 512 MB `trim_threshold`) stops it.
+These settings are read when glibc initialises, so they are set in the environment of a process
+before it starts (`process_env`); `keep_freed_memory` applies the same through mallopt() at run
+time for processes started without them.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ with the model into students and exports as `toolchain.json`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -101,10 +102,12 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: d
     return Path(out_dir)
 
 
-def _content_key(path: Path) -> str:
+@functools.lru_cache(maxsize=16)
+def _content_key(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of the file's bytes (~0.3 s per 100 MB): a key by content, not by path, so the
     same bundled GGUF installed into another venv (every fresh clone) reuses the one
-    conversion instead of adding another ~540 MB copy to the cache."""
+    conversion instead of adding another ~540 MB copy to the cache. Memoised per (path, size,
+    mtime) so the stages of one run that resolve the same teacher hash it once."""
     h = hashlib.sha256(b"gguf-hf|v2|")
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -113,7 +116,8 @@ def _content_key(path: Path) -> str:
 
 
 def _cached_gguf_conversion(gguf_path: Path, meta: dict | None = None) -> Path:
-    key = _content_key(gguf_path)
+    st = gguf_path.stat()
+    key = _content_key(gguf_path.resolve(), st.st_size, st.st_mtime_ns)
     out = cache_dir() / "gguf-hf" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         gguf_to_hf(gguf_path, out, meta)

@@ -121,14 +121,19 @@ def quantize_embedding(model, block_size: int = BLOCK_SIZE):
                                        op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
     quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=names,
                                  algo_config=cfg)
-    qlog = logging.getLogger("onnxruntime.quantization")
-    level = qlog.level
     # (it warns that it raises the opset to 21 for the int4 type; onnxruntime >= 1.20 runs it)
-    qlog.setLevel(logging.ERROR)
+    return _process_quietly(quant, logging.ERROR)
+
+
+def _process_quietly(quant, level: int):
+    """Run an onnxruntime weight quantizer with its logger raised to `level`; the quantized model."""
+    qlog = logging.getLogger("onnxruntime.quantization")
+    old = qlog.level
+    qlog.setLevel(level)
     try:
         quant.process()
     finally:
-        qlog.setLevel(level)
+        qlog.setLevel(old)
     return quant.model.model
 
 
@@ -163,14 +168,7 @@ def _nbits_pass(model, bits: int, block_size: int, accuracy_level: int, symmetri
                                  accuracy_level=accuracy_level, nodes_to_exclude=exclude, nodes_to_include=include,
                                  algo_config=cfg)
     # the quantizer logs one INFO line per MatMul
-    qlog = logging.getLogger("onnxruntime.quantization")
-    level = qlog.level
-    qlog.setLevel(logging.WARNING)
-    try:
-        quant.process()
-    finally:
-        qlog.setLevel(level)
-    return quant.model.model
+    return _process_quietly(quant, logging.WARNING)
 
 
 def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_SIZE,
