@@ -91,6 +91,8 @@ def cmd_distill(args) -> None:
     # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
     res = distill_student(lambda: teacher_from_config(cfg.teacher), args.student, args.out, cfg.data, cfg.distill,
                           work, progress=not args.no_progress, teacher_cfg=cfg.teacher)
+    if "history" not in res:  # a process other than 0 under accelerate launch / torchrun
+        return
     res.pop("history")
     _echo(json.dumps(res, indent=2))
 

@@ -81,13 +81,16 @@ class Run:
         self.echo(f"student keeps layers {res['kept_layers']} ({res['params'] / 1e6:.1f} M params)")
         return res
 
-    def stage_distill(self) -> dict:
+    def _distill_student(self) -> dict:
         from toolchain.distill.run import distill_student
 
         # a function, so a complete teacher cache or a JSONL of pairs never loads the teacher
-        res = distill_student(lambda: self.distill_teacher, self.path("work", "student-init"), self.path("student"),
-                              self.config.data, self.config.distill, self.path("work", "distill"), self.progress,
-                              teacher_cfg=self.config.teacher)
+        return distill_student(lambda: self.distill_teacher, self.path("work", "student-init"), self.path("student"),
+                               self.config.data, self.config.distill, self.path("work", "distill"), self.progress,
+                               teacher_cfg=self.config.teacher)
+
+    def stage_distill(self) -> dict:
+        res = self._distill_student()
         write_json(self.path("logs", "distill_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]
         self.echo(f"held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement {b['top1_agreement']:.1%} -> "
@@ -167,9 +170,16 @@ class Run:
         return report
 
     def run(self) -> dict:
+        from toolchain.distill.parallel import barrier, from_env
+
+        par = from_env()
+        if not par.main:
+            return self._run_helper(par)
         seconds_file = self.path("logs", "stage_seconds.json")
         seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
         for stage in STAGES:
+            if stage == "distill":
+                barrier(par)  # the other processes wait here for the student stage
             if self.record(stage) is not None:
                 self.echo(f"[{stage}] done earlier, skipped")
                 continue
@@ -189,6 +199,15 @@ class Run:
         report = self.write_report(seconds)
         self.echo(f"report: {self.path('report.md')}  ({sum(seconds.values()):.0f} s in stages)")
         return report
+
+    def _run_helper(self, par) -> dict:
+        """A process other than 0 under `accelerate launch`: it only shares the distillation."""
+        from toolchain.distill.parallel import barrier
+
+        barrier(par)  # process 0 has made the student (or finds the stages done)
+        if self.record("distill") is None:
+            self._distill_student()
+        return {}
 
 
 def run_pipeline(config: Config, out: str | Path, progress: bool = True, echo=print) -> dict:

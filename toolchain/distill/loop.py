@@ -7,6 +7,9 @@ none needs it.
 
 Resumable: every `checkpoint_every` steps the student, optimizer, scheduler, RNG states and
 the step counter are written atomically to `work_dir/checkpoint.pt`; a rerun continues there.
+
+Under `accelerate launch` / `torchrun` the step's micro-batches are shared out over the
+processes (toolchain/distill/parallel.py); process 0 evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
+from toolchain.distill.parallel import (Parallel, all_sum, barrier, broadcast_parameters, from_env, gather,
+                                        micro_batch_index, sum_gradients)
 from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
@@ -164,13 +169,18 @@ def _n_tokens(batch: Batch) -> int:
 
 
 def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
-            work_dir: str | os.PathLike, progress: bool = True, layer_map: list[tuple[int, int]] | None = None) -> dict:
+            work_dir: str | os.PathLike, progress: bool = True, layer_map: list[tuple[int, int]] | None = None,
+            par: Parallel | None = None) -> dict:
     """Train `student` towards `teacher` on `batch_fn`'s batches; returns figures for the report.
 
-    batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1).
+    batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1; with W
+    processes, s * grad_accum * W ... and each process its share).
     heldout: packed blocks [n, L+1] or a list of Batch (see `evaluate`).
     teacher may be None when every batch carries stored top-k targets.
+    par: the process group (default: from the launcher's environment, else a single process).
+    On processes other than 0 the returned figures hold no evaluations.
     """
+    par = par or from_env()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
@@ -209,7 +219,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         scheduler.load_state_dict(ckpt["scheduler"])
         if hidden is not None and ckpt.get("hidden_proj") is not None:
             hidden.load_state_dict(ckpt["hidden_proj"])
-        _set_rng_states(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        _set_rng_states(ranks[par.rank] if len(ranks) == par.world else ckpt["rng"])
         start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
         if before is not None and "ce" in before:  # a checkpoint from before named eval sets
             before = {"heldout": before}
@@ -218,18 +229,29 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     # several named eval sets may be given; the first is "the" held-out set of before/after
     eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
     primary = next(iter(eval_sets))
+    # the same weights everywhere (the processes stay equal: they apply the same summed gradients)
+    broadcast_parameters(par, student)
+    if hidden is not None:
+        broadcast_parameters(par, hidden)
 
-    def evaluate_all() -> dict:
+    def evaluate_all() -> dict | None:
+        # the processes hold equal weights, so process 0 evaluates for all of them
+        if not par.main:
+            return None
         return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()}
 
     if before is None:
         before = evaluate_all()
 
     def save_checkpoint(step: int) -> None:
+        rng_ranks = gather(par, _rng_states())  # each process's sampling continues where it was
+        if not par.main:
+            return
         with atomic_path(ckpt_path) as tmp:
             torch.save(
                 {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_states(), "step": step, "history": history, "before": before,
+                 "rng": rng_ranks[0], "rng_ranks": rng_ranks if par.active else None, "step": step,
+                 "history": history, "before": before,
                  "train_seconds": train_seconds, "tokens": tokens,
                  "hidden_proj": hidden.state_dict() if hidden is not None else None},
                 tmp,
@@ -244,14 +266,15 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         b = batch_fn(m)
         return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not progress, unit="step")
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not (progress and par.main), unit="step")
     student.train()
     steady_tokens, steady_seconds = 0, 0.0
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        batches = [next_batch(step * accum + k) for k in range(accum)]
-        # token-weighted over the whole step: each micro-batch is divided by the step's loss tokens
-        denom = max(1, sum(b.n_loss_tokens for b in batches))
+        batches = [next_batch(micro_batch_index(par, step, accum, k)) for k in range(accum)]
+        # token-weighted over the whole step (all processes): each micro-batch is divided by the
+        # step's loss tokens
+        denom = max(1, all_sum(par, sum(b.n_loss_tokens for b in batches)))
         optimizer.zero_grad(set_to_none=True)
         loss_value, ce_value, div_value = 0.0, 0.0, 0.0
         for b in batches:
@@ -261,6 +284,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             loss_value += loss.item()
             ce_value += float(ce)
             div_value += float(div)
+        if par.active:
+            sum_gradients(par, params)
+            loss_value, ce_value, div_value = (all_sum(par, v) for v in (loss_value, ce_value, div_value))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
             bar.close()
@@ -268,7 +294,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         optimizer.step()
         scheduler.step()
         dt = time.perf_counter() - t0
-        step_tokens = sum(_n_tokens(b) for b in batches)
+        step_tokens = int(all_sum(par, sum(_n_tokens(b) for b in batches)))
         train_seconds += dt
         tokens += step_tokens
         if step > start_step:  # the first step pays one-off allocation costs
@@ -287,6 +313,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     bar.close()
     student.eval()
     after = evaluate_all()
+    barrier(par)
+    if not par.main:
+        return {"steps": cfg.steps, "tokens": tokens, "rank": par.rank}
     return {
         "steps": cfg.steps,
         "tokens": tokens,

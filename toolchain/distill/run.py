@@ -22,14 +22,24 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
 
     `teacher` is a LoadedModel or a zero-argument function returning one: `data.mode` decides
     whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
+    Under a multi-process launcher only process 0 saves and returns the full figures.
     """
     from toolchain.distill.modes import prepare_data
+    from toolchain.distill.parallel import barrier, from_env
+
+    par = from_env()
 
     if callable(teacher):
         teacher = functools.cache(teacher)  # prepare_data and the loop share one load
     student = load_model(str(student_dir))
+    # process 0 prepares first (teacher caches and generations are written once), the others
+    # then find them ready
+    if not par.main:
+        barrier(par)
     plan = prepare_data(data, cfg, student.model, student.tokenizer, work_dir, teacher=teacher,
-                        teacher_cfg=teacher_cfg, progress=progress)
+                        teacher_cfg=teacher_cfg, progress=progress and par.main)
+    if par.main:
+        barrier(par)
     t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
@@ -42,7 +52,9 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
             raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
         evals[Path(path).stem] = blocks
     result = distill(t.model if t is not None else None, model, plan.batch_fn, evals, cfg, work_dir,
-                     progress=progress, layer_map=layer_map)
+                     progress=progress, layer_map=layer_map, par=par)
+    if not par.main:
+        return result
     meta = {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
     if cfg.lora.r:
         student.model = merge_lora(model)
