@@ -1,7 +1,7 @@
 """Verification figures of every ONNX precision of a real model (the issue's closing figures).
 
 Exports MODEL to ONNX fp32/fp16/int8/int4 into OUT (skipped when OUT already holds the fp32
-export), then runs toolchain's verify_onnx with the default VerifyConfig thresholds on each,
+export), re-quantizes any precision folder that is missing, then runs toolchain's verify_onnx with the default VerifyConfig thresholds on each,
 printing one JSON object per precision and, last, one JSON object {precision: figures}.
 
     python benchmarks/onnx_verify_figures.py MODEL_DIR OUT_DIR
@@ -22,7 +22,7 @@ def main() -> None:
 
     from toolchain.config import VerifyConfig
     from toolchain.errors import VerificationError
-    from toolchain.export.onnx import export_onnx, precision_dir
+    from toolchain.export.onnx import export_onnx, precision_dir, quantize_export
     from toolchain.export.verify_onnx import verify_onnx
 
     md, out = sys.argv[1], sys.argv[2]
@@ -31,6 +31,11 @@ def main() -> None:
         r = export_onnx(md, out, ["fp32", "fp16", "int8", "int4"])
         print("export", round(time.time() - t), "s", json.dumps({k: r[k] for k in ("bytes", "exporter", "fusions")}),
               [(v["quant"], v["bytes"]) for v in r["variants"]], flush=True)
+    for p in ["fp16", "int8", "int4"]:  # a precision deleted to be redone (after a quantizer change)
+        if not (precision_dir(out, p) / "model.onnx").is_file():
+            t = time.time()
+            v = quantize_export(out, p)
+            print(p, "quantized in", round(time.time() - t), "s,", v["bytes"], "bytes", flush=True)
     model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(md)
     cfg = VerifyConfig()

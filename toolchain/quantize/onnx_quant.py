@@ -7,26 +7,29 @@ KV cache layout), so one runtime loop (runtime/onnx_decoder.py) runs them all.
   must keep in fp32; graph inputs/outputs stay fp32 (Cast nodes at the edges). The CPU
   execution provider has few fp16 kernels and inserts casts around the rest, so fp16 is
   for GPU / NPU / web (WebGPU) apps and for halving the download: it is slower on CPU.
-- int8 / int4: weight-only block quantization of the MatMul weights into onnxruntime's
-  `MatMulNBits` (bits 8 or 4), symmetric, with `accuracy_level` 4 so the CPU kernel
-  quantizes activations to int8 on the fly and uses integer dot products. Measured on
-  SmolLM2 (benchmarks/onnx_speed.py), this beats the classic `quantize_dynamic` int8
-  (DynamicQuantizeLinear + MatMulInteger), which was no faster than fp32 here.
-  The output projection is quantized like the other MatMuls unless `keep_lm_head` is set.
-  int4 also block-quantizes the token embedding table (Gather -> GatherBlockQuantized, 4-bit,
-  block 32 along the hidden axis): the table is the largest tensor of small-vocabulary-heavy
-  models (Gemma-3-270M: 671 of 1075 MB), so int4 without it was hardly smaller than int8.
-  Measured on SmolLM2: 201 -> 105 MB, top-1 73.7% -> 73.0%, mean KL 0.376 -> 0.392.
-  onnxruntime's quantizer has no 8-bit Gather, so int8 keeps the fp32 table.
+- int8: weight-only block quantization of the MatMul weights into onnxruntime's `MatMulNBits`
+  (8 bits, symmetric, round to nearest), with `accuracy_level` 4 so the CPU kernel quantizes
+  activations to int8 on the fly and uses integer dot products. Measured on SmolLM2
+  (benchmarks/onnx_speed.py), this beats the classic `quantize_dynamic` int8
+  (DynamicQuantizeLinear + MatMulInteger): no faster at decode, and its per-tensor activation
+  scales made it diverge (top-1 8%). onnxruntime's quantizer has no 8-bit Gather, so the token
+  embedding stays fp32.
+- int4: the transformer blocks' MatMuls in 4 bits with a fitted float offset per block of 32
+  (quantize/onnx_offsets.py), the output projection and the token embedding in 8 bits, sharing
+  one copy of the codes when they are tied - the mix llama.cpp's Q4_K_M makes for these models
+  (its Gemma-3-270M file keeps token_embd at Q8_0). Measured (benchmarks/onnx_verify_figures.py):
 
-Why plain round-to-nearest int4 (measured on SmolLM2, session 3 of issue 6): both bundled models
-ship as 4-bit GGUFs (Q4_1, Q4_K_M), so their weights sit on per-block grids with a float
-offset. HQQ's float zero points reproduce such a grid (weight error 0.2% vs 8.5% for RTN; top-1
-98.3% vs 73.7%), but onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path
-(6.9 tok/s decode vs 65 for RTN int4 and 27 for fp32). Integer zero points cannot express the
-offset: asymmetric RTN (72%) and onnxruntime's k_quant (71%) do no better than symmetric. On
-continuous weights HQQ's edge is small (7.7% vs 8.2% error), so it is not offered.
-"""
+  | int4 variant                                    | SmolLM2 top-1 / KL / MB | Gemma-3-270M top-1 / KL / MB |
+  |-------------------------------------------------|-------------------------|------------------------------|
+  | round-to-nearest, symmetric, 4-bit head + table | 73.0% / 0.392 / 105     | 84.8% / 0.264 / 275          |
+  | fitted offsets, 4-bit head + table              | 88.4% / 0.050 / 126     | 86.8% / 0.125 / 330          |
+  | fitted offsets, 8-bit head + table (unshared)   | 97.6% / 0.0039 / 154    | 90.0% / 0.094 / 498          |
+
+  Why offsets: both bundled models ship as 4/5-bit GGUFs whose blocks are "min + d * q", a float
+  offset per block that integer zero points cannot express (asymmetric RTN and onnxruntime's
+  k_quant: 71-72%). MatMulNBits' own float zero points would, but onnxruntime 1.32 runs them on
+  a slow CPU path (6.9 tok/s decode against 27 for fp32). Most of Gemma's block weights are Q5_0,
+  so 4 bits cannot be exact there.
 
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 # accuracy_level 4: int8 activations x n-bit weights with integer dot products on CPU
 ACCURACY_LEVEL = 4
+# int4's output projection and token embedding (see the module docstring's table)
+INT4_HEAD_BITS = 8
 
 
 def check_precisions(precisions: list[str], where: str = "precisions") -> list[str]:
@@ -173,16 +178,23 @@ def _nbits_pass(model, bits: int, block_size: int, accuracy_level: int, symmetri
 
 def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_SIZE,
              accuracy_level: int = ACCURACY_LEVEL, keep_lm_head: bool = False, head_bits: int | None = None,
-             symmetric: bool = True, quantize_embeddings: bool = True) -> None:
+             symmetric: bool = True, quantize_embeddings: bool = True, offsets: bool = False,
+             embed_bits: int = 4) -> None:
     """MatMul weights -> MatMulNBits with `bits`; the output projection with `head_bits`
     (default: the same), or left fp32 with `keep_lm_head`; at 4 bits also the token embedding
-    unless `quantize_embeddings` is False."""
+    unless `quantize_embeddings` is False. `offsets`: blocks get a fitted float offset
+    (quantize/onnx_offsets.py) instead of onnxruntime's round-to-nearest."""
     import onnx
 
     model = onnx.load(str(src_file))
     head = _lm_head_nodes(model)
     if not keep_lm_head:
         fold_weight_transposes(model)
+    if offsets:
+        _offset_pass(model, bits, block_size, accuracy_level, head, keep_lm_head, head_bits or bits,
+                     embed_bits=embed_bits if quantize_embeddings else None)
+        _save(model, out_file)
+        return
     head_bits = head_bits or bits
     separate_head = keep_lm_head or head_bits != bits
     model = _nbits_pass(model, bits, block_size, accuracy_level, symmetric, exclude=head if separate_head else [])
@@ -194,6 +206,26 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
     if bits == 4 and quantize_embeddings:
         model = quantize_embedding(model, block_size)
     _save(model, out_file)
+
+
+def _offset_pass(model, bits: int, block_size: int, accuracy_level: int, head: list[str], keep_lm_head: bool,
+                 head_bits: int, embed_bits: int | None) -> None:
+    import onnx
+
+    from toolchain.quantize.onnx_offsets import rewrite_embeddings, rewrite_matmuls
+
+    separate_head = keep_lm_head or head_bits != bits
+    fitted: dict = {}  # lets a tied embedding share the head's codes
+    if rewrite_matmuls(model, bits, block_size, accuracy_level, set(head) if separate_head else set(),
+                       fitted=fitted) == 0:
+        raise UserError("no MatMul with a constant weight to quantize; is this an exported decoder?")
+    if head and separate_head and not keep_lm_head:
+        rewrite_matmuls(model, head_bits, block_size, accuracy_level, set(), include=set(head), fitted=fitted)
+    if embed_bits:
+        rewrite_embeddings(model, _embedding_gathers(model), embed_bits, block_size, fitted=fitted)
+    # MatMulNBits and GatherBlockQuantized live in com.microsoft
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
 def to_int8_dynamic(src_file: Path, out_file: Path, keep_lm_head: bool = True) -> None:
@@ -212,6 +244,9 @@ def quantize_file(src_file: Path, out_file: Path, precision: str, keep_lm_head: 
     """Write `out_file` (+ `<name>.data`) in `precision` from the fp32 `src_file`."""
     if precision == "fp16":
         to_fp16(src_file, out_file)
+    elif precision == "int4":
+        to_nbits(src_file, out_file, 4, keep_lm_head=keep_lm_head, offsets=True, head_bits=INT4_HEAD_BITS,
+                 embed_bits=INT4_HEAD_BITS)
     elif precision in BITS:
         to_nbits(src_file, out_file, BITS[precision], keep_lm_head=keep_lm_head)
     else:
