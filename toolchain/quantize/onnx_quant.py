@@ -30,6 +30,7 @@ KV cache layout), so one runtime loop (runtime/onnx_decoder.py) runs them all.
   k_quant: 71-72%). MatMulNBits' own float zero points would, but onnxruntime 1.32 runs them on
   a slow CPU path (6.9 tok/s decode against 27 for fp32). Most of Gemma's block weights are Q5_0,
   so 4 bits cannot be exact there.
+"""
 
 from __future__ import annotations
 
