@@ -4,7 +4,7 @@ Exports MODEL to ONNX fp32/fp16/int8/int4 into OUT (skipped when OUT already hol
 export), re-quantizes any precision folder that is missing, then runs toolchain's verify_onnx with the default VerifyConfig thresholds on each,
 printing one JSON object per precision and, last, one JSON object {precision: figures}.
 
-    python benchmarks/onnx_verify_figures.py MODEL_DIR OUT_DIR
+    python benchmarks/onnx_verify_figures.py MODEL_DIR OUT_DIR [PRECISIONS, default fp32,fp16,int8,int4]
     (SmolLM2: ~/.cache/toolchain/gguf-hf/SmolLM2-*; Gemma-3-270M: an HF conversion such as /tmp/gemma-hf)
 """
 
@@ -26,12 +26,13 @@ def main() -> None:
     from toolchain.export.verify_onnx import verify_onnx
 
     md, out = sys.argv[1], sys.argv[2]
+    precisions = sys.argv[3].split(",") if len(sys.argv) > 3 else ["fp32", "fp16", "int8", "int4"]
     t = time.time()
     if not (Path(out) / "model.onnx").is_file():
         r = export_onnx(md, out, ["fp32", "fp16", "int8", "int4"])
         print("export", round(time.time() - t), "s", json.dumps({k: r[k] for k in ("bytes", "exporter", "fusions")}),
               [(v["quant"], v["bytes"]) for v in r["variants"]], flush=True)
-    for p in ["fp16", "int8", "int4"]:  # a precision deleted to be redone (after a quantizer change)
+    for p in [p for p in precisions if p != "fp32"]:  # a precision deleted to be redone (after a quantizer change)
         if not (precision_dir(out, p) / "model.onnx").is_file():
             t = time.time()
             v = quantize_export(out, p)
@@ -40,7 +41,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(md)
     cfg = VerifyConfig()
     summary = {}
-    for p in ["fp32", "fp16", "int8", "int4"]:
+    for p in precisions:
         try:
             v = verify_onnx(md, precision_dir(out, p), cfg.prompts, cfg.onnx_greedy_tokens, cfg.onnx_max_abs_diff,
                             threads=2, model=model, tokenizer=tok, fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff,

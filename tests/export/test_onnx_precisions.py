@@ -49,10 +49,15 @@ def test_variants_are_self_contained_folders_with_the_same_io(exported):
         if precision in ("int8", "int4"):
             # every linear layer and the (tied) output projection: 7 per block + lm_head
             assert ops["MatMulNBits"] == 7 * 4 + 1, ops
-        # int4 also looks tokens up in a 4-bit table; int8 keeps the fp32 one (no 8-bit Gather)
-        assert ops["GatherBlockQuantized"] == (1 if precision == "int4" else 0), (precision, ops)
-    # the tied head becomes a quantized copy of the table
-    assert variants["int4"]["bytes"] < variants["int8"]["bytes"] and variants["fp16"]["bytes"] < record["bytes"] / 1.9
+        # int8/int4 look tokens up in the (tied) output projection's 8-bit codes: no fp32 table left
+        assert ops["GatherBlockQuantized"] == (1 if precision in ("int8", "int4") else 0), (precision, ops)
+        if precision in ("int8", "int4"):
+            vocab_x_hidden = [i.name for i in g.initializer if i.data_type == 1 and len(i.dims) == 2 and min(i.dims) == 64]
+            assert not vocab_x_hidden, vocab_x_hidden
+    # tied head and table stored once, in 8 bits (on this tiny model the vocabulary is most of
+    # the weights, so int4 is hardly smaller than int8 here)
+    assert variants["int4"]["bytes"] < record["bytes"] / 2.5 and variants["int8"]["bytes"] < record["bytes"] / 2.5
+    assert variants["fp16"]["bytes"] < record["bytes"] / 1.9
 
 
 def test_verify_each_precision(exported, tiny_dir):

@@ -239,6 +239,44 @@ def rewrite_embeddings(model, names: list[str], bits: int, block: int, fitted: d
     return count
 
 
+def gather_from_head(model, gather: str, head: str, bits: int, block: int) -> bool:
+    """Gather node `gather` (a tied embedding) -> GatherBlockQuantized reading the symmetric
+    MatMulNBits node `head`'s codes and scales, so the table is not stored a second time in fp32.
+    False (graph unchanged) when the head is not such a node."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    h, g = nodes.get(head), nodes.get(gather)
+    if h is None or g is None or h.op_type != "MatMulNBits" or len(h.input) != 3 or h.input[2] not in inits:
+        return False  # not there, or with zero points (asymmetric): keep the fp32 table
+    k = next(a.i for a in h.attribute if a.name == "K")
+    q_name, s_name = h.input[1], h.input[2]
+    scale = numpy_helper.to_array(inits[s_name])
+    v = list(inits[q_name].dims)[0]
+    table, ids, base = g.input[0], g.input[1], g.name
+    graph.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(scale.reshape(v, -1, 1)), f"{q_name}_gather_scales"),
+        numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
+    ])
+    new_nodes = []
+    for node in graph.node:
+        if node.name != gather:
+            new_nodes.append(node)
+            continue
+        new_nodes += [
+            helper.make_node("GatherBlockQuantized", [q_name, ids, f"{q_name}_gather_scales"], [f"{base}_blocks"],
+                             name=f"{base}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                             block_size=block, bits=bits),
+            helper.make_node("Reshape", [f"{base}_blocks", f"{q_name}_rows_shape"], [node.output[0]],
+                             name=f"{base}_rows_q"),
+        ]
+    uses = _consumers(graph)
+    _replace(graph, new_nodes, {table} if uses.get(table, 0) == 1 else set())
+    return True
+
+
 def _replace(graph, nodes: list, drop: set[str]) -> None:
     del graph.node[:]
     graph.node.extend(nodes)

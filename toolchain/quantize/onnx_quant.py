@@ -12,8 +12,8 @@ KV cache layout), so one runtime loop (runtime/onnx_decoder.py) runs them all.
   activations to int8 on the fly and uses integer dot products. Measured on SmolLM2
   (benchmarks/onnx_speed.py), this beats the classic `quantize_dynamic` int8
   (DynamicQuantizeLinear + MatMulInteger): no faster at decode, and its per-tensor activation
-  scales made it diverge (top-1 8%). onnxruntime's quantizer has no 8-bit Gather, so the token
-  embedding stays fp32.
+  scales made it diverge (top-1 8%). A tied token embedding reads the output projection's 8-bit
+  codes (GatherBlockQuantized), so the vocabulary table is stored once, not again in fp32.
 - int4: the transformer blocks' MatMuls in 4 bits with a fitted float offset per block of 32
   (quantize/onnx_offsets.py), the output projection and the token embedding in 8 bits, sharing
   one copy of the codes when they are tied - the mix llama.cpp's Q4_K_M makes for these models
@@ -198,6 +198,7 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
         return
     head_bits = head_bits or bits
     separate_head = keep_lm_head or head_bits != bits
+    tied = _tied_embedding(model, head) if head and not keep_lm_head else None
     model = _nbits_pass(model, bits, block_size, accuracy_level, symmetric, exclude=head if separate_head else [])
     if head and not keep_lm_head and head_bits != bits:
         model = _nbits_pass(model, head_bits, block_size, accuracy_level, symmetric, exclude=[], include=head)
@@ -206,7 +207,28 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
         raise UserError(f"{src_file}: no MatMul with a constant weight to quantize; is this an exported decoder?")
     if bits == 4 and quantize_embeddings:
         model = quantize_embedding(model, block_size)
+    elif tied and quantize_embeddings:
+        from toolchain.quantize.onnx_offsets import gather_from_head
+
+        # onnxruntime's quantizer names the node it makes from MatMul X "X_Q<bits>"
+        gather_from_head(model, tied, f"{head[0]}_Q{head_bits}", head_bits, block_size)
     _save(model, out_file)
+
+
+def _tied_embedding(model, head: list[str]) -> str | None:
+    """The embedding Gather whose table is the output projection's weight transposed (tied), if any
+    (call after fold_weight_transposes, which gives the projection its own initializer)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    w_name = nodes[head[0]].input[1] if head and head[0] in nodes else None
+    for name in _embedding_gathers(model):
+        table = nodes[name].input[0]
+        if w_name in inits and list(inits[table].dims) == list(reversed(inits[w_name].dims)):
+            if (numpy_helper.to_array(inits[table]).T == numpy_helper.to_array(inits[w_name])).all():
+                return name
+    return None
 
 
 def _offset_pass(model, bits: int, block_size: int, accuracy_level: int, head: list[str], keep_lm_head: bool,
