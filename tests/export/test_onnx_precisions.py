@@ -47,8 +47,11 @@ def test_variants_are_self_contained_folders_with_the_same_io(exported):
         assert g.output[0].type.tensor_type.elem_type == 1
         ops = Counter(n.op_type for n in g.node)
         if precision in ("int8", "int4"):
-            # every linear layer and the (tied) output projection: 7 per block + lm_head
-            assert ops["MatMulNBits"] == 7 * 4 + 1, ops
+            # every linear layer and the (tied) output projection: 7 per block + lm_head; int4 also
+            # runs its offset terms' small products (7 per block) and block sums (4 per block) in 8 bits
+            assert ops["MatMulNBits"] == 7 * 4 + 1 + (11 * 4 if precision == "int4" else 0), ops
+            inits = {i.name for i in g.initializer}
+            assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]  # none left in fp32
         # int8/int4 look tokens up in the (tied) output projection's 8-bit codes: no fp32 table left
         assert ops["GatherBlockQuantized"] == (1 if precision in ("int8", "int4") else 0), (precision, ops)
         if precision in ("int8", "int4"):
