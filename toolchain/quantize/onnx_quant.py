@@ -29,10 +29,10 @@ KV cache layout), so one runtime loop (runtime/onnx_decoder.py) runs them all.
   | fitted offsets, 4-bit head + table              | 88.4% / 0.050 / 126     | 86.8% / 0.125 / 330          |
   | fitted offsets, 8-bit head + table (unshared)   | 97.6% / 0.0039 / 154    | 90.0% / 0.094 / 498          |
   | the same, table shared, grid recovery           | 96.9% / 0.0033 / 123    | 90.6% / 0.083 / 309          |
+  | head and offset products 8-bit RTN (default)    | 97.6% / 0.0032 / 112    | 91.3% / 0.081 / 280          |
 
-  (The first three rows come from experiment runs before the fit learnt to recover grids whose
-  codes do not span 0..15 - Gemma's Q4_K tensors - and before sharing; the last from the
-  benchmark script at this commit.)
+  (Rows 2-3 come from experiment runs before the fit learnt to recover grids whose codes do not
+  span 0..15 - Gemma's Q4_K tensors - and before sharing; rows 4-5 from the benchmark script.)
 
   Why offsets: both bundled models ship as 4/5-bit GGUFs whose blocks are "min + d * q", a float
   offset per block that integer zero points cannot express (asymmetric RTN and onnxruntime's
