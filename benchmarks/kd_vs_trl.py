@@ -7,7 +7,10 @@ then cosine, grad clip 1.0, fp32, 2 threads, N steps (default 60).
 
 Runs (each in its own process, so peak RSS and allocator settings are per run):
 - ours:      toolchain's loop, forward KL at T=1, alpha=0 (the objective TRL's GKD loss computes
-             at beta=0: it ignores `temperature`, which only drives its generation; DESIGN.md);
+             at beta=0: it ignores `temperature`, which only drives its generation; DESIGN.md),
+             with `distill.compile` (torch.compile of both decoder bodies; compiling falls in the
+             first steps, which steady-state tokens/s leaves out);
+- ours_eager: the same without compiling (TRL runs eager too: its `torch_compile` is off by default);
 - trl:       GKDTrainer, lmbda=0, beta=0, temperature=2, bf16 and gradient checkpointing off,
              process as it starts by default;
 - trl_tuned: the same, given the process-level tuning ours applies (malloc settings, threads),
@@ -35,7 +38,7 @@ from pathlib import Path
 
 BATCH, SEQ, LR, WARMUP, THREADS, SEED = 4, 128, 1e-4, 4, 2, 0
 SKIP = 2  # steps left out of steady-state tokens/s
-RUNS = ("ours", "trl", "trl_tuned", "sft")
+RUNS = ("ours", "ours_eager", "trl", "trl_tuned", "sft")
 
 
 def _data():
@@ -76,9 +79,10 @@ def worker(run: str, student_dir: str, steps: int) -> dict:
     teacher, train, held = _data()
     student = load_model(student_dir).model
     blocks = _ordered_blocks(train, steps)
-    if run in ("ours", "sft"):
+    if run in ("ours", "ours_eager", "sft"):
         cfg = DistillConfig(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, alpha=1.0 if run == "sft" else 0.0,
-                            temperature=1.0, loss="forward_kl", checkpoint_every=10**9, seed=SEED, threads=THREADS)
+                            temperature=1.0, loss="forward_kl", checkpoint_every=10**9, seed=SEED, threads=THREADS,
+                            compile=run == "ours")
         with tempfile.TemporaryDirectory() as work:
             res = distill(teacher.model, student, lambda m: Batch.from_blocks(blocks[m * BATCH:(m + 1) * BATCH]), held,
                           cfg, work, progress=False)
@@ -196,6 +200,8 @@ def main() -> None:
         out["ours_vs_trl"] = rows["ours"]["tps"] / rows["trl"]["tps"]
     if "ours" in rows and "trl_tuned" in rows:
         out["ours_vs_trl_tuned"] = rows["ours"]["tps"] / rows["trl_tuned"]["tps"]
+    if "ours_eager" in rows and "trl_tuned" in rows:
+        out["ours_eager_vs_trl_tuned"] = rows["ours_eager"]["tps"] / rows["trl_tuned"]["tps"]
     print(json.dumps(out))
 
 

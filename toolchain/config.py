@@ -137,6 +137,9 @@ class DistillConfig:
     skew: float = 0.1  # skew_kl: KL(P || skew * P + (1 - skew) * Q)
     grad_accum: int = 1  # micro-batches per optimizer step (token-weighted)
     precision: str = "fp32"  # fp32 | bf16 (autocast: matmuls in bf16, losses and weights in fp32)
+    # torch.compile the teacher's and student's decoder bodies (inductor fuses their elementwise
+    # ops; ~25 s of compiling, then ~6% faster steps on SmolLM2 here: pays off on long runs)
+    compile: bool = False
     eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
     on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
     on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
@@ -150,6 +153,8 @@ class DistillConfig:
         _choice(f"{where}.loss", self.loss, DISTILL_LOSSES)
         _positive(f"{where}.grad_accum", self.grad_accum)
         _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
+        if not isinstance(self.compile, bool):
+            raise UserError(f"{where}.compile must be true or false, got {self.compile!r}")
         self.lora.validate(f"{where}.lora")
         for path in self.eval_sets:
             if not Path(path).is_file():

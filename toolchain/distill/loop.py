@@ -164,6 +164,20 @@ def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path
             f"Lower distill.lr (now {cfg.lr}), keep distill.grad_clip > 0, or check the data.")
 
 
+def _compile_decoders(*models) -> None:
+    """torch.compile each model's decoder body in place (parameter names, and so checkpoints and
+    the saved student, stay as they are). The fused head's chunked loss stays eager: it is
+    matmuls plus a few passes that are already written to touch each element twice."""
+    for model in models:
+        if model is None:
+            continue
+        try:
+            body = model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            body = model
+        body.compile()
+
+
 def _n_tokens(batch: Batch) -> int:
     return int(batch.attention_mask.sum()) if batch.attention_mask is not None else batch.input_ids.numel()
 
@@ -193,6 +207,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             p.requires_grad_(False)
     spec = loss_spec(cfg)
     accum = cfg.grad_accum
+    if cfg.compile:
+        # the teacher only where training runs it (with alpha = 1 it only evaluates)
+        _compile_decoders(student, teacher if cfg.alpha < 1.0 or cfg.hidden_loss != "none" else None)
     # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
     autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
