@@ -4,8 +4,9 @@ A weight block of 32 is stored as w = (q - 2^(bits-1)) * scale + offset: the 4-b
 the scale go into a symmetric `MatMulNBits` (the fast CPU path), the float offset into a small
 side product. For y = x @ W the offset term is sum_b (sum of x over block b) * offset[b, n]:
 x @ S (S sums each block, K x K/32, shared by every MatMul that reads the same x) then
-@ offset (K/32 x N, fp32). That adds ~20% to the bytes a decode step reads, against the
-4x slower path onnxruntime 1.32 takes for MatMulNBits' own float zero points.
+@ offset (K/32 x N). These are written as fp32 MatMuls; int4 export (quantize/onnx_quant.py)
+then runs them in 8 bits too. This avoids the ~4x slower path onnxruntime 1.32 takes for
+MatMulNBits' own float zero points.
 
 Why it matters: SmolLM2 and Gemma-3-270M ship as 4-bit GGUFs (Q4_1, Q4_K_M) whose blocks are
 exactly "min + d * q": a float offset and a scale per 32 weights. Integer zero points cannot
@@ -13,8 +14,9 @@ express that grid, so plain int4 re-quantization doubled the error (top-1 73% on
 this form can. The grid is fitted by alternating least squares (codes <-> scale/offset), which
 recovers such grids and lowers the error of continuous weights too.
 
-The token embedding gets the same treatment: GatherBlockQuantized (symmetric int4) plus a
-gathered offset row expanded over each block.
+Token embeddings: `rewrite_embeddings` gives a table the same form (GatherBlockQuantized plus a
+gathered offset row expanded over each block); `gather_from_head` lets a tied table read an
+8-bit output projection's codes, which is what int4 export uses.
 """
 
 from __future__ import annotations
@@ -110,6 +112,26 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: i
     mid = 1 << (bits - 1)
     w = (codes.astype(np.float32) - mid) * scale[..., None] + offset[..., None]  # [N, nb, block]
     return w.reshape(w.shape[0], -1)[:, :k].T
+
+
+def _block_rows(graph, q_name: str, scale: np.ndarray, k: int, ids: str, base: str, out: str, bits: int,
+                block: int) -> list:
+    """Nodes reading rows `ids` of the codes `q_name` ([V, nb, bytes], MatMulNBits' layout) as a
+    [B, L, K] tensor `out` through GatherBlockQuantized (its initializers are added to `graph`)."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.extend([
+        # GatherBlockQuantized wants scales with the data's rank: [V, nb, 1]
+        numpy_helper.from_array(np.ascontiguousarray(scale.reshape(scale.shape[0], -1, 1)), f"{q_name}_gather_scales"),
+        numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
+    ])
+    return [
+        # default zero point of uint8 storage is 2^(bits-1), the middle code, as for MatMulNBits
+        helper.make_node("GatherBlockQuantized", [q_name, ids, f"{q_name}_gather_scales"], [f"{base}_blocks"],
+                         name=f"{base}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                         block_size=block, bits=bits),
+        helper.make_node("Reshape", [f"{base}_blocks", f"{q_name}_rows_shape"], [out], name=f"{base}_rows_q"),
+    ]
 
 
 def _consumers(graph) -> dict[str, int]:
@@ -212,18 +234,10 @@ def rewrite_embeddings(model, names: list[str], bits: int, block: int, fitted: d
             codes, scale, offset = fit_blocks(table_t, bits, block)
             graph.initializer.extend([numpy_helper.from_array(pack_codes(codes, bits), q_name),
                                       numpy_helper.from_array(np.ascontiguousarray(offset.T), o_name)])
-        graph.initializer.extend([
-            # GatherBlockQuantized wants scales with the data's rank: [V, nb, 1]
-            numpy_helper.from_array(np.ascontiguousarray(scale.reshape(v, -1, 1)), f"{q_name}_gather_scales"),
-            numpy_helper.from_array(np.ascontiguousarray(block_sum_matrix(k, block).T), f"{q_name}_expand"),
-            numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
-        ])
+        graph.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(block_sum_matrix(k, block).T), f"{q_name}_expand"))
+        new_nodes += _block_rows(graph, q_name, scale, k, ids, base, f"{base}_q", bits, block)
         new_nodes += [
-            # default zero point of uint8 storage is 2^(bits-1), the middle code, as for MatMulNBits
-            helper.make_node("GatherBlockQuantized", [q_name, ids, f"{q_name}_gather_scales"], [f"{base}_blocks"],
-                             name=f"{base}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                             block_size=block, bits=bits),
-            helper.make_node("Reshape", [f"{base}_blocks", f"{q_name}_rows_shape"], [f"{base}_q"], name=f"{base}_rows_q"),
             # offsets are stored [nb, V] for the head's product; gather columns, then [B, L, nb]
             helper.make_node("Gather", [o_name, ids], [f"{base}_cols"], name=f"{base}_cols", axis=1),
             helper.make_node("Transpose", [f"{base}_cols"], [f"{base}_rows"], name=f"{base}_rows", perm=[1, 2, 0]),
@@ -243,7 +257,7 @@ def gather_from_head(model, gather: str, head: str, bits: int, block: int) -> bo
     """Gather node `gather` (a tied embedding) -> GatherBlockQuantized reading the symmetric
     MatMulNBits node `head`'s codes and scales, so the table is not stored a second time in fp32.
     False (graph unchanged) when the head is not such a node."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
@@ -253,25 +267,12 @@ def gather_from_head(model, gather: str, head: str, bits: int, block: int) -> bo
         return False  # not there, or with zero points (asymmetric): keep the fp32 table
     k = next(a.i for a in h.attribute if a.name == "K")
     q_name, s_name = h.input[1], h.input[2]
-    scale = numpy_helper.to_array(inits[s_name])
-    v = list(inits[q_name].dims)[0]
-    table, ids, base = g.input[0], g.input[1], g.name
-    graph.initializer.extend([
-        numpy_helper.from_array(np.ascontiguousarray(scale.reshape(v, -1, 1)), f"{q_name}_gather_scales"),
-        numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
-    ])
+    table = g.input[0]
+    rows = _block_rows(graph, q_name, numpy_helper.to_array(inits[s_name]), k, g.input[1], g.name, g.output[0],
+                       bits, block)
     new_nodes = []
     for node in graph.node:
-        if node.name != gather:
-            new_nodes.append(node)
-            continue
-        new_nodes += [
-            helper.make_node("GatherBlockQuantized", [q_name, ids, f"{q_name}_gather_scales"], [f"{base}_blocks"],
-                             name=f"{base}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                             block_size=block, bits=bits),
-            helper.make_node("Reshape", [f"{base}_blocks", f"{q_name}_rows_shape"], [node.output[0]],
-                             name=f"{base}_rows_q"),
-        ]
+        new_nodes += rows if node.name == gather else [node]
     uses = _consumers(graph)
     _replace(graph, new_nodes, {table} if uses.get(table, 0) == 1 else set())
     return True

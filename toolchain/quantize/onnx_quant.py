@@ -207,7 +207,9 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
         return
     head_bits = head_bits or bits
     separate_head = keep_lm_head or head_bits != bits
-    tied = _tied_embedding(model, head) if head and not keep_lm_head else None
+    # the tie is checked on the fp32 weights, before quantization; only where it is used
+    tied = (_tied_embedding(model, head) if head and not keep_lm_head and quantize_embeddings and bits != 4
+            else None)
     model = _nbits_pass(model, bits, block_size, accuracy_level, symmetric, exclude=head if separate_head else [])
     if head and not keep_lm_head and head_bits != bits:
         model = _nbits_pass(model, head_bits, block_size, accuracy_level, symmetric, exclude=[], include=head)
@@ -216,7 +218,7 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
         raise UserError(f"{src_file}: no MatMul with a constant weight to quantize; is this an exported decoder?")
     if bits == 4 and quantize_embeddings:
         model = quantize_embedding(model, block_size)
-    elif tied and quantize_embeddings:
+    elif tied:
         from toolchain.quantize.onnx_offsets import gather_from_head
 
         # onnxruntime's quantizer names the node it makes from MatMul X "X_Q<bits>"
@@ -247,18 +249,19 @@ def _offset_pass(model, bits: int, block_size: int, accuracy_level: int, head: l
     from toolchain.quantize.onnx_offsets import gather_from_head, rewrite_embeddings, rewrite_matmuls
 
     separate_head = keep_lm_head or head_bits != bits or not head_offsets
-    tied = _tied_embedding(model, head) if head and not keep_lm_head else None
     fitted: dict = {}  # lets a tied embedding share the head's codes
     if rewrite_matmuls(model, bits, block_size, accuracy_level, set(head) if separate_head else set(),
                        fitted=fitted) == 0:
         raise UserError("no MatMul with a constant weight to quantize; is this an exported decoder?")
     if head and separate_head and not keep_lm_head and not head_offsets:
+        # (the head's fp32 weight and the table are still there: the pass above left the head out)
+        tied = _tied_embedding(model, head) if embed_bits == head_bits else None
         # every MatMul still in fp32: the head, and the offset terms' small products (x @ S, the
         # 0/1 block-sum matrix, exact in 8 bits; block sums @ offsets), which then run on the same
         # integer kernel instead of the fp32 one. (onnxruntime's nodes_to_include does not limit
         # the pass to the named nodes, so this is said here rather than left to a side effect.)
         model = _nbits_pass(model, head_bits, block_size, accuracy_level, True, exclude=[])
-        if tied and embed_bits == head_bits:
+        if tied:
             gather_from_head(model, tied, f"{head[0]}_Q{head_bits}", head_bits, block_size)
             embed_bits = None
     elif head and separate_head and not keep_lm_head:
