@@ -23,7 +23,7 @@ _FULL_INSTALL_MODULES = {"torch", "transformers", "peft", "accelerate", "safeten
                          "bitsandbytes", "matplotlib", "jinja2"}
 
 
-_DISTILL_FLAGS = ("loss", "alpha", "temperature", "beta", "steps")  # `toolchain distill --X v` = `--set distill.X=v`
+_DISTILL_FLAGS = ("loss", "alpha", "temperature", "beta", "steps", "device")  # `toolchain distill --X v` = `--set distill.X=v`
 
 
 def _csv(s: str) -> list[str]:
@@ -75,6 +75,7 @@ def cmd_student(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    from toolchain.distill.placement import resolve_device
     from toolchain.distill.run import distill_student
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
@@ -89,7 +90,8 @@ def cmd_distill(args) -> None:
         cfg.teacher.adapter = args.adapter
     work = Path(args.work or f"{args.out}.work")
     # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
-    res = distill_student(lambda: teacher_from_config(cfg.teacher), args.student, args.out, cfg.data, cfg.distill,
+    device = str(resolve_device(cfg.distill.device))  # a bitsandbytes teacher is loaded onto it
+    res = distill_student(lambda: teacher_from_config(cfg.teacher, device), args.student, args.out, cfg.data, cfg.distill,
                           work, progress=not args.no_progress, teacher_cfg=cfg.teacher)
     if "history" not in res:  # a process other than 0 under accelerate launch / torchrun
         return
@@ -99,6 +101,7 @@ def cmd_distill(args) -> None:
 
 def cmd_distill_cache(args) -> None:
     from toolchain.distill.modes import prepare_data
+    from toolchain.distill.placement import place, resolve_device
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
@@ -107,7 +110,9 @@ def cmd_distill_cache(args) -> None:
     extra += [f"teacher.adapter={args.adapter}"] if args.adapter else []
     cfg = _config(args, extra)
     check_writable_dir(args.out, "cache directory")
-    teacher = teacher_from_config(cfg.teacher)
+    device = resolve_device(cfg.distill.device)  # the teacher runs over the data there
+    teacher = teacher_from_config(cfg.teacher, str(device))
+    place(teacher.model, device)
     plan = prepare_data(cfg.data, cfg.distill, teacher.model, teacher.tokenizer, args.out, teacher=teacher,
                         teacher_cfg=cfg.teacher, progress=not args.no_progress)
     _echo(json.dumps(plan.info, indent=2))
@@ -243,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, help="softmax temperature T of both models in the divergence")
     d.add_argument("--beta", type=float, help="jsd: teacher weight in the mixture (0 = forward KL, 1 = reverse KL)")
     d.add_argument("--steps", type=int, help="optimizer steps")
+    d.add_argument("--device", help="auto (default: the GPU when torch sees one), cpu, cuda or cuda:N; under "
+                                    "accelerate launch / torchrun each process takes its LOCAL_RANK's GPU")
     _add_config_args(d)
     d.set_defaults(func=cmd_distill)
 

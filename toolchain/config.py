@@ -8,6 +8,7 @@ section's `validate()`, next to the values they guard.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,15 @@ class LoraConfig:
             raise UserError(f"{where}.targets must name at least one module type, e.g. q_proj")
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_spec(spec: str, where: str) -> None:
+    """The spelling of a device setting (whether that GPU exists is checked where it is used)."""
+    if not isinstance(spec, str) or not DEVICE_PATTERN.match(spec):
+        raise UserError(f"{where} must be auto, cpu, cuda or cuda:N (a GPU index), got {spec!r}")
+
+
 @dataclass
 class DistillConfig:
     steps: int = 40
@@ -140,6 +150,9 @@ class DistillConfig:
     # torch.compile the teacher's and student's decoder bodies (inductor fuses their elementwise
     # ops; ~25 s of compiling, then ~6% faster steps on SmolLM2 here: pays off on long runs)
     compile: bool = False
+    # auto | cpu | cuda | cuda:N; auto = the GPU when torch sees one (each launcher process its
+    # LOCAL_RANK's), else the CPU
+    device: str = "auto"
     eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
     on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
     on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
@@ -155,6 +168,7 @@ class DistillConfig:
         _choice(f"{where}.precision", self.precision, ("fp32", "bf16"))
         if not isinstance(self.compile, bool):
             raise UserError(f"{where}.compile must be true or false, got {self.compile!r}")
+        check_device_spec(self.device, f"{where}.device")
         self.lora.validate(f"{where}.lora")
         for path in self.eval_sets:
             if not Path(path).is_file():

@@ -55,10 +55,12 @@ class Run:
         if t.quantize == "none" and (t.adapter_mode == "merge" or not t.adapter):
             return self.teacher
         if getattr(self, "_distill_teacher", None) is None:
+            from toolchain.distill.placement import resolve_device
             from toolchain.models.load import teacher_from_config
 
             self.echo(f"loading teacher {t.model} for distillation (quantize {t.quantize}, adapter {t.adapter_mode})")
-            self._distill_teacher = teacher_from_config(t)
+            # a bitsandbytes teacher cannot be moved after loading: load it where distillation runs
+            self._distill_teacher = teacher_from_config(t, str(resolve_device(self.config.distill.device)))
         return self._distill_teacher
 
     # ------------------------------------------------------------------ stages

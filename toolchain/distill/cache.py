@@ -123,10 +123,10 @@ def teacher_topk(teacher, inputs: torch.Tensor, k: int, vocab: int) -> tuple[tor
     The softmax runs over the first `vocab` rows only: rows past the tokenizer's size are
     embedding padding that no real token ever uses.
     """
-    logits = teacher(inputs).logits[..., :vocab].float()
+    logits = teacher(inputs.to(next(teacher.parameters()).device)).logits[..., :vocab].float()
     logp = torch.log_softmax(logits, dim=-1)
     values, ids = logp.topk(k, dim=-1)
-    return values, ids
+    return values.cpu(), ids.cpu()  # stored from the CPU, whatever device the teacher runs on
 
 
 def _shard_name(i: int) -> str:

@@ -10,6 +10,8 @@ the step counter are written atomically to `work_dir/checkpoint.pt`; a rerun con
 
 Under `accelerate launch` / `torchrun` the step's micro-batches are shared out over the
 processes (toolchain/distill/parallel.py); process 0 evaluates and writes checkpoints.
+Training runs on `distill.device` (toolchain/distill/placement.py): the models are moved there
+for the run, batches as they are used; the student is handed back where it came from.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fuse
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
 from toolchain.distill.parallel import (Parallel, all_sum, barrier, broadcast_parameters, from_env, gather,
                                         micro_batch_index, sum_gradients)
+from toolchain.distill.placement import model_device, place, resolve_device
 from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
@@ -149,10 +152,6 @@ def _set_rng_states(states) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _device_type(model) -> str:
-    return next(model.parameters()).device.type
-
-
 def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path, cfg: DistillConfig) -> str:
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     if ckpt_path.is_file():
@@ -207,18 +206,22 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             p.requires_grad_(False)
     spec = loss_spec(cfg)
     accum = cfg.grad_accum
+    device = resolve_device(cfg.device)
+    home = model_device(student)  # the caller gets its student back here (saving, LoRA merge)
+    place(student, device)
+    place(teacher, device)
     if cfg.compile:
         # the teacher only where training runs it (with alpha = 1 it only evaluates)
         _compile_decoders(student, teacher if cfg.alpha < 1.0 or cfg.hidden_loss != "none" else None)
     # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
-    autocast = torch.autocast(_device_type(student), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     hidden = None
     if cfg.hidden_loss != "none":
         if teacher is None:
             raise UserError("distill.hidden_loss needs the teacher loaded (an offline cache holds only top-k logits)")
         hidden = HiddenMatcher(layer_map or [], student.config.get_text_config().hidden_size,
-                               teacher.config.get_text_config().hidden_size, cfg.hidden_loss)
+                               teacher.config.get_text_config().hidden_size, cfg.hidden_loss).to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     if hidden is not None:
         params += list(hidden.parameters())  # the projection trains with the student
@@ -280,7 +283,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     eos = eos_token_ids(student)
 
     def next_batch(m: int) -> Batch:
-        b = batch_fn(m)
+        b = batch_fn(m).to(device)
         return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not (progress and par.main), unit="step")
@@ -330,6 +333,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     bar.close()
     student.eval()
     after = evaluate_all()
+    place(student, home)
     barrier(par)
     if not par.main:
         return {"steps": cfg.steps, "tokens": tokens, "rank": par.rank}

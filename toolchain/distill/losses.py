@@ -181,7 +181,7 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
     if (spec.kind == "forward_kl" or teacher is None) and not isinstance(teacher, SparseTeacher):
         # Closed form, no autograd graph: d KL(P||Q_T) / d s = (q_T - p) / T; d CE / d s = q - onehot.
         with torch.no_grad():
-            div = torch.zeros(len(s32))
+            div = torch.zeros(len(s32), device=s32.device)
             grad = None
             if teacher is not None:
                 div, q_t, p_t = _softmax_pair_kl(s32[:, :v], teacher.float(), t)
@@ -208,7 +208,7 @@ def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: L
     with torch.enable_grad():
         s_leaf = s32.detach().requires_grad_(need_grad)
         if teacher is None:  # hard-label CE only (alpha = 1, or plain fine-tuning)
-            div = torch.zeros(len(s32))
+            div = torch.zeros(len(s32), device=s32.device)
         else:
             if isinstance(teacher, SparseTeacher):
                 s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)

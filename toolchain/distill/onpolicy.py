@@ -44,7 +44,10 @@ def on_policy_batch(student, batch: Batch, cfg: DistillConfig, micro_step: int, 
     prefix = batch.input_ids[:, :prompt]
     was_training = student.training
     student.eval()
-    with torch.random.fork_rng(devices=[]):
+    # the sampling seed is set here and the callers' RNG streams are left as they were (on a GPU
+    # the sampling draws from that device's generator)
+    dev = prefix.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(_seed(cfg, micro_step))
         out = student.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=True,
                                temperature=cfg.on_policy_temperature, top_k=0, top_p=1.0,
@@ -60,9 +63,9 @@ def on_policy_batch(student, batch: Batch, cfg: DistillConfig, micro_step: int, 
     if eos_ids:
         # after the first sampled end-of-sequence nothing is real text: right padding
         gen = full[:, prompt:]
-        hit = torch.isin(gen, torch.tensor(eos_ids))
-        first = torch.where(hit.any(1), hit.float().argmax(1), torch.full((len(gen),), gen.shape[1]))
-        pos = torch.arange(full.shape[1] - 1).unsqueeze(0)
+        hit = torch.isin(gen, torch.tensor(eos_ids, device=dev))
+        first = torch.where(hit.any(1), hit.float().argmax(1), torch.full((len(gen),), gen.shape[1], device=dev))
+        pos = torch.arange(full.shape[1] - 1, device=dev).unsqueeze(0)
         after = pos > (prompt + first).unsqueeze(1) - 1  # input positions past the EOS token
         labels[after] = IGNORE_INDEX
         attn[after] = 0

@@ -9,8 +9,9 @@ of one process with grad_accum W*k (up to float summation order) - the same data
 token-weighted mean. This is DDP's all-reduce without its module wrapper: the fused head runs
 the student's body and head separately, which DDP's forward hooks do not see.
 
-Process 0 writes checkpoints and outputs; the others wait for it at barriers. Backend: NCCL when
-CUDA is available, else gloo (CPU processes, used by the tests).
+Process 0 writes checkpoints and outputs; the others wait for it at barriers. Backend: gloo for
+CPU tensors (CPU processes, used by the tests; the small step counters and objects), and NCCL
+for CUDA tensors (the gradients of a GPU run) where CUDA is available.
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ def from_env() -> Parallel:
 
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local < torch.cuda.device_count():
+                torch.cuda.set_device(local)
+            # each tensor goes over the backend of its device: CPU counters and objects over
+            # gloo, a GPU run's gradients over NCCL
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return Parallel(dist.get_world_size(), dist.get_rank())
 
 

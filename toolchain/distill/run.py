@@ -26,11 +26,20 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
     """
     from toolchain.distill.modes import prepare_data
     from toolchain.distill.parallel import barrier, from_env
+    from toolchain.distill.placement import place, resolve_device
 
     par = from_env()
+    device = resolve_device(cfg.device)
+
+    def placed(loaded):
+        place(loaded.model, device)  # the teacher cache and generations run there too
+        return loaded
 
     if callable(teacher):
-        teacher = functools.cache(teacher)  # prepare_data and the loop share one load
+        load = teacher
+        teacher = functools.cache(lambda: placed(load()))  # prepare_data and the loop share one load
+    elif teacher is not None:
+        placed(teacher)
     student = load_model(str(student_dir))
     # process 0 prepares first (teacher caches and generations are written once), the others
     # then find them ready

@@ -153,10 +153,11 @@ def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.Pa
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         torch.manual_seed(seed * 1_000_003 + i)  # per chunk, so a chunk's samples do not depend on the batch before
-        out = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        dev = next(teacher.parameters()).device
+        out = teacher.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for p, seq in zip(chunk, out[:, width:]):
+        for p, seq in zip(chunk, out[:, width:].cpu()):
             rows.append({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True).strip()})
     _write_jsonl(out_path, rows)
     with atomic_path(meta_path) as tmp:

@@ -216,13 +216,15 @@ def _bnb_config(quantize: str):
 
 
 def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", quantize: str = "none",
-                 adapter_mode: str = "merge") -> LoadedModel:
+                 adapter_mode: str = "merge", device: str = "cpu") -> LoadedModel:
     """Load a teacher: plain (as `load_model`), 8-bit or 4-bit through bitsandbytes (CPU works),
     with a PEFT adapter merged into the weights or attached as a separate LoRA path.
 
     Attaching keeps the base weights bit-identical to the files (needed for a quantized base:
     merging LoRA deltas into int8/nf4 weights would round them away). `meta["variant"]` records
     what was loaded, so an offline teacher cache can tell two variants of the same files apart.
+    `device` is where a bitsandbytes-quantized teacher is loaded (it cannot be moved later);
+    an unquantized one loads on the CPU and is moved by whoever runs it.
     """
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"teacher.quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
@@ -253,7 +255,7 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
             import bitsandbytes  # noqa: F401
         except ModuleNotFoundError:
             raise UserError(f"teacher.quantize: {quantize} needs bitsandbytes: pip install bitsandbytes") from None
-        kwargs.update(quantization_config=_bnb_config(quantize), device_map="cpu")
+        kwargs.update(quantization_config=_bnb_config(quantize), device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}
@@ -269,6 +271,7 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta={**meta, "variant": variant})
 
 
-def teacher_from_config(t) -> LoadedModel:
+def teacher_from_config(t, device: str = "cpu") -> LoadedModel:
     """`load_teacher` from a `TeacherConfig` (fields added later default like older configs)."""
-    return load_teacher(t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"))
+    return load_teacher(t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"),
+                        device=device)
