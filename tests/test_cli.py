@@ -114,3 +114,11 @@ def test_distill_from_jsonl_pairs_needs_no_teacher(capsys, tmp_path, tiny_dir):
     res = json.loads(out[out.index("{"):])
     assert res["mode"] == "sequences" and res["steps"] == 2
     assert (tmp_path / "o" / "config.json").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_distill_on_a_gpu_that_is_not_there(capsys, tmp_path, tiny_dir):
+    code, _, err = run(capsys, "distill", "--teacher", str(tiny_dir), "--student", str(tiny_dir),
+                       "--out", str(tmp_path / "s"), "--device", "cuda")
+    assert_one_line_error(code, err, "distill.device: cuda, but torch sees no CUDA GPU.*set distill.device: cpu")
+    assert not (tmp_path / "s").exists()

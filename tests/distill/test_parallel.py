@@ -42,7 +42,8 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_dir_6, tm
     sdir = tmp_path / "init"
     build_student(teacher, sdir, 3, torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0)))
 
-    one = json.loads(_run([sys.executable] + _args(tiny_dir_6, sdir, tmp_path / "one", accum=2)))
+    # --device cpu spelled out here; the launched processes below take the default (auto: the CPU here)
+    one = json.loads(_run([sys.executable] + _args(tiny_dir_6, sdir, tmp_path / "one", accum=2) + ["--device", "cpu"]))
     # --multi_gpu is accelerate's torchrun launcher; without CUDA the processes use gloo (accelerate's
     # --cpu with several processes wants MPI instead)
     out = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
