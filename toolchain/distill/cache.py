@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from toolchain.distill.batch import Batch
+from toolchain.distill.placement import model_device
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path, write_json
 
@@ -123,7 +124,7 @@ def teacher_topk(teacher, inputs: torch.Tensor, k: int, vocab: int) -> tuple[tor
     The softmax runs over the first `vocab` rows only: rows past the tokenizer's size are
     embedding padding that no real token ever uses.
     """
-    logits = teacher(inputs.to(next(teacher.parameters()).device)).logits[..., :vocab].float()
+    logits = teacher(inputs.to(model_device(teacher))).logits[..., :vocab].float()
     logp = torch.log_softmax(logits, dim=-1)
     values, ids = logp.topk(k, dim=-1)
     return values.cpu(), ids.cpu()  # stored from the CPU, whatever device the teacher runs on

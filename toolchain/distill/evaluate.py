@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
+from toolchain.distill.placement import model_device
 from toolchain.errors import UserError
 
 ECE_BINS = 15
@@ -24,9 +25,9 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: 
     if len(conf) == 0:
         return 0.0
     idx = (conf * bins).long().clamp(max=bins - 1)
-    n = torch.zeros(bins, device=conf.device).index_add_(0, idx, torch.ones_like(conf))
-    c = torch.zeros(bins, device=conf.device).index_add_(0, idx, conf)
-    a = torch.zeros(bins, device=conf.device).index_add_(0, idx, correct.float())
+    n = conf.new_zeros(bins).index_add_(0, idx, torch.ones_like(conf))
+    c = conf.new_zeros(bins).index_add_(0, idx, conf)
+    a = conf.new_zeros(bins).index_add_(0, idx, correct.float())
     return float((a - c).abs().sum() / len(conf))
 
 
@@ -42,7 +43,7 @@ def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
     n_tok = 0
     sums = {"ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "agree": 0.0}
     confs, corrects, teacher_ce_known = [], [], True
-    device = next(student.parameters()).device
+    device = model_device(student)
     for b in as_batches(heldout, batch_size):
         b = b.to(device)  # held-out data stays on the CPU; one sequence at a time goes over
         labels = b.labels.reshape(-1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
+from toolchain.distill.placement import model_device
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
 
@@ -153,7 +154,7 @@ def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.Pa
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         torch.manual_seed(seed * 1_000_003 + i)  # per chunk, so a chunk's samples do not depend on the batch before
-        dev = next(teacher.parameters()).device
+        dev = model_device(teacher)
         out = teacher.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
