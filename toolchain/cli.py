@@ -125,7 +125,9 @@ def cmd_export_gguf(args) -> None:
     files = export_gguf(args.model, args.out, _csv(args.types), name=args.name, overrides=_overrides(args.override))
     if not args.no_modelfile:
         pick = min(files, key=lambda f: f["bytes"])
-        mf = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
+        mf, warning = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
+        if warning:
+            _echo(f"warning: {warning}")
         _echo(f"Modelfile: {mf}   (then: ollama create NAME -f {mf})")
     _echo(json.dumps(files, indent=2))
 
@@ -147,7 +149,7 @@ def cmd_export_onnx(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from toolchain.export.verify import verify_exports
+    from toolchain.verify.exports import verify_exports
 
     from toolchain.bench.run import describe_model
 
@@ -158,7 +160,7 @@ def cmd_verify(args) -> None:
         raise UserError(f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories")
     results = verify_exports(args.model, exports, cfg.verify)
     if any(r.get("quality") for r in results):
-        from toolchain.export.gguf_quality import format_table
+        from toolchain.verify.quality import format_table
 
         print(format_table(results, "GGUF quality on held-out text:"), file=sys.stderr)
     _echo(json.dumps(results, indent=2))

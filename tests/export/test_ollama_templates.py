@@ -32,7 +32,8 @@ def jinja(template: str, bos: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     t = env.from_string(template)
-    return lambda messages, gen: t.render(messages=messages, add_generation_prompt=gen, bos_token=bos, eos_token="")
+    return lambda messages, gen, tools=None: t.render(messages=messages, add_generation_prompt=gen, bos_token=bos,
+                                                      eos_token="", tools=tools)
 
 
 CASES = [(CHATML, SMOLLM2_TEMPLATE, None), (LLAMA3, LLAMA3_TEMPLATE, "<|begin_of_text|>"),
@@ -60,21 +61,24 @@ def test_go_template_renders_the_jinja_prompt(fmt, template, bos, conv):
 def test_lookalike_template_is_refused():
     # ChatML markers, but every turn carries a name line: our translation would drop it
     odd = SMOLLM2_TEMPLATE.replace("+ message['role'] + '\n'", "+ message['role'] + '\nname: x\n'")
-    with pytest.raises(UserError, match="renders it differently"):
-        check_translation(CHATML, jinja(odd, ""), _default_system(CHATML, odd), None)
+    reason = check_translation(CHATML, jinja(odd, ""), _default_system(CHATML, odd), None)
+    assert reason and "renders a conversation differently" in reason and "name: x" in reason
     dated = LLAMA3_TEMPLATE.replace("{% for message", "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday' }}{% for message")
-    with pytest.raises(UserError, match="write the Modelfile TEMPLATE by hand"):
-        render_modelfile("m.gguf", dated, 4096, render_jinja=jinja(dated, "<|begin_of_text|>"), bos_text="<|begin_of_text|>")
+    text, warning = render_modelfile("m.gguf", dated, 4096, render_jinja=jinja(dated, "<|begin_of_text|>"),
+                                     bos_text="<|begin_of_text|>")
+    assert "\nTEMPLATE" not in text and "FROM ./m.gguf" in text and "renders a conversation differently" in warning
 
 
 def test_modelfile_for_gemma_and_for_a_base_model(tiny_gemma_dir, tmp_path):
     gguf_path = tmp_path / "model-Q8_0.gguf"
     gguf_path.write_bytes(b"")
-    text = write_modelfile(tiny_gemma_dir, gguf_path).read_text()
+    path, warning = write_modelfile(tiny_gemma_dir, gguf_path)
+    text = path.read_text()
+    assert warning is None
     assert "<start_of_turn>" in text and "<bos>" not in text.split("TEMPLATE")[1].split('"""')[1]
     assert 'PARAMETER stop "<end_of_turn>"' in text and 'PARAMETER stop "<eos>"' in text
     assert 'LICENSE """gemma"""' in text and "ollama create NAME -f Modelfile" in text
-    base = render_modelfile("m.gguf", None, 32768)
+    base, _ = render_modelfile("m.gguf", None, 32768)
     assert 'TEMPLATE """{{ .Prompt }}"""' in base and "SYSTEM" not in base
 
 

@@ -1,17 +1,20 @@
-"""The small subset of Go's text/template that our Ollama TEMPLATEs use, rendered in Python.
+"""The subset of Go's text/template that our Ollama TEMPLATEs use, rendered in Python.
 
-Ollama renders a Modelfile TEMPLATE with Go's text/template over {.Messages, .System, ...}. We
-render the same template here so the exporter can prove, before writing a Modelfile, that it
-produces exactly the prompt the model's Jinja chat template produces (and refuse otherwise).
+Ollama renders a Modelfile TEMPLATE with Go's text/template over {.Messages, .System, .Tools,
+...}. We render the same template here so the exporter can prove, before writing a Modelfile,
+that it produces exactly the prompt the model's Jinja chat template produces.
 
 Supported: text; `{{- ` / ` -}}` whitespace trimming; `.Field`, `$`, `$.Field`, `$var`,
-`$var.Field`; string literals; `$x := v` and `$x = v`; `if` / `else if` / `else` / `end`;
-`range $i, $m := PIPE` and `range PIPE`; functions eq, ne, not, and, or, len. Anything else
-raises ValueError, so an unsupported template is caught, never mis-rendered.
+`$var.Field`, `(pipeline).Field`; string and integer literals; parenthesised sub-pipelines;
+`$x := v` and `$x = v`; `if` / `else if` / `else` / `end`; `range $i, $m := PIPE` and
+`range PIPE`; Go's eq, ne, lt, le, gt, ge, not, and, or, len, index, slice, and Ollama's json
+(Go's json.Marshal: compact, keys sorted, <, > and & escaped). Anything else raises
+ValueError, so an unsupported template is caught, never mis-rendered.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -117,6 +120,30 @@ class _Scope:
         raise ValueError(f"assignment to undeclared variable {name}")
 
 
+class Obj(dict):
+    """A Go struct as the template sees it: fields by Go name; `json` marshals `json_value`
+    (Ollama's types carry lower-case JSON tags, so a tool marshals as the OpenAI-style dict)."""
+
+    def __init__(self, fields: dict, json_value=None):
+        super().__init__(fields)
+        self.json_value = json_value
+
+
+def go_json(value) -> str:
+    """Go's json.Marshal as Ollama's `json` template function calls it."""
+    def plain(v):
+        if isinstance(v, Obj):
+            return v.json_value
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    text = json.dumps(plain(value), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _field(obj, path: str):
     for part in [p for p in path.split(".") if p]:
         obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
@@ -135,28 +162,94 @@ def _term(tok: str, dot, scope: _Scope):
         return _field(scope.get(name), rest)
     if re.fullmatch(r"-?\d+", tok):
         return int(tok)
+    if tok in ("true", "false"):
+        return tok == "true"
     raise ValueError(f"unsupported term {tok!r}")
+
+
+def _index(a, *keys):
+    for k in keys:
+        a = a[k]
+    return a
+
+
+def _slice(a, *bounds):
+    if len(bounds) > 2:
+        raise ValueError("slice with a capacity bound is not supported")
+    return a[slice(*bounds)]
 
 
 _FUNCS = {
     "eq": lambda a, *b: any(a == x for x in b),
     "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
     "not": lambda a: not _truthy(a),
     "and": lambda *a: next((x for x in a if not _truthy(x)), a[-1]),
     "or": lambda *a: next((x for x in a if _truthy(x)), a[-1]),
     "len": lambda a: len(a),
+    "index": _index,
+    "slice": _slice,
+    "json": go_json,
 }
+
+_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\(|\)|[^\s()]+')
+
+
+def _group(expr: str) -> list:
+    """Tokens nested by parentheses; a `.Field` written right after `)` is kept as ("field", name)."""
+    stack: list[list] = [[]]
+    prev_end = -1
+    for m in _TOKEN.finditer(expr):
+        tok = m.group(0)
+        if tok == "(":
+            stack.append([])
+        elif tok == ")":
+            if len(stack) == 1:
+                raise ValueError(f"unbalanced ')' in {expr!r}")
+            inner = stack.pop()
+            stack[-1].append(("group", inner))
+        elif tok.startswith(".") and m.start() == prev_end and stack[-1] and isinstance(stack[-1][-1], tuple):
+            kind, inner = stack[-1].pop()
+            stack[-1].append(("field", (kind, inner), tok))
+        else:
+            stack[-1].append(tok)
+        prev_end = m.end()
+    if len(stack) != 1:
+        raise ValueError(f"unbalanced '(' in {expr!r}")
+    return stack[0]
+
+
+def _operand(item, dot, scope: _Scope):
+    if isinstance(item, tuple):
+        if item[0] == "group":
+            return _command(item[1], dot, scope)
+        return _field(_operand(item[1], dot, scope), item[2])
+    return _term(item, dot, scope)
+
+
+def _command(items: list, dot, scope: _Scope):
+    if not items:
+        raise ValueError("empty action")
+    head = items[0]
+    if head in ("and", "or"):  # Go evaluates these lazily: `and .Messages (index .Messages 0)`
+        value = None
+        for t in items[1:]:
+            value = _operand(t, dot, scope)
+            if _truthy(value) != (head == "and"):
+                return value
+        return value
+    if isinstance(head, str) and head in _FUNCS:
+        return _FUNCS[head](*[_operand(t, dot, scope) for t in items[1:]])
+    if len(items) != 1:
+        raise ValueError(f"unsupported pipeline {items!r}")
+    return _operand(head, dot, scope)
 
 
 def _eval(expr: str, dot, scope: _Scope):
-    toks = re.findall(r'"(?:\\.|[^"\\])*"|\S+', expr)
-    if not toks:
-        raise ValueError("empty action")
-    if toks[0] in _FUNCS:
-        return _FUNCS[toks[0]](*[_term(t, dot, scope) for t in toks[1:]])
-    if len(toks) != 1:
-        raise ValueError(f"unsupported pipeline {expr!r}")
-    return _term(toks[0], dot, scope)
+    return _command(_group(expr), dot, scope)
 
 
 def _run(nodes, dot, scope: _Scope, out: list[str]) -> None:

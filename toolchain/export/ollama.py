@@ -9,32 +9,38 @@ their stop tokens, and refuse (rather than guess) for a template we do not recog
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain.errors import UserError
+from toolchain.export.go_template import Obj
 from toolchain.fileio import write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ChatFormat:
     name: str
-    marker: str  # a string only this format's Jinja template contains
+    markers: tuple[str, ...]  # strings only this format's Jinja templates contain (all of them)
     go_template: str
     stops: tuple[str, ...]
     # regex pulling a default system prompt out of the Jinja source, if the template has one
     default_system: str | None = None
+    tools: bool = False  # the template renders tools, tool calls and tool results
 
 
-# The templates leave BOS out: llama.cpp (and so Ollama) adds it when the GGUF says add_bos,
+# The templates leave BOS out (and the newer ones use no "{{-": they are one line, and Go's
+# trimming would also eat a newline a turn ends with): llama.cpp (and so Ollama) adds it when the GGUF says add_bos,
 # and a BOS written in the template too would be doubled. Ollama injects the Modelfile's
 # SYSTEM as a system message when a conversation has none, so a template's default system
 # prompt becomes SYSTEM instead of template text.
 CHATML = ChatFormat(
     name="chatml",
-    marker="<|im_start|>",
+    markers=("<|im_start|>",),
     go_template=(
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
         "{{ end }}<|im_start|>assistant\n"
@@ -42,20 +48,111 @@ CHATML = ChatFormat(
     stops=("<|im_end|>", "<|im_start|>"),
     default_system=r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>",
 )
+
+# Qwen2.5 / Qwen3: ChatML plus tools in the system turn, <tool_call> blocks in assistant turns
+# and consecutive tool results in one user turn of <tool_response> blocks. Tool schemas and
+# call arguments are marshalled by Ollama (Go's encoding/json: compact, keys sorted), which no
+# Go template can re-space; the check compares such JSON by value (see `same_prompt`).
+_QWEN_TOOLS = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{{ range $.Tools }}\n{{ json . }}{{ end }}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+_QWEN_TURNS = (
+    "{{ $intool := false }}"
+    "{{ range $i, $m := .Messages }}"
+    "{{ if and $intool (ne $m.Role \"tool\") }}<|im_end|>\n{{ $intool = false }}{{ end }}"
+    "{{ if eq $m.Role \"tool\" }}{{ if not $intool }}<|im_start|>user{{ $intool = true }}{{ end }}"
+    "\n<tool_response>\n{{ $m.Content }}\n</tool_response>"
+    "{{ else if and (eq $i 0) (eq $m.Role \"system\") }}{{ continue_system }}"
+    "{{ else if eq $m.Role \"assistant\" }}<|im_start|>assistant{{ assistant_body }}<|im_end|>\n"
+    "{{ else }}<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n{{ end }}"
+    "{{ end }}{{ if $intool }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+_QWEN_CALLS = ("{{ range $j, $c := $m.ToolCalls }}{{ calls_sep }}<tool_call>\n{\"name\": \"{{ $c.Function.Name }}\", "
+               "\"arguments\": {{ json $c.Function.Arguments }}}\n</tool_call>{{ end }}")
+QWEN25 = ChatFormat(
+    name="qwen2.5",
+    markers=("<|im_start|>", "<tool_call>", "<tool_response>"),
+    go_template=(
+        "{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role \"system\")) }}"
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant." + _QWEN_TOOLS
+        + "<|im_end|>\n{{ end }}"
+        + _QWEN_TURNS.replace("{{ continue_system }}",
+                              "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n")
+        .replace("{{ assistant_body }}",
+                 "{{ if $m.ToolCalls }}{{ if $m.Content }}\n{{ $m.Content }}{{ end }}"
+                 + _QWEN_CALLS.replace("{{ calls_sep }}", "\n") + "{{ else }}\n{{ $m.Content }}{{ end }}")
+    ),
+    stops=("<|im_end|>", "<|im_start|>"),
+    default_system=r"(You are Qwen, created by Alibaba Cloud\. You are a helpful assistant\.)",
+    tools=True,
+)
+# Qwen3 adds no default system prompt, and shows the reasoning (Ollama's .Thinking) of
+# assistant turns after the last user query as a <think> block.
+QWEN3 = ChatFormat(
+    name="qwen3",
+    markers=("<|im_start|>", "<tool_call>", "<think>"),
+    go_template=(
+        "{{ $query := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role \"user\" }}{{ $query = $i }}{{ end }}{{ end }}"
+        "{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role \"system\")) }}"
+        "<|im_start|>system\n" + _QWEN_TOOLS[2:] + "<|im_end|>\n{{ end }}"
+        + _QWEN_TURNS.replace("{{ continue_system }}",
+                              "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n")
+        .replace("{{ assistant_body }}",
+                 "\n{{ if and $m.Thinking (gt $i $query) }}<think>\n{{ $m.Thinking }}\n</think>\n\n{{ end }}"
+                 "{{ $m.Content }}" + _QWEN_CALLS.replace("{{ calls_sep }}", "{{ if or $j $m.Content }}\n{{ end }}"))
+        + "{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}"
+    ),
+    stops=("<|im_end|>", "<|im_start|>"),
+    tools=True,
+)
 LLAMA3 = ChatFormat(
     name="llama3",
-    marker="<|start_header_id|>",
+    markers=("<|start_header_id|>",),
     go_template=(
         "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
         "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
 )
+# Llama 3.1 / 3.2 / 3.3: a system turn with the knowledge cut-off and date (transformers
+# renders the template's own default date unless the caller passes date_string), tools in the
+# first user turn, calls as {"name", "parameters"} and tool results as "ipython" turns.
+LLAMA31 = ChatFormat(
+    name="llama3.1",
+    markers=("<|start_header_id|>", "Cutting Knowledge Date"),
+    go_template=(
+        "{{ $sys := \"\" }}{{ $start := 0 }}"
+        "{{ if and .Messages (eq (index .Messages 0).Role \"system\") }}"
+        "{{ $sys = (index .Messages 0).Content }}{{ $start = 1 }}{{ end }}"
+        "<|start_header_id|>system<|end_header_id|>\n\n{{ if .Tools }}Environment: ipython\n{{ end }}"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{{ $sys }}<|eot_id|>"
+        "{{ range $i, $m := .Messages }}"
+        "{{ if lt $i $start }}"
+        "{{ else if and $.Tools (eq $i $start) }}<|start_header_id|>user<|end_header_id|>\n\n"
+        "Given the following functions, please respond with a JSON for a function call with its proper "
+        "arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
+        "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n"
+        "{{ range $.Tools }}{{ json . }}\n\n{{ end }}{{ $m.Content }}<|eot_id|>"
+        "{{ else if $m.ToolCalls }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{{ range $m.ToolCalls }}{\"name\": \"{{ .Function.Name }}\", \"parameters\": {{ json .Function.Arguments }}}"
+        "{{ end }}<|eot_id|>"
+        "{{ else if eq $m.Role \"tool\" }}<|start_header_id|>ipython<|end_header_id|>\n\n{{ json $m.Content }}<|eot_id|>"
+        "{{ else }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n{{ $m.Content }}<|eot_id|>{{ end }}"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    stops=("<|eot_id|>", "<|eom_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    tools=True,
+)
 # Gemma has no system role: HF's template puts the system text, then a blank line, at the
 # start of the first user turn; "assistant" is called "model".
 GEMMA = ChatFormat(
     name="gemma",
-    marker="<start_of_turn>",
+    markers=("<start_of_turn>",),
     go_template=(
         '{{- $sys := "" }}{{- range .Messages }}{{- if eq .Role "system" }}{{ $sys = .Content }}'
         '{{- else }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
@@ -64,18 +161,19 @@ GEMMA = ChatFormat(
     ),
     stops=("<end_of_turn>",),
 )
-FORMATS = (CHATML, LLAMA3, GEMMA)
+# most specific first: a Qwen3 template also carries every Qwen2.5 marker but one
+FORMATS = (QWEN3, QWEN25, CHATML, LLAMA31, LLAMA3, GEMMA)
 
 
 def detect_format(chat_template: str | None) -> ChatFormat:
     if not chat_template:
         raise UserError("the model has no chat template; an Ollama TEMPLATE cannot be derived (add one to the tokenizer)")
     for fmt in FORMATS:
-        if fmt.marker in chat_template:
+        if all(m in chat_template for m in fmt.markers):
             return fmt
     raise UserError(
         "the model's chat template is not one we can translate to Ollama's syntax "
-        f"(known: {', '.join(f.name for f in FORMATS)}); write the Modelfile TEMPLATE by hand"
+        f"(known: {', '.join(f.name for f in FORMATS)})"
     )
 
 
@@ -101,61 +199,147 @@ CHECK_CONVERSATIONS = (
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
      {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another?"}],
 )
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+                   "required": ["city"]}}}
+_CALL = {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}}]}
+# ...and, for a template that renders tools: offered tools, a call, its result, an answer
+TOOL_CONVERSATIONS = (
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "user", "content": "Weather in Paris?"}, _CALL, {"role": "tool", "content": "18 degrees, sunny"}],
+    [{"role": "user", "content": "Weather in Paris?"}, _CALL, {"role": "tool", "content": "18 degrees, sunny"},
+     {"role": "assistant", "content": "It is 18 degrees and sunny."}, {"role": "user", "content": "Thanks!"}],
+)
+
+
+def ollama_tools(tools: list[dict] | None) -> list[Obj]:
+    """Tools as Ollama's template sees them (.Type, .Function.Name, ...; `json` gives the dict)."""
+    out = []
+    for t in tools or []:
+        f = t.get("function", {})
+        fields = {"Name": f.get("name"), "Description": f.get("description"), "Parameters": f.get("parameters")}
+        out.append(Obj({"Type": t.get("type", "function"), "Function": Obj(fields, f)}, t))
+    return out
 
 
 def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
-    """What Ollama hands the template: Role/Content, with SYSTEM injected when none is given."""
-    msgs = [{"Role": m["role"], "Content": m["content"]} for m in messages]
+    """What Ollama hands the template: Role/Content/Thinking/ToolCalls, with SYSTEM injected when none is given."""
+    msgs = []
+    for m in messages:
+        calls = [{"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
+                 for c in m.get("tool_calls") or []]
+        msgs.append({"Role": m["role"], "Content": m.get("content") or "", "Thinking": m.get("reasoning_content", ""),
+                     "ToolCalls": calls, "ToolName": m.get("name", "")})
     if system and not any(m["Role"] == "system" for m in msgs):
-        msgs.insert(0, {"Role": "system", "Content": system})
+        msgs.insert(0, {"Role": "system", "Content": system, "Thinking": "", "ToolCalls": [], "ToolName": ""})
     return msgs
 
 
-def check_translation(fmt: ChatFormat, render_jinja, system: str | None, bos_text: str | None) -> None:
-    """Refuse a translation that does not reproduce the Jinja prompt on every check conversation.
+def template_data(messages: list[dict], system: str | None, tools: list[dict] | None = None) -> dict:
+    msgs = ollama_messages(messages, system)
+    return {"Messages": msgs, "Tools": ollama_tools(tools), "Think": False, "IsThinkSet": False,
+            "System": "\n\n".join(m["Content"] for m in msgs if m["Role"] == "system")}
 
-    `render_jinja(messages, add_generation_prompt)` renders the model's own template (as
+
+def _canonical_json(text: str) -> str:
+    """`text` with every embedded JSON object or array rewritten compactly with sorted keys."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i] in "{[":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError:
+                value, end = None, None
+            if end is not None and isinstance(value, (dict, list)):
+                out.append(json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def same_prompt(want: str, got: str, tools: bool) -> bool:
+    """Equal prompts; with tools, JSON values (schemas, arguments) compare by value: Ollama
+    marshals them itself (compact, keys sorted) where transformers' tojson spaces them."""
+    return want == got or (tools and _canonical_json(want) == _canonical_json(got))
+
+
+def check_translation(fmt: ChatFormat, render_jinja, system: str | None, bos_text: str | None) -> str | None:
+    """Why the translation does not reproduce the Jinja prompt on every check conversation, or None.
+
+    `render_jinja(messages, add_generation_prompt, tools)` renders the model's own template (as
     transformers' apply_chat_template does); `bos_text` is stripped from its start when the
     GGUF makes llama.cpp add BOS itself.
     """
     from toolchain.export.go_template import render
 
-    for conv in CHECK_CONVERSATIONS:
+    cases = [(c, None) for c in CHECK_CONVERSATIONS] + ([(c, [WEATHER_TOOL]) for c in TOOL_CONVERSATIONS]
+                                                        if fmt.tools else [])
+    for conv, tools in cases:
         try:
-            want = render_jinja(conv, True)
+            want = render_jinja(conv, True, tools)
         except Exception as e:  # a template may reject a shape (e.g. no system role): skip that shape
             if conv[0]["role"] == "system":
                 continue
-            raise UserError(f"the model's chat template fails on a plain conversation ({e})") from None
+            return f"the model's chat template fails on a plain conversation ({str(e).splitlines()[0][:120]})"
         if bos_text and want.startswith(bos_text):
             want = want[len(bos_text):]
-        got = render(fmt.go_template, {"Messages": ollama_messages(conv, system), "System": system or ""})
-        if got != want:
-            raise UserError(
-                f"the chat template looks like {fmt.name} but our Ollama translation renders it differently "
-                f"(expected {want!r}, got {got!r}); write the Modelfile TEMPLATE by hand"
-            )
+        try:
+            got = render(fmt.go_template, template_data(conv, system, tools))
+        except ValueError as e:
+            return f"our {fmt.name} Ollama template does not render ({e})"
+        if not same_prompt(want, got, tools is not None):
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            return (f"the chat template looks like {fmt.name} but our Ollama translation renders a "
+                    f"{'tool ' if tools else ''}conversation differently from character {at} "
+                    f"(expected {want[at:at + 40]!r}, got {got[at:at + 40]!r})")
+    return None
+
+
+def _go_template(chat_template: str, render_jinja, bos_text: str | None) -> tuple[ChatFormat | None, str | None, str | None]:
+    """(format, default system prompt, None) for a template we translate and check, else
+    (None, None, the reason)."""
+    try:
+        fmt = detect_format(chat_template)
+    except UserError as e:
+        return None, None, str(e)
+    system = _default_system(fmt, chat_template)
+    problem = check_translation(fmt, render_jinja, system, bos_text) if render_jinja is not None else None
+    return (None, None, problem) if problem else (fmt, system, None)
 
 
 def render_modelfile(gguf_name: str, chat_template: str | None, context_length: int,
                      license_text: str | None = None, generation: dict | None = None,
-                     render_jinja=None, bos_text: str | None = None, extra_stops: tuple[str, ...] = ()) -> str:
+                     render_jinja=None, bos_text: str | None = None,
+                     extra_stops: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(Modelfile text, warning or None). A chat template we cannot translate exactly never
+    fails the export: the Modelfile then has no TEMPLATE, Ollama reads the GGUF's embedded
+    Jinja template itself, and the warning says why."""
+    warning = None
+    fmt, system = None, None
     if not chat_template:
         # a base model: Ollama sends the raw prompt (no chat turns to translate)
         lines = ["# Ollama Modelfile (no chat template: plain completion). Create the model with:",
                  "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""']
-        fmt, system = None, None
     else:
-        fmt = detect_format(chat_template)
-        system = _default_system(fmt, chat_template)
-        if render_jinja is not None:
-            check_translation(fmt, render_jinja, system, bos_text)
-        lines = [f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
-                 "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", f"TEMPLATE {_quote(fmt.go_template)}"]
+        fmt, system, reason = _go_template(chat_template, render_jinja, bos_text)
+        if fmt is None:
+            warning = (f"Modelfile written without TEMPLATE: {reason}; Ollama will use the chat template "
+                       "embedded in the GGUF")
+            lines = ["# Ollama Modelfile (no TEMPLATE: Ollama uses the GGUF's own chat template). Create the model with:",
+                     "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+        else:
+            lines = [f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
+                     "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", f"TEMPLATE {_quote(fmt.go_template)}"]
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
-    stops = list(fmt.stops if fmt else ()) + [s for s in extra_stops if s and s not in (fmt.stops if fmt else ())]
-    for stop in stops:
+    known = fmt.stops if fmt else ()
+    for stop in list(known) + [s for s in extra_stops if s and s not in known]:
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER num_ctx {min(context_length, 8192)}")
     for key in ("temperature", "top_p", "top_k"):
@@ -163,11 +347,13 @@ def render_modelfile(gguf_name: str, chat_template: str | None, context_length: 
             lines.append(f"PARAMETER {key} {generation[key]}")
     if license_text:
         lines.append(f"LICENSE {_quote(license_text)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", warning
 
 
-def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
-    """Write a Modelfile next to `gguf_path` (or at out_path) for the model in model_dir."""
+def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike,
+                    out_path: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """Write a Modelfile next to `gguf_path` (or at out_path) for the model in model_dir;
+    returns its path and a warning when it had to be written without TEMPLATE."""
     from transformers import AutoTokenizer
 
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
@@ -177,12 +363,15 @@ def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, 
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     gen_file = model_dir / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-    def render_jinja(messages, add_generation_prompt):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def render_jinja(messages, add_generation_prompt, tools=None):
+        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     adds_bos = tok.bos_token is not None and len(tok("a").input_ids) > len(tok("a", add_special_tokens=False).input_ids)
-    text = render_modelfile(gguf_path.name, tok.chat_template, int(config.get("max_position_embeddings", 2048)),
-                            meta.get("license"), generation, render_jinja=render_jinja,
-                            bos_text=tok.bos_token if adds_bos else None,
-                            extra_stops=(tok.eos_token,) if tok.chat_template and tok.eos_token else ())
-    return write_text(out_path or gguf_path.parent / "Modelfile", text)
+    text, warning = render_modelfile(gguf_path.name, tok.chat_template, int(config.get("max_position_embeddings", 2048)),
+                                     meta.get("license"), generation, render_jinja=render_jinja,
+                                     bos_text=tok.bos_token if adds_bos else None,
+                                     extra_stops=(tok.eos_token,) if tok.chat_template and tok.eos_token else ())
+    if warning:
+        log.warning("%s", warning)
+    return write_text(out_path or gguf_path.parent / "Modelfile", text), warning
