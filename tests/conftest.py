@@ -166,3 +166,33 @@ def tiny_onnx(tiny_dir, tmp_path_factory) -> tuple[dict, Path]:
 
     out = tmp_path_factory.mktemp("onnx") / "onnx"
     return export_onnx(tiny_dir, out, ["int4", "fp32", "int8", "fp16"]), out
+
+
+def make_tiny_causal_lm(out: Path, tokenizer_src: Path, model_type: str, layers: int = 3, seed: int = 0) -> Path:
+    """A tiny random decoder of any architecture AutoConfig knows (llama, qwen2, qwen3, gemma3_text),
+    64 wide, with the tokenizer in tokenizer_src. Weights are drawn wider than the default init
+    so logits are far from uniform (ties would make greedy checks flaky)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_src)
+    extra = {"qwen3": {"head_dim": 32}, "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=model_type != "qwen2", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra.get(model_type, {}),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("bias"):
+                p.normal_(0, 0.08)
+            elif name.endswith("norm.weight"):
+                # Gemma's norms are offsets from 1, the others are scales around 1
+                p.normal_(0.0 if model_type.startswith("gemma") else 1.0, 0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "toolchain.json").write_text(json.dumps({"name": f"tiny-{model_type}", "license": "apache-2.0"}) + "\n")
+    return out

@@ -153,7 +153,12 @@ class DistillConfig:
     # auto | cpu | cuda | cuda:N; auto = the GPU when torch sees one (each launcher process its
     # LOCAL_RANK's), else the CPU
     device: str = "auto"
-    eval_every: int = 0  # held-out evaluation every N steps into the history (0 = only before/after)
+    # held-out evaluation every N steps into the history, watched by the divergence guard;
+    # auto: about five per run; 0: only before and after
+    eval_every: Union[int, str] = "auto"
+    # stop when held-out KL or CE exceeds this many times its lowest value so far, keeping the
+    # best weights (0: never stop, only report the best step)
+    divergence_ratio: float = 1.5
     on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
     on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
     on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations
@@ -180,14 +185,17 @@ class DistillConfig:
             raise UserError(f"{where}.on_policy_fraction must be between 0 and 1, got {self.on_policy_fraction}")
         _positive(f"{where}.on_policy_prompt_tokens", self.on_policy_prompt_tokens)
         _positive(f"{where}.on_policy_temperature", self.on_policy_temperature)
-        if self.eval_every < 0:
-            raise UserError(f"{where}.eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every != "auto" and (isinstance(self.eval_every, str) or self.eval_every < 0):
+            raise UserError(f"{where}.eval_every must be auto or an integer >= 0, got {self.eval_every!r}")
+        if self.divergence_ratio != 0 and self.divergence_ratio <= 1:
+            raise UserError(f"{where}.divergence_ratio must be 0 (off) or > 1, got {self.divergence_ratio}")
         for name in ("beta", "skew"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{where}.{name} must be between 0 and 1, got {getattr(self, name)}")
         _positive(f"{where}.batch_size", self.batch_size)
         _positive(f"{where}.temperature", self.temperature)
         _positive(f"{where}.checkpoint_every", self.checkpoint_every)
+        _positive(f"{where}.grad_clip", self.grad_clip)  # 0 would clip every update to nothing
         for name in ("steps", "warmup_steps", "threads"):
             if getattr(self, name) < 0:
                 raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
@@ -235,7 +243,7 @@ class VerifyConfig:
         default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0}
     )
     onnx_max_abs_diff: float = 1e-3
-    # GGUF: prompts are topped up to this many with held-out text openings
+    # prompts (GGUF and ONNX checks alike) are topped up to this many with held-out text openings
     min_prompts: int = 16
     # GGUF quality table (PPL ratio, mean KLD, top-1 vs the F16 file) on this many held-out
     # tokens in chunks of quality_ctx (second half of each chunk scored); 0 turns it off
@@ -250,7 +258,6 @@ class VerifyConfig:
     # quantized ONNX (int8/int4): min top-1 agreement and max mean KL(torch || onnx) per step
     onnx_min_top1: dict[str, float] = field(default_factory=lambda: {"int8": 0.95, "int4": 0.90})
     onnx_max_kl: dict[str, float] = field(default_factory=lambda: {"int8": 0.05, "int4": 0.25})
-    onnx_greedy_tokens: int = 64
 
     def validate(self, where: str) -> None:
         if not self.prompts:
@@ -258,7 +265,7 @@ class VerifyConfig:
         _positive(f"{where}.greedy_tokens", self.greedy_tokens)
         if self.quality_tokens and self.quality_tokens < self.quality_ctx:
             raise UserError(f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})")
-        _positive(f"{where}.onnx_greedy_tokens", self.onnx_greedy_tokens)
+        _positive(f"{where}.min_prompts", self.min_prompts)
 
 
 @dataclass

@@ -19,3 +19,15 @@ class VerificationError(UserError):
     def __init__(self, message: str, figures: dict | None = None):
         super().__init__(message)
         self.figures = figures or {}
+
+
+class DivergenceError(UserError):
+    """Training made the student clearly worse on held-out data (or produced a non-finite loss).
+
+    `figures` holds the best and last evaluations; the student the loop hands back carries the
+    best weights, so the caller can keep them.
+    """
+
+    def __init__(self, message: str, figures: dict | None = None):
+        super().__init__(message)
+        self.figures = figures or {}

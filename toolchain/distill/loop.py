@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from toolchain.config import DistillConfig
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
+from toolchain.distill.guard import DivergenceGuard, resolve_eval_every
 from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
@@ -38,7 +39,7 @@ from toolchain.distill.parallel import (Parallel, all_sum, barrier, broadcast_pa
                                         micro_batch_index, sum_gradients)
 from toolchain.distill.placement import model_device, place, resolve_device
 from toolchain.distill.tuning import keep_freed_memory
-from toolchain.errors import UserError
+from toolchain.errors import DivergenceError, UserError
 from toolchain.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,30 @@ def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path
             f"Lower distill.lr (now {cfg.lr}), keep distill.grad_clip > 0, or check the data.")
 
 
+def _divergence(reason: str, guard: DivergenceGuard, step: int, figures: dict, history: list, student,
+                home, ckpt_path: Path, cfg: DistillConfig) -> DivergenceError:
+    """The error that stops a diverging run; the student goes back home holding the best weights.
+
+    The last checkpoint holds the diverged weights and optimizer: it is moved aside, so that a
+    rerun (with a lower lr) starts from the initial student instead of resuming into them.
+    """
+    guard.restore_best(student)
+    place(student, home)
+    if ckpt_path.is_file():
+        ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
+    last = {"step": step, **{k: figures[k] for k in ("kl", "ce") if figures and k in figures}} if figures else {}
+    best = guard.best or {}
+
+    def fig(d: dict) -> str:
+        return ", ".join(f"{k.upper()} {d[k]:.3f}" for k in ("kl", "ce") if d.get(k) is not None)
+
+    message = (f"distillation diverged: {reason}. Best: step {best.get('step', '?')} ({fig(best)}); "
+               f"last: step {last.get('step', step)} ({fig(last)}). Lower distill.lr (now {cfg.lr:g}; "
+               f"try {cfg.lr / 10:g}) or raise distill.warmup_steps (now {cfg.warmup_steps})")
+    return DivergenceError(message, {"reason": reason, "best": best, "last": last, "history": history,
+                                     "kept_best_weights": guard.best_state is not None})
+
+
 def _compile_decoders(*models) -> None:
     """torch.compile each model's decoder body in place (parameter names, and so checkpoints and
     the saved student, stay as they are). The fused head's chunked loss stays eager: it is
@@ -232,6 +257,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
 
     ckpt_path = work_dir / CHECKPOINT
     start_step, history, before, train_seconds, tokens = 0, [], None, 0.0, 0
+    guard = DivergenceGuard(cfg.divergence_ratio)
+    eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         student.load_state_dict(ckpt["model"])
@@ -245,6 +272,9 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         if before is not None and "ce" in before:  # a checkpoint from before named eval sets
             before = {"heldout": before}
         train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
+        # the best weights themselves are not in the checkpoint (a second copy of the model):
+        # after a resume the guard keeps the next best it sees
+        guard.best, guard.lowest = ckpt["guard"]["best"], ckpt["guard"]["lowest"]
         log.info("resuming distillation from step %d (%s)", start_step, ckpt_path)
     # several named eval sets may be given; the first is "the" held-out set of before/after
     eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
@@ -260,6 +290,14 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
             return None
         return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()}
 
+    def diverged(step: int, figures: dict | None) -> None:
+        """Stop (on every process) when the guard sees the held-out figures running away."""
+        reason = guard.observe(step, figures[primary], student) if figures is not None else None
+        if not all_sum(par, 1.0 if reason else 0.0):
+            return
+        bar.close()
+        raise _divergence(reason, guard, step, figures[primary], history, student, home, ckpt_path, cfg)
+
     if before is None:
         before = evaluate_all()
 
@@ -273,6 +311,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
                  "rng": rng_ranks[0], "rng_ranks": rng_ranks if par.active else None, "step": step,
                  "history": history, "before": before,
                  "train_seconds": train_seconds, "tokens": tokens,
+                 "guard": {"best": guard.best, "lowest": guard.lowest},
                  "hidden_proj": hidden.state_dict() if hidden is not None else None},
                 tmp,
             )
@@ -287,6 +326,8 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not (progress and par.main), unit="step")
+    if start_step == 0:
+        diverged(0, before)
     student.train()
     steady_tokens, steady_seconds = 0, 0.0
     for step in range(start_step, cfg.steps):
@@ -324,15 +365,17 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
                         "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "seconds": dt})
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
             history[-1]["eval"] = evaluate_all()
             student.train()
             log.info("step %d held-out %s", step + 1, history[-1]["eval"])
+            diverged(step + 1, history[-1]["eval"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(step + 1)
     bar.close()
     student.eval()
     after = evaluate_all()
+    diverged(cfg.steps, after)
     place(student, home)
     barrier(par)
     if not par.main:
@@ -350,4 +393,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         "teacher_ce": after[primary].get("teacher_ce"),
         "eval_sets": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
         "history": history,
+        # the saved student is the last step's; `best` says where held-out KL was lowest
+        "best": guard.best,
+        "last_step": cfg.steps,
     }

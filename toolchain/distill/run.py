@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.distill.data import load_documents, pack, train_and_heldout
-from toolchain.errors import UserError
+from toolchain.errors import DivergenceError, UserError
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.distill.loop import distill
@@ -60,15 +60,28 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
         if len(blocks) == 0:
             raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
         evals[Path(path).stem] = blocks
-    result = distill(t.model if t is not None else None, model, plan.batch_fn, evals, cfg, work_dir,
-                     progress=progress, layer_map=layer_map, par=par)
+    meta = {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
+
+    def save(to) -> None:
+        if cfg.lora.r:
+            student.model = merge_lora(model)
+            meta["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets), "merged": True}
+        save_model(student.model, student.tokenizer, to, meta)
+
+    try:
+        result = distill(t.model if t is not None else None, model, plan.batch_fn, evals, cfg, work_dir,
+                         progress=progress, layer_map=layer_map, par=par)
+    except DivergenceError as e:
+        if par.main and e.figures.get("kept_best_weights"):
+            best_dir = Path(work_dir) / "best-student"
+            meta["distilled_steps"] = e.figures["best"].get("step")
+            save(best_dir)
+            e.figures["best_student"] = str(best_dir)
+            raise DivergenceError(f"{e}; the best student is kept in {best_dir}", e.figures) from None
+        raise
     if not par.main:
         return result
-    meta = {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
-    if cfg.lora.r:
-        student.model = merge_lora(model)
-        meta["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets), "merged": True}
-    save_model(student.model, student.tokenizer, out_dir, meta)
+    save(out_dir)
     result["params"] = count_params(student.model)
     result.update(plan.info)
     return result

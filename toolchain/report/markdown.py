@@ -77,7 +77,16 @@ def render(report: dict) -> str:
          f"{s.get('layers')} (teacher blocks {s.get('kept_layers')})"],
     ])
 
-    if d:
+    if d.get("diverged"):
+        best, last = d.get("best") or {}, d.get("last") or {}
+        lines += ["## Distillation: stopped, diverged", "", f"{d.get('reason')}.", ""]
+        lines += _table(["", "step", "held-out KL", "held-out CE"], [
+            ["best", str(best.get("step", "-")), _f(best.get("kl")), _f(best.get("ce"))],
+            ["last", str(last.get("step", "-")), _f(last.get("kl")), _f(last.get("ce"))],
+        ])
+        if d.get("best_student"):
+            lines += [f"Best student kept in `{d['best_student']}`.", ""]
+    elif d:
         b, a = d.get("before", {}), d.get("after", {})
         lines += ["## Distillation (held-out text)", ""]
         lines += [f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
@@ -88,6 +97,10 @@ def render(report: dict) -> str:
             ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
             ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
         ])
+        best = d.get("best") or {}
+        if best.get("step") is not None:
+            lines += [f"Lowest held-out KL at step {best['step']} ({_f(best.get('kl'))}); the saved student is "
+                      f"step {d.get('last_step', d.get('steps'))}'s.", ""]
 
     ex = report.get("exports", [])
     if ex:
