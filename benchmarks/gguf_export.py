@@ -124,7 +124,7 @@ def quality(model_dir: Path, out: Path, types: list[str], tokens: int, ctx: int,
     from transformers import AutoTokenizer
 
     from toolchain.export.gguf import export_gguf
-    from toolchain.export.gguf_quality import compare, heldout_chunks, llama_scored
+    from toolchain.verify.quality import compare, heldout_chunks, llama_scored
 
     recs = export_gguf(model_dir, out, types)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -180,7 +180,7 @@ def main() -> None:
                     help="skip parts 1-2 (reference converter timing and comparison): quality tables only")
     args = ap.parse_args()
 
-    from toolchain.export.gguf_quality import format_table
+    from toolchain.verify.quality import format_table
     from toolchain.models.load import resolve_model_dir
     from toolchain.quantize.gguf_types import SUPPORTED_TYPES
 

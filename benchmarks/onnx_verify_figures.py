@@ -23,7 +23,7 @@ def main() -> None:
     from toolchain.config import VerifyConfig
     from toolchain.errors import VerificationError
     from toolchain.export.onnx import export_onnx, precision_dir, quantize_export
-    from toolchain.export.verify_onnx import verify_onnx
+    from toolchain.verify.onnx import verify_onnx
 
     md, out = sys.argv[1], sys.argv[2]
     precisions = sys.argv[3].split(",") if len(sys.argv) > 3 else ["fp32", "fp16", "int8", "int4"]
@@ -43,7 +43,7 @@ def main() -> None:
     summary = {}
     for p in precisions:
         try:
-            v = verify_onnx(md, precision_dir(out, p), cfg.prompts, cfg.onnx_greedy_tokens, cfg.onnx_max_abs_diff,
+            v = verify_onnx(md, precision_dir(out, p), cfg.prompts, cfg.greedy_tokens, cfg.onnx_max_abs_diff,
                             threads=2, model=model, tokenizer=tok, fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff,
                             min_top1=cfg.onnx_min_top1, max_kl=cfg.onnx_max_kl)
         except VerificationError as e:

@@ -17,7 +17,7 @@ def tiny_config(teacher_dir, **over):
         "data": {"seq_len": 32, "eval_sequences": 4},
         "distill": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
         "export": {"gguf": ["F16", "Q8_0"], "onnx": True, "onnx_precisions": ["fp32", "int8"]},
-        "verify": {"greedy_tokens": 8, "onnx_greedy_tokens": 8},
+        "verify": {"greedy_tokens": 8},
         "bench": {"prompt_tokens": 32, "gen_tokens": 8, "runs": 3},
     }
     for k, v in over.items():

@@ -17,7 +17,7 @@ def teacher():
 def test_teacher_f16_gguf_matches_torch_in_llama_cpp(teacher, tmp_path):
     """Our writer on the real 30-layer model: same tokens, same logits, same greedy text."""
     from toolchain.export.gguf import write_gguf
-    from toolchain.export.verify_gguf import verify_gguf
+    from toolchain.verify.gguf import verify_gguf
 
     path = write_gguf(teacher.path, tmp_path / "teacher-F16.gguf", "F16")
     v = VerifyConfig()

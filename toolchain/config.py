@@ -45,6 +45,9 @@ class TeacherConfig:
         if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
             raise UserError(f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; "
                             "use attach")
+        # the model itself is checked where it is loaded: a run from a pairs file needs none
+        if self.adapter and not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
+            raise UserError(f"{where}.adapter: {self.adapter} is not a PEFT adapter directory (no adapter_config.json)")
 
 
 @dataclass
@@ -89,10 +92,16 @@ class DataConfig:
             if not self.pairs and not self.prompts:
                 raise UserError(f"{where}.mode: sequences needs {where}.pairs (a prompt/response JSONL) or "
                                 f"{where}.prompts (prompts for the teacher to answer)")
-            for key in ("pairs", "prompts"):
-                value = getattr(self, key)
-                if value and not Path(value).is_file():
-                    raise UserError(f"{where}.{key}: file not found: {value}")
+            # parsed now, so a malformed line is reported before any stage spends time
+            from toolchain.data.task_files import read_pairs, read_prompts
+
+            if self.pairs:
+                n = len(read_pairs(_existing_file(f"{where}.pairs", self.pairs)))
+                if n < 2:
+                    raise UserError(f"{where}.pairs: {self.pairs} holds {n} example; sequence-level KD needs at "
+                                    "least 2 (one is held out for evaluation)")
+            elif self.prompts:
+                read_prompts(_existing_file(f"{where}.prompts", self.prompts))
         _positive(f"{where}.gen_max_new_tokens", self.gen_max_new_tokens)
         if self.max_train_blocks is not None:
             _positive(f"{where}.max_train_blocks", self.max_train_blocks)
@@ -313,6 +322,12 @@ class Config:
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise UserError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def _existing_file(key: str, value: str) -> str:
+    if not Path(value).expanduser().is_file():
+        raise UserError(f"{key}: file not found: {value}")
+    return value
 
 
 def _positive(key: str, value) -> None:

@@ -56,10 +56,10 @@ def inspect_hf(path: Path) -> dict:
 
 
 def inspect_onnx(path: Path) -> dict:
-    import onnx
+    from toolchain.runtime.onnx_decoder import load_graph
 
     model_file = path / "model.onnx" if path.is_dir() else path
-    m = onnx.load(str(model_file), load_external_data=False)
+    m = load_graph(model_file)
     info_file = model_file.parent / "model_info.json"
     return {"kind": "onnx", "path": str(model_file), "opset": [o.version for o in m.opset_import],
             "inputs": [i.name for i in m.graph.input], "outputs": [o.name for o in m.graph.output],

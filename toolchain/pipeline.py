@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from toolchain.config import Config, dump_yaml, to_dict
-from toolchain.errors import UserError, VerificationError
+from toolchain.errors import DivergenceError, UserError, VerificationError
 from toolchain.fileio import check_writable_dir, dir_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,12 @@ class Run:
                             overrides=self.config.export.gguf_overrides)
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
-        mf = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
+        mf, warning = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
+        if warning:
+            self.echo(f"  warning: {warning}")
         for f in files:
             self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
-        return {"files": files, "modelfile": str(mf)}
+        return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
 
     def stage_export_onnx(self) -> dict:
         if not self.config.export.onnx:
@@ -130,18 +132,19 @@ class Run:
         return files + ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))
 
     def stage_verify(self) -> dict:
-        from toolchain.export.verify import verify_exports
+        from toolchain.verify.exports import verify_exports
 
         results = verify_exports(self.path("student"), self._exports(), self.config.verify)
         for r in results:
+            ties = f"{r['near_ties']} near-ties ({r['near_tie_flips']} flipped)"
             if r["format"] == "gguf":
                 self.echo(f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
-                          f"greedy {r['greedy_agreement']:.0%}")
+                          f"greedy {r['greedy_agreement']:.1%} where clear, {ties}")
             else:
-                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r.get('top1_agreement', 1):.1%}, "
-                          f"mean KL {r.get('mean_kl', 0):.2e}, greedy {r['greedy_agreement']:.0%}")
+                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r['top1_agreement']:.1%}, "
+                          f"mean KL {r['mean_kl']:.2e}, greedy {r['greedy_agreement']:.1%} where clear, {ties}")
         if any(r.get("quality") for r in results):
-            from toolchain.export.gguf_quality import format_table
+            from toolchain.verify.quality import format_table
 
             self.echo(format_table(results, "  GGUF quality on held-out text:"))
         return {"results": results}
@@ -189,10 +192,10 @@ class Run:
             t0 = time.perf_counter()
             try:
                 result = getattr(self, f"stage_{stage}")()
-            except VerificationError as e:
+            except (VerificationError, DivergenceError) as e:
                 # keep the figures: the report shows what failed, the stage stays unfinished
-                write_json(self.path("logs", "verify_failed.json"), e.figures)
-                self.write_report(seconds, {"verify": e.figures} if stage == "verify" else None)
+                write_json(self.path("logs", f"{stage}_failed.json"), e.figures)
+                self.write_report(seconds, {stage: _failed_figures(stage, e.figures)})
                 raise
             seconds[stage] = round(time.perf_counter() - t0, 1)
             write_json(self.path("stages", f"{stage}.json"), result)
@@ -210,6 +213,13 @@ class Run:
         if self.record("distill") is None:
             self._distill_student()
         return {}
+
+
+def _failed_figures(stage: str, figures: dict) -> dict:
+    """What the report shows of a failed stage (a diverged run: best and last, not the history)."""
+    if stage == "distill":
+        return {"diverged": True, **{k: v for k, v in figures.items() if k != "history"}}
+    return figures
 
 
 def run_pipeline(config: Config, out: str | Path, progress: bool = True, echo=print) -> dict:

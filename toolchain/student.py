@@ -121,6 +121,7 @@ def build_student(teacher: LoadedModel, out_dir: str | os.PathLike, keep_layers:
         **{k: v for k, v in teacher.meta.items() if k in ("license", "tokenizer_pre")},
         "name": f"{teacher.meta.get('name', 'model')}-student-{len(keep)}L",
         "distilled_from": teacher.meta.get("source") or teacher.meta.get("name"),
+        "teacher_sha256": teacher.meta.get("sha256"),
         "teacher_license": teacher.meta.get("license"),
         "kept_layers": keep,
     }

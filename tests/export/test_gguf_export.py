@@ -7,7 +7,7 @@ import pytest
 from toolchain.errors import UserError, VerificationError
 from toolchain.export import gguf as gguf_export
 from toolchain.export.gguf import export_gguf, write_gguf
-from toolchain.export.verify_gguf import verify_gguf
+from toolchain.verify.gguf import verify_gguf
 from toolchain.config import VerifyConfig
 from toolchain.models import llama
 
@@ -59,6 +59,26 @@ def test_wrong_rotary_layout_is_caught(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="NMSE") as err:
         verify_gguf(tiny_dir, path, "F16", v.prompts, 8, v.max_nmse, v.min_greedy_agreement)
     assert err.value.figures["nmse_max"] > 1e-3
+    # the message carries every figure and its threshold, not only the first failure
+    for part in ("prompt NMSE max", "(limit 0.0001)", "greedy agreement", "near-ties", "tokenizer parity 100%"):
+        assert part in str(err.value)
+
+
+def test_wrong_rope_base_is_caught(tiny_dir, tmp_path):
+    """A GGUF whose rotary base differs from the model's must fail, with the figures."""
+    import json
+    import shutil
+
+    wrong = tmp_path / "wrong-rope"
+    shutil.copytree(tiny_dir, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["rope_parameters"]["rope_theta"] = 500.0
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    path = write_gguf(wrong, tmp_path / "bad-F16.gguf", "F16")
+    v = VerifyConfig()
+    with pytest.raises(VerificationError, match=r"bad-F16.gguf FAILED: .*NMSE .*Figures: .*decode NMSE max") as err:
+        verify_gguf(tiny_dir, path, "F16", v.prompts, 8, v.max_nmse, v.min_greedy_agreement)
+    assert err.value.figures["nmse_max"] > 1e-3 and not err.value.figures["passed"]
 
 
 def test_interrupted_write_leaves_nothing(tiny_dir, tmp_path, monkeypatch):

@@ -12,8 +12,7 @@ from transformers import AutoTokenizer
 from conftest import make_tiny_causal_lm
 from toolchain.cli import main
 from toolchain.export import go_template
-from toolchain.export.ollama import (CHECK_CONVERSATIONS, TOOL_CONVERSATIONS, WEATHER_TOOL, _default_system,
-                                     detect_format, render_modelfile, same_prompt, template_data, write_modelfile)
+from toolchain.export.ollama import (CHECK_CONVERSATIONS, TOOL_CONVERSATIONS, WEATHER_TOOL, detect_format, render_modelfile, same_prompt, template_data, write_modelfile)
 
 TEMPLATES = Path(__file__).parent.parent / "fixtures" / "chat_templates"
 CONVERSATIONS = [(c, None) for c in CHECK_CONVERSATIONS] + [(c, [WEATHER_TOOL]) for c in TOOL_CONVERSATIONS]

@@ -5,7 +5,6 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from conftest import GEMMA_CHAT_TEMPLATE
-from toolchain.errors import UserError
 from toolchain.export import go_template
 from toolchain.export.ollama import (CHATML, GEMMA, LLAMA3, CHECK_CONVERSATIONS, check_translation, detect_format,
                                      ollama_messages, render_modelfile, write_modelfile, _default_system)

@@ -99,11 +99,11 @@ def test_generate_sampling_is_seeded(exported):
 
 
 def test_verify_passes_and_fails(exported, tiny_dir, tmp_path):
-    from toolchain.export.verify_onnx import verify_onnx
+    from toolchain.verify.onnx import verify_onnx
 
     r = verify_onnx(tiny_dir, exported[1], PROMPTS, greedy_tokens=8, threads=1)
     assert r["passed"] and r["prompts"] == 2 and r["max_abs_diff"] < 1e-3
-    assert r["greedy_agreement"] == 1.0 and r["greedy_prefix"] == 1.0
+    assert r["greedy_agreement"] == 1.0 and r["generate_prefix"] == 1.0 and r["near_tie_flips"] == 0
 
     # a corrupted weight file must be caught
     broken = tmp_path / "broken"

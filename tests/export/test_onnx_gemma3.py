@@ -12,7 +12,7 @@ PROMPTS = ["The capital of France is a city with a long history", "def fibonacci
 
 def test_gemma3_export_verify_and_generate(tiny_gemma_dir, tmp_path):
     from toolchain.export.onnx import export_onnx
-    from toolchain.export.verify_onnx import verify_onnx
+    from toolchain.verify.onnx import verify_onnx
     from toolchain.runtime.onnx_decoder import OnnxDecoder
 
     out = tmp_path / "onnx"

@@ -67,7 +67,7 @@ def test_verify_each_precision(exported, tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolchain.export.verify_onnx import verify_onnx
+    from toolchain.verify.onnx import verify_onnx
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -92,7 +92,7 @@ def test_verify_each_precision(exported, tiny_dir):
     assert results["int8"]["reference"] == "torch fp32"
 
     # an impossible threshold fails with the figures in the message and on the error
-    with pytest.raises(VerificationError, match=r"ONNX int4 export differs from torch: top-1 agreement") as err:
+    with pytest.raises(VerificationError, match=r"ONNX int4 export FAILED: top-1 agreement .*Figures: max \|logit diff\|") as err:
         verify_onnx(tiny_dir, out.with_name("onnx-int4"), PROMPTS[:1], greedy_tokens=4, threads=1,
                     model=model, tokenizer=tok, min_top1={"int4": 1.01})
     assert err.value.figures["passed"] is False and err.value.figures["top1_agreement"] <= 1.0
@@ -102,7 +102,7 @@ def test_cli_verify_failure_exits_nonzero_with_figures(exported, tiny_dir, capsy
     from toolchain.cli import main
 
     rc = main(["verify", str(tiny_dir), str(exported[1].with_name("onnx-int8")),
-               "--set", "verify.onnx_greedy_tokens=4", "--set", "verify.prompts=[\"Hello there\"]",
+               "--set", "verify.greedy_tokens=4", "--set", "verify.prompts=[\"Hello there\"]",
                "--set", "verify.onnx_max_kl={\"int8\": 0.0}"])
     err = capsys.readouterr().err
     assert rc != 0 and "mean KL" in err and "top-1" in err

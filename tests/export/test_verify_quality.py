@@ -7,8 +7,8 @@ import pytest
 from toolchain.config import VerifyConfig
 from toolchain.errors import VerificationError
 from toolchain.export.gguf import export_gguf
-from toolchain.export.gguf_quality import format_table
-from toolchain.export.verify import verify_exports
+from toolchain.verify.quality import format_table
+from toolchain.verify.exports import verify_exports
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def test_quality_table_and_decode_steps(tiny_dir, exports):
     res = {r["quant"]: r for r in verify_exports(tiny_dir, exports, cfg, threads=1)}
     f16, q8, q4 = res["F16"], res["Q8_0"], res["Q4_0"]
     assert f16["prompts"] >= 16 and f16["tokenizer_parity"] == 1.0
-    assert f16["decode_nmse_max"] < 1e-4 and f16["decode_top1_agreement"] == 1.0
+    assert f16["decode_nmse_max"] < 1e-4 and f16["top1_agreement_all"] == 1.0 and f16["greedy_agreement"] == 1.0
+    assert f16["reference"] == "torch fp32, fp16-rounded weights" and q8["reference"] == "torch fp32"
+    assert f16["greedy_positions"] == f16["prompts"] * 8 == f16["greedy_decisive"] + f16["near_ties"]
     assert f16["quality"]["ppl_ratio"] == pytest.approx(1.0) and f16["quality"]["mean_kld"] < 1e-9
     assert f16["quality"]["reference"] == "F16 GGUF" and f16["quality"]["tokens_scored"] >= 300
     assert 0 < q8["quality"]["mean_kld"] < q4["quality"]["mean_kld"]
@@ -36,7 +38,7 @@ def test_quality_table_and_decode_steps(tiny_dir, exports):
 def test_failing_quality_threshold_fails_with_figures(tiny_dir, exports):
     cfg = dataclasses.replace(VerifyConfig(greedy_tokens=4, quality_tokens=256, quality_ctx=256),
                               max_nmse={"default": 1.0}, max_mean_kld={"Q4_0": 1e-9, "default": None})
-    with pytest.raises(VerificationError, match=r"model-Q4_0.gguf: mean kld [0-9.e-]+ > 1e-09") as err:
+    with pytest.raises(VerificationError, match=r"model-Q4_0.gguf FAILED: mean kld [0-9.e-]+ > 1e-09\. Figures: tokenizer parity .*prompt NMSE .*limit 1e-09") as err:
         verify_exports(tiny_dir, exports, cfg, threads=1)
     failed = [r for r in err.value.figures["results"] if not r["passed"]]
     assert [r["quant"] for r in failed] == ["Q4_0"] and failed[0]["quality"]["mean_kld"] > 1e-9

@@ -11,7 +11,7 @@ from toolchain.config import VerifyConfig
 from toolchain.errors import UserError, VerificationError
 from toolchain.export import gguf as gguf_export
 from toolchain.export.gguf import write_gguf
-from toolchain.export.verify_gguf import verify_gguf
+from toolchain.verify.gguf import verify_gguf
 from toolchain.models import gemma3
 from toolchain.models.load import load_model
 from toolchain.models.registry import get_arch

@@ -8,7 +8,8 @@ from toolchain.config import VerifyConfig
 @pytest.mark.slow
 def test_gemma3_270m_f16_matches_torch_and_generates(tmp_path):
     from toolchain.export.gguf import write_gguf
-    from toolchain.export.verify_gguf import open_llama, verify_gguf
+    from toolchain.runtime.llama import open_llama
+    from toolchain.verify.gguf import verify_gguf
     from toolchain.models.load import resolve_model_dir
 
     model_dir = resolve_model_dir("gemma3-270m")  # converted once from the bundled GGUF, cached

@@ -7,7 +7,7 @@ import torch
 
 from toolchain.errors import UserError
 from toolchain.models import bundled
-from toolchain.models.load import gguf_to_hf, load_model, resolve_model_dir
+from toolchain.models.load import load_model, resolve_model_dir
 from toolchain.models.registry import get_arch
 
 

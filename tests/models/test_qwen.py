@@ -8,7 +8,7 @@ import torch
 
 from toolchain.config import VerifyConfig
 from toolchain.export.gguf import write_gguf
-from toolchain.export.verify_gguf import verify_gguf
+from toolchain.verify.gguf import verify_gguf
 
 
 def _tiny(out, tokenizer_src, model_type: str):

@@ -142,10 +142,12 @@ _ONNX_ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8
 def _onnx_tensors(model_file: Path) -> list[dict] | None:
     """Initializers (name, bytes, consumers) via the `onnx` package, or None where it is missing."""
     try:
-        import onnx
+        import onnx  # noqa: F401
     except ImportError:
         return None
-    graph = onnx.load(str(model_file), load_external_data=False).graph
+    from toolchain.runtime.onnx_decoder import load_graph
+
+    graph = load_graph(model_file).graph
     used_by: dict[str, set] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):

@@ -19,6 +19,7 @@ from toolchain.errors import UserError
 from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
 from toolchain.models.load import read_meta
+from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
 from toolchain.quantize.gguf_types import (PYTHON_TYPES, check_overrides, check_type, file_type, llama_cpp_quantize,
                                           override_for, quantize_tensor)
@@ -58,8 +59,8 @@ def _size_label(n_params: int) -> str:
 
 
 def _repo_url(source: str | None) -> str | None:
-    # "org/name" is a Hugging Face repo id; paths and URLs are kept as they are elsewhere
-    if source and source.count("/") == 1 and not source.startswith((".", "/")) and "://" not in source:
+    # "org/name" is a Hugging Face repo id; a URL is kept; anything else has no address
+    if source and is_hub_id(source):
         return f"https://huggingface.co/{source}"
     return source if source and "://" in source else None
 
@@ -70,6 +71,7 @@ def _write_provenance(w, meta: dict) -> None:
     A distilled student names its teacher as base model (with the teacher's licence, which
     usually still applies to the student); a plain conversion names its source.
     """
+    meta = public_meta(meta)  # names, never this machine's paths (older students stored paths)
     teacher = meta.get("distilled_from")
     if teacher:
         w.add_base_model_count(1)
@@ -77,12 +79,16 @@ def _write_provenance(w, meta: dict) -> None:
         if _repo_url(teacher):
             w.add_base_model_repo_url(0, _repo_url(teacher))
         w.add_string("toolchain.teacher.name", str(teacher))
+        if meta.get("teacher_sha256"):
+            w.add_string("toolchain.teacher.sha256", str(meta["teacher_sha256"]))
         if meta.get("teacher_license"):
             w.add_string("toolchain.teacher.license", str(meta["teacher_license"]))
         if meta.get("kept_layers") is not None:
             w.add_array("toolchain.student.kept_layers", [int(i) for i in meta["kept_layers"]])
     elif meta.get("source"):
         w.add_string("toolchain.source", str(meta["source"]))
+        if meta.get("sha256"):
+            w.add_string("toolchain.source.sha256", str(meta["sha256"]))
         if _repo_url(meta["source"]):
             w.add_source_url(_repo_url(meta["source"]))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_dir
 from toolchain.models.bundled import BUNDLED, bundled_path
+from toolchain.models.provenance import file_sha256, is_hub_id, model_dir_sha256, public_meta, public_name
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: d
     info = {
         "name": fields.get("general.name", gguf_path.stem),
         "license": fields.get("general.license"),
-        "source": str(gguf_path),
+        "source": gguf_path.name,  # a name to publish, not this machine's path
+        "sha256": file_sha256(gguf_path),
         "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
     }
     info.update(meta or {})
@@ -108,7 +110,7 @@ def _content_key(path: Path, size: int, mtime_ns: int) -> str:
     same bundled GGUF installed into another venv (every fresh clone) reuses the one
     conversion instead of adding another ~540 MB copy to the cache. Memoised per (path, size,
     mtime) so the stages of one run that resolve the same teacher hash it once."""
-    h = hashlib.sha256(b"gguf-hf|v2|")
+    h = hashlib.sha256(b"gguf-hf|v3|")
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
@@ -162,12 +164,27 @@ def load_model(spec: str, adapter: str | None = None, dtype: str = "float32") ->
     check_model_dir_weights(model_dir)  # a truncated/corrupt file fails here with a clear message
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}
+    meta = _provenance(model_dir, adapter)
     if adapter:
         model = merge_adapter(model, adapter)
-        meta = {**meta, "adapter": str(adapter)}
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta=meta)
+
+
+def _provenance(model_dir: Path, adapter: str | None) -> dict:
+    """The model's provenance (toolchain.json, else its directory), with names fit to publish and
+    a sha256 of the weights; an adapter adds its own name and hash."""
+    meta = read_meta(model_dir) or {"name": model_dir.name}
+    if not meta.get("source"):
+        hub = json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or ""
+        meta["source"] = hub if is_hub_id(hub) else meta["name"]
+    meta = public_meta(meta)
+    meta.setdefault("sha256", model_dir_sha256(model_dir))
+    if adapter:
+        a = Path(adapter)
+        weights = sorted(a.glob("adapter_model.*"))
+        meta.update(adapter=public_name(a), adapter_sha256=file_sha256(weights[0]) if weights else None)
+    return meta
 
 
 def merge_adapter(model, adapter: str | os.PathLike):
@@ -258,7 +275,7 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
         kwargs.update(quantization_config=_bnb_config(quantize), device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meta = read_meta(model_dir) or {"name": model_dir.name, "source": str(model_dir)}
+    meta = _provenance(model_dir, adapter)
     if adapter:
         from peft import PeftModel
 
@@ -266,7 +283,6 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
         if not (a / "adapter_config.json").is_file():
             raise UserError(f"{a} is not a PEFT adapter directory (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, a)  # attached: LoRA runs beside the frozen base
-        meta = {**meta, "adapter": str(adapter)}
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta={**meta, "variant": variant})
 

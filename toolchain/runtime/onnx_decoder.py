@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from toolchain.errors import UserError
+
 MODEL_FILE = "model.onnx"
 INFO_FILE = "model_info.json"
 
@@ -26,6 +28,36 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
+def _bad_file(path: Path, e: Exception) -> "UserError":
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return UserError(f"{path} is not a readable ONNX model ({first}); re-export it (toolchain export onnx)")
+
+
+def read_info(model_dir: Path) -> dict:
+    """The folder's model_info.json, or one clear error saying what is missing or broken."""
+    f = model_dir / INFO_FILE
+    if not (model_dir / MODEL_FILE).is_file():
+        raise UserError(f"{model_dir} holds no {MODEL_FILE}; give a folder written by toolchain export onnx")
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{model_dir} has no {INFO_FILE}; it was not written by toolchain export onnx") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}); re-export the model") from None
+
+
+def load_graph(model_file: str | Path):
+    """The ONNX graph without its weights (`onnx` package), or one clear error for a corrupt file."""
+    import onnx
+
+    try:
+        return onnx.load(str(model_file), load_external_data=False)
+    except FileNotFoundError:
+        raise UserError(f"ONNX model not found: {model_file}") from None
+    except Exception as e:  # protobuf's DecodeError and friends: the file is damaged or not ONNX
+        raise _bad_file(Path(model_file), e) from None
+
+
 class OnnxDecoder:
     """Batch-1 greedy/sampled decoding with a KV cache held between `forward` calls."""
 
@@ -34,15 +66,18 @@ class OnnxDecoder:
         if model_dir.is_file():  # accept the model.onnx path as well as its directory
             model_dir = model_dir.parent
         self.model_dir = model_dir
-        self.info = json.loads((model_dir / INFO_FILE).read_text())
+        self.info = read_info(model_dir)
         opts = ort.SessionOptions()
         if threads > 0:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(model_dir / MODEL_FILE), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(model_dir / MODEL_FILE), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime's InvalidProtobuf / Fail: a truncated or corrupt file
+            raise _bad_file(model_dir / MODEL_FILE, e) from None
         self.n_layers = int(self.info["num_layers"])
         self.kv_heads = int(self.info["num_key_value_heads"])
         self.head_dim = int(self.info["head_dim"])

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig, threads: int):
     """(Scored reference, chunks) for the quality table: the F16 (else F32) GGUF, else torch."""
-    from toolchain.export.gguf_quality import heldout_chunks, llama_scored, torch_scored
+    from toolchain.verify.quality import heldout_chunks, llama_scored, torch_scored
 
     ggufs = {e["quant"]: e for e in exports if e["format"] == "gguf"}
     if not cfg.quality_tokens or not ggufs:
@@ -33,23 +33,24 @@ def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig,
 
 
 def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: VerifyConfig, threads: int = 0) -> list[dict]:
-    """Run the check for each export; collect all results, then fail if any failed."""
+    """Run the check for each export; collect all results, then fail if any failed.
+
+    One torch reference serves every export (each rounding of it computed once)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolchain.export.verify_gguf import TorchReference, verify_gguf, verify_prompts
-    from toolchain.export.verify_onnx import verify_onnx
+    from toolchain.verify.gguf import verify_gguf, verify_prompts
+    from toolchain.verify.onnx import verify_onnx
+    from toolchain.verify.reference import Reference
 
-    # one llama.cpp thread unless told otherwise: the checks measure numbers, not speed, and
-    # two spinning threads collapse (seconds per token) whenever another process takes a core
+    # one thread unless told otherwise: the checks measure numbers, not speed, and two
+    # spinning llama.cpp threads collapse (seconds per token) whenever another process takes a core
     threads = threads or 1
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts)
-    reference = quality_ref = chunks = None
-    if any(e["format"] == "gguf" for e in exports):
-        reference = TorchReference(model, tokenizer, prompts, cfg.greedy_tokens)  # once for every type
-        quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads)
+    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens)
+    quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads)
     limits = {"max_ppl_ratio": cfg.max_ppl_ratio, "max_mean_kld": cfg.max_mean_kld,
               "min_top1_agreement": cfg.min_top1_agreement}
     results, failures = [], []
@@ -57,12 +58,11 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
         try:
             if e["format"] == "gguf":
                 r = verify_gguf(model_dir, e["path"], e["quant"], prompts, cfg.greedy_tokens, cfg.max_nmse,
-                                cfg.min_greedy_agreement, threads=threads, model=model, tokenizer=tokenizer,
-                                reference=reference, quality_reference=quality_ref, quality_chunks=chunks,
-                                quality_limits=limits)
+                                cfg.min_greedy_agreement, threads=threads, tokenizer=tokenizer, reference=reference,
+                                quality_reference=quality_ref, quality_chunks=chunks, quality_limits=limits)
             else:
-                r = verify_onnx(model_dir, os.path.dirname(e["path"]), cfg.prompts, cfg.onnx_greedy_tokens,
-                                cfg.onnx_max_abs_diff, threads=threads, model=model, tokenizer=tokenizer,
+                r = verify_onnx(model_dir, os.path.dirname(e["path"]), prompts, cfg.greedy_tokens,
+                                cfg.onnx_max_abs_diff, threads=threads, reference=reference,
                                 fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff, min_top1=cfg.onnx_min_top1,
                                 max_kl=cfg.onnx_max_kl)
         except VerificationError as err:

@@ -1,29 +1,33 @@
 """Does a GGUF still compute what the torch model computes? Checked in llama.cpp itself.
 
-Checks, each against the fp32 torch model the GGUF was written from:
+Checks, each against the torch reference that rounds weights as this GGUF type stores them
+(`reference.py`):
 - tokenizer parity: llama.cpp's token ids equal the HF tokenizer's on sample text, including
   special tokens and chat-formatted text, with and without the BOS the model adds;
 - logits per position: NMSE = sum((llama - torch)^2) / sum(torch^2) over every prompt position;
-- logits per decode step: both fed torch's greedy tokens one at a time through their KV caches,
-  NMSE over the steps (a wrong cache or rotary offset shows here, not in the prompt pass);
-- greedy continuation: tokens chosen by llama.cpp vs by torch, each running free;
-- quality on held-out text against a reference (gguf_quality.py): perplexity ratio, mean KLD,
+- logits per decode step: fed torch's greedy tokens one at a time through the KV cache, NMSE
+  over the steps (a wrong cache or rotary offset shows here, not in the prompt pass);
+- greedy agreement at those steps where the reference's choice is clear, near-ties apart
+  (`metrics.greedy_figures`), and the free-running greedy prefix;
+- quality on held-out text against a reference (`quality.py`): perplexity ratio, mean KLD,
   top-1 agreement, as in llama.cpp's perplexity README.
-The torch side is computed once (TorchReference) and reused for every exported type.
+A failure raises VerificationError whose message carries every figure and threshold.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import UserError, VerificationError
+from toolchain.errors import VerificationError
+from toolchain.runtime.llama import open_llama
+from toolchain.verify.metrics import greedy_figures, nmse
+from toolchain.verify.reference import LABELS, Reference, rounding_for
 
 
-def _threshold(table: dict, type_name: str):
+def threshold(table: dict, type_name: str):
     return table.get(type_name, table.get("default"))
 
 
@@ -39,62 +43,6 @@ def parity_texts(prompts: list[str]) -> list[str]:
         "   leading spaces and trailing   \n\n\nnewlines",
     ]
     return list(prompts) + extra
-
-
-@contextlib.contextmanager
-def open_llama(gguf_path: str | os.PathLike, n_ctx: int = 1024, threads: int = 0, logits_all: bool = True):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise UserError("verifying a GGUF needs llama-cpp-python: pip install llama-cpp-python") from None
-    path = Path(gguf_path)
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {path}")
-    try:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                    n_threads=threads or (os.cpu_count() or 1), n_batch=n_ctx)
-    except ValueError as e:
-        raise VerificationError(f"llama.cpp failed to load {path}: {e}") from None
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
-def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(tok)
-        llm.eval([tok])
-    return out
-
-
-class TorchReference:
-    """Torch's ids, prompt logits, greedy tokens and decode-step logits for each prompt."""
-
-    def __init__(self, model, tokenizer, prompts: list[str], greedy_tokens: int):
-        import torch
-
-        self.prompts, self.greedy_tokens = list(prompts), greedy_tokens
-        self.ids, self.prompt_logits, self.greedy, self.step_logits = [], [], [], []
-        with torch.no_grad():
-            for p in self.prompts:
-                ids = list(tokenizer(p).input_ids)  # with the BOS the model expects, if any
-                res = model(torch.tensor([ids]), use_cache=True)
-                logits, past = res.logits[0], res.past_key_values
-                toks, steps = [int(logits[-1].argmax())], []
-                for _ in range(greedy_tokens - 1):
-                    res = model(torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
-                    past = res.past_key_values
-                    steps.append(res.logits[0, -1].float().numpy())
-                    toks.append(int(res.logits[0, -1].argmax()))
-                self.ids.append(ids)
-                self.prompt_logits.append(logits.float().numpy())
-                self.greedy.append(toks)
-                self.step_logits.append(np.stack(steps) if steps else np.zeros((0, logits.shape[-1]), np.float32))
 
 
 def verify_prompts(prompts: list[str], min_prompts: int) -> list[str]:
@@ -113,28 +61,80 @@ def verify_prompts(prompts: list[str], min_prompts: int) -> list[str]:
     return out
 
 
-def _nmse(got: np.ndarray, ref: np.ndarray) -> float:
-    v = min(got.shape[-1], ref.shape[-1])
-    g, r = got[..., :v].astype(np.float64), ref[..., :v].astype(np.float64)
-    return float(((g - r) ** 2).sum() / max((r ** 2).sum(), 1e-30))
+def _tokenizer_mismatches(llm, tokenizer, texts: list[str]) -> list[str]:
+    bad = []
+    for t in texts:
+        hf_raw, hf_model = tokenizer(t, add_special_tokens=False).input_ids, tokenizer(t).input_ids
+        ll_raw = llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
+        ll_model = llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)
+        if list(hf_raw) != list(ll_raw) or list(hf_model) != list(ll_model):
+            bad.append(t[:40])
+    return bad
 
 
-def _agreement(a: list[int], b: list[int]) -> tuple[float, int]:
-    same = [x == y for x, y in zip(a, b)]
-    prefix = next((i for i, s in enumerate(same) if not s), len(same))
-    return sum(same) / max(1, len(same)), prefix
+def _llama_logits(llm, ref) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's prompt logits and the logits choosing each of torch's greedy tokens."""
+    llm.reset()
+    llm.eval(ref.ids)
+    prompt = np.array(llm.scores[: len(ref.ids)])
+    choices = [prompt[-1]]
+    for tok in ref.greedy[:-1]:
+        llm.eval([tok])
+        choices.append(np.array(llm.scores[llm.n_tokens - 1]))
+    return prompt, np.stack(choices)
+
+
+def describe(result: dict) -> str:
+    """Every figure of a GGUF check with its threshold, on one line."""
+    t = result.get("thresholds", {})
+    parts = [f"tokenizer parity {result['tokenizer_parity']:.0%} of {result['tokenizer_texts']} texts",
+             f"prompt NMSE max {result['nmse_max']:.3g} (limit {t.get('max_nmse')})",
+             f"decode NMSE max {result['decode_nmse_max']:.3g}" if result.get("decode_nmse_max") is not None else None,
+             f"greedy agreement {result['greedy_agreement']:.3f} over {result['greedy_decisive']} clear positions "
+             f"(limit {t.get('min_greedy_agreement')}); near-ties {result['near_ties']} "
+             f"({result['near_tie_flips']} flipped; margin < 2 x noise {result['logit_noise_p99']:.3g}); "
+             f"first difference at token {result['greedy_prefix_min']}"]
+    q = result.get("quality")
+    if q:
+        parts.append(f"PPL ratio {q['ppl_ratio']:.4f} (limit {t.get('max_ppl_ratio')}), mean KLD {q['mean_kld']:.4g} "
+                     f"(limit {t.get('max_mean_kld')}), top-1 {q['top1_agreement']:.1%} (limit {t.get('min_top1_agreement')})")
+    parts.append(f"{result['prompts']} prompts x {result['greedy_tokens']} tokens vs {result['reference']}")
+    return "; ".join(p for p in parts if p)
+
+
+def _failures(result: dict, mismatched: list[str]) -> list[str]:
+    t = result["thresholds"]
+    out = []
+    if mismatched:
+        out.append(f"tokenizer ids differ on {len(mismatched)}/{result['tokenizer_texts']} texts "
+                   f"(first: {mismatched[0]!r})")
+    lim = t["max_nmse"]
+    if lim is not None and result["nmse_max"] > lim:
+        out.append(f"prompt NMSE {result['nmse_max']:.3g} > {lim:g}")
+    if lim is not None and result["decode_nmse_max"] is not None and result["decode_nmse_max"] > lim:
+        out.append(f"decode-step NMSE {result['decode_nmse_max']:.3g} > {lim:g}")
+    lim = t["min_greedy_agreement"]
+    if lim is not None and result["greedy_agreement"] < lim:
+        out.append(f"greedy agreement {result['greedy_agreement']:.3f} < {lim:g}")
+    q = result.get("quality") or {}
+    for key, fig, worse in (("max_ppl_ratio", "ppl_ratio", float.__gt__), ("max_mean_kld", "mean_kld", float.__gt__),
+                            ("min_top1_agreement", "top1_agreement", float.__lt__)):
+        lim = t.get(key)
+        if q and lim is not None and worse(float(q[fig]), float(lim)):
+            out.append(f"{fig.replace('_', ' ')} {q[fig]:.4g} {'>' if key.startswith('max') else '<'} {lim:g}")
+    return out
 
 
 def verify_gguf(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, type_name: str, prompts: list[str],
                 greedy_tokens: int, max_nmse: dict, min_greedy_agreement: dict, threads: int = 0,
-                model=None, tokenizer=None, reference: TorchReference | None = None,
+                model=None, tokenizer=None, reference: Reference | None = None,
                 quality_reference=None, quality_chunks: list[list[int]] | None = None,
                 quality_limits: dict | None = None) -> dict:
     """Compare one GGUF with the torch model in model_dir; raise VerificationError on failure.
 
-    `reference` (a TorchReference for these prompts) saves recomputing torch for every type;
-    `quality_reference` (gguf_quality.Scored on `quality_chunks`) adds the quality figures,
-    checked against `quality_limits` ({"max_ppl_ratio": {...}, "max_mean_kld": {...},
+    `reference` (a Reference for these prompts) saves recomputing torch for every type;
+    `quality_reference` (quality.Scored on `quality_chunks`) adds the quality figures, checked
+    against `quality_limits` ({"max_ppl_ratio": {...}, "max_mean_kld": {...},
     "min_top1_agreement": {...}}, each per type with a "default").
     """
     import torch
@@ -142,89 +142,57 @@ def verify_gguf(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, type
 
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if reference is None or reference.prompts != list(prompts) or reference.greedy_tokens != greedy_tokens:
+    if reference is None or not reference.matches(prompts, greedy_tokens):
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        reference = TorchReference(model, tokenizer, prompts, greedy_tokens)
+        reference = Reference(model, tokenizer, prompts, greedy_tokens)
+    rounding = rounding_for("gguf", type_name)
+    refs = reference.get(rounding)
     texts = parity_texts(prompts)
     longest = max(len(tokenizer(t).input_ids) for t in texts)
     n_ctx = max(512, longest + greedy_tokens + 8)
     with open_llama(gguf_path, n_ctx=n_ctx, threads=threads) as llm:
-        # 1. tokenizer parity, raw and with the model's own special tokens (BOS) added
-        mismatched = []
-        for t in texts:
-            hf_raw, hf_model = tokenizer(t, add_special_tokens=False).input_ids, tokenizer(t).input_ids
-            ll_raw = llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
-            ll_model = llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)
-            if list(hf_raw) != list(ll_raw) or list(hf_model) != list(ll_model):
-                mismatched.append(t[:40])
-        nmse, step_nmse, agree, forced_agree, prefixes, sample = [], [], [], [], [], None
-        for i, p in enumerate(reference.prompts):
-            ids, ref_greedy = reference.ids[i], reference.greedy[i]
-            # 2. logits per prompt position
-            llm.reset()
-            llm.eval(ids)
-            nmse.append(_nmse(np.asarray(llm.scores[: len(ids)]), reference.prompt_logits[i]))
-            # 3. logits per decode step, fed torch's tokens through the KV cache
-            steps = []
-            for tok in ref_greedy[:-1]:
-                llm.eval([tok])
-                steps.append(np.array(llm.scores[llm.n_tokens - 1]))
-            if steps:
-                got = np.stack(steps)
-                step_nmse.append(_nmse(got, reference.step_logits[i]))
-                forced_agree.append(float(np.mean(got.argmax(-1) == np.asarray(ref_greedy[1:]))))
-            # 4. free-running greedy continuation
-            got_greedy = _llama_greedy(llm, ids, greedy_tokens)
-            frac, prefix = _agreement(ref_greedy, got_greedy)
-            agree.append(frac)
-            prefixes.append(prefix)
-            if sample is None:
-                sample = {"prompt": p, "llama_cpp": tokenizer.decode(got_greedy), "torch": tokenizer.decode(ref_greedy)}
-
+        mismatched = _tokenizer_mismatches(llm, tokenizer, texts)
+        prompt_nmse, step_nmse, choices = [], [], []
+        for ref in refs:
+            prompt, chose = _llama_logits(llm, ref)
+            prompt_nmse.append(nmse(prompt, ref.prompt_logits))
+            if len(ref.step_logits):
+                step_nmse.append(nmse(chose[1:], ref.step_logits))
+            choices.append(chose)
+    greedy = greedy_figures([r.choice_logits for r in refs], choices)
+    first = refs[0]
     result = {
         "format": "gguf",
         "quant": type_name,
         "path": str(gguf_path),
+        "reference": LABELS[rounding],
         "tokenizer_parity": 1.0 - len(mismatched) / len(texts),
         "tokenizer_texts": len(texts),
-        "nmse_mean": float(np.mean(nmse)),
-        "nmse_max": float(np.max(nmse)),
+        "nmse_mean": float(np.mean(prompt_nmse)),
+        "nmse_max": float(np.max(prompt_nmse)),
         "decode_nmse_mean": float(np.mean(step_nmse)) if step_nmse else None,
         "decode_nmse_max": float(np.max(step_nmse)) if step_nmse else None,
-        "decode_top1_agreement": float(np.mean(forced_agree)) if forced_agree else None,
-        "greedy_agreement": float(np.mean(agree)),
-        "greedy_prefix_min": int(min(prefixes)),
+        **greedy,
         "greedy_tokens": greedy_tokens,
-        "prompts": len(reference.prompts),
-        "sample": sample,
+        "prompts": len(refs),
+        "sample": {"prompt": reference.prompts[0],
+                   "llama_cpp": tokenizer.decode([int(t) for t in choices[0].argmax(-1)]),
+                   "torch": tokenizer.decode(first.greedy)},
+        "thresholds": {"max_nmse": threshold(max_nmse, type_name),
+                       "min_greedy_agreement": threshold(min_greedy_agreement, type_name)},
     }
-    limit_nmse = _threshold(max_nmse, type_name)
-    limit_agree = _threshold(min_greedy_agreement, type_name)
-    failures = []
-    if mismatched:
-        failures.append(f"tokenizer ids differ on {len(mismatched)}/{len(texts)} texts (first: {mismatched[0]!r})")
-    if limit_nmse is not None and result["nmse_max"] > limit_nmse:
-        failures.append(f"logit NMSE {result['nmse_max']:.3g} > {limit_nmse:g}")
-    if limit_nmse is not None and step_nmse and result["decode_nmse_max"] > limit_nmse:
-        failures.append(f"decode-step logit NMSE {result['decode_nmse_max']:.3g} > {limit_nmse:g}")
-    if limit_agree is not None and result["greedy_agreement"] < limit_agree:
-        failures.append(f"greedy agreement {result['greedy_agreement']:.3f} < {limit_agree:g}")
-    result["thresholds"] = {"max_nmse": limit_nmse, "min_greedy_agreement": limit_agree}
     if quality_reference is not None and quality_chunks:
-        from toolchain.export.gguf_quality import compare, llama_scored
+        from toolchain.verify.quality import compare, llama_scored
 
         q = compare(quality_reference, llama_scored(gguf_path, quality_chunks, threads))
         q["reference"] = getattr(quality_reference, "label", None)
         result["quality"] = q
-        limits = quality_limits or {}
-        for key, fig, worse in (("max_ppl_ratio", "ppl_ratio", float.__gt__), ("max_mean_kld", "mean_kld", float.__gt__),
-                                ("min_top1_agreement", "top1_agreement", float.__lt__)):
-            lim = _threshold(limits.get(key) or {}, type_name)
-            result["thresholds"][key] = lim
-            if lim is not None and worse(float(q[fig]), float(lim)):
-                failures.append(f"{fig.replace('_', ' ')} {q[fig]:.4g} {'>' if key.startswith('max') else '<'} {lim:g}")
+        for key in ("max_ppl_ratio", "max_mean_kld", "min_top1_agreement"):
+            result["thresholds"][key] = threshold((quality_limits or {}).get(key) or {}, type_name)
+    failures = _failures(result, mismatched)
     result["passed"] = not failures
     if failures:
-        raise VerificationError(f"{Path(gguf_path).name}: " + "; ".join(failures), result)
+        raise VerificationError(f"{Path(gguf_path).name} FAILED: {'; '.join(failures)}. Figures: {describe(result)}",
+                                result)
     return result

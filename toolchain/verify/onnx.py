@@ -1,71 +1,60 @@
-"""Check an ONNX export (any precision) against the torch fp32 model it came from.
+"""Check an ONNX export (any precision) against the torch model it came from.
 
-Figures per run, over every prompt position (prefill, empty past) and every decode step
-(through each side's KV cache); both sides are fed torch's greedy tokens, so the steps stay
-aligned even where a near-tie would make them diverge:
+The torch side is the shared `reference.Reference` (fp16-rounded weights for an fp16 export).
+Figures over every prompt position (prefill, empty past) and every decode step (through each
+side's KV cache, both fed torch's greedy tokens, so the steps stay aligned where a near-tie
+would make them diverge):
 - `max_abs_diff`: the largest |logit difference|;
 - `top1_agreement`: fraction of positions where both pick the same next token;
-- `mean_kl`: mean KL(torch || onnx) of the next-token distributions (nats).
-Then an independent `OnnxDecoder.generate` run against torch's greedy tokens:
-`greedy_agreement` is the fraction of positions that match; `greedy_prefix` the fraction
-before the first mismatch (averaged over prompts); `per_prompt` has the token counts.
+- `mean_kl`: mean KL(torch || onnx) of the next-token distributions (nats);
+- greedy agreement where torch's choice is clear, near-ties apart (`metrics.greedy_figures`).
+Then an independent `OnnxDecoder.generate` run (the loop an app uses): `generate_prefix` is the
+mean fraction of its tokens equal to torch's before the first difference.
 
 What decides `passed` depends on the export's precision (model_info.json):
 - fp32: max_abs_diff <= `max_abs_diff` (1e-3); fp16: <= `fp16_max_abs_diff` (2e-2);
 - int8 / int4: top1_agreement >= `min_top1[precision]` and mean_kl <= `max_kl[precision]`
   (quantized logits are not meant to be close in absolute terms, their choices are).
-Greedy figures are informative (a near-tie can flip a token with tiny logit differences).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from toolchain.errors import UserError, VerificationError
 from toolchain.runtime.onnx_decoder import OnnxDecoder
+from toolchain.verify.metrics import compare_rows, greedy_figures
+from toolchain.verify.reference import LABELS, Reference, rounding_for
 
 DEFAULT_MIN_TOP1 = {"int8": 0.95, "int4": 0.90}
 DEFAULT_MAX_KL = {"int8": 0.05, "int4": 0.25}
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return math.inf if math.isnan(d) else d  # a NaN must fail the check, and max() would drop it
+def _onnx_logits(decoder: OnnxDecoder, ref) -> tuple[np.ndarray, np.ndarray]:
+    """The export's prompt logits and the logits choosing each of torch's greedy tokens."""
+    decoder.reset()
+    prompt = decoder.forward(ref.ids)
+    choices = [prompt[-1]] + [decoder.forward([tok])[-1] for tok in ref.greedy[:-1]]
+    return prompt, np.stack(choices)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def _generate_prefix(decoder: OnnxDecoder, ref) -> int:
+    """Tokens of the decoder's own greedy loop equal to torch's before the first difference
+    (no stop ids: torch's run did not stop either)."""
+    ours = decoder.generate(ref.ids, len(ref.greedy), greedy=True, stop_ids=[])
+    same = [a == b for a, b in zip(ours, ref.greedy)]
+    return same.index(False) if False in same else len(same)
 
 
-def _compare(ours: np.ndarray, ref: np.ndarray) -> tuple[float, list[bool], list[float]]:
-    """(max |diff|, top-1 equal per row, KL(ref || ours) per row) for [rows, vocab] logits."""
-    ours, ref = np.atleast_2d(ours), np.atleast_2d(ref)
-    lp, lq = _log_softmax(ref), _log_softmax(ours)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    kl = np.where(np.isfinite(kl), kl, np.inf)  # a NaN row must fail the check
-    return _max_diff(ours, ref), list(ours.argmax(-1) == ref.argmax(-1)), [float(k) for k in kl]
-
-
-def _torch_greedy(model, ids: list[int], n: int):
-    """Torch's prefill logits, its greedy tokens and the logits of each decode step."""
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0]
-        prefill = logits.float().numpy()
-        tokens, steps = [int(prefill[-1].argmax())], []
-        while len(tokens) < n:
-            step = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-            steps.append(step.float().numpy())
-            tokens.append(int(steps[-1].argmax()))
-    return prefill, tokens, steps
+def describe(r: dict) -> str:
+    """Every figure of an ONNX check with its threshold, on one line."""
+    t = ", ".join(f"{k} limit {v:g}" for k, v in r.get("thresholds", {}).items())
+    return (f"max |logit diff| {r['max_abs_diff']:.3g}, top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.3g} "
+            f"(max {r['max_kl']:.3g}), greedy agreement {r['greedy_agreement']:.3f} over {r['greedy_decisive']} "
+            f"clear positions, near-ties {r['near_ties']} ({r['near_tie_flips']} flipped), generate prefix "
+            f"{r['generate_prefix']:.1%} ({t}; {r['prompts']} prompts x {r['greedy_tokens']} tokens vs {r['reference']})")
 
 
 def verify_onnx(
@@ -80,81 +69,57 @@ def verify_onnx(
     fp16_max_abs_diff: float = 2e-2,
     min_top1: dict[str, float] | None = None,
     max_kl: dict[str, float] | None = None,
+    reference: Reference | None = None,
 ) -> dict:
     """Compare `onnx_dir` (from export_onnx) with the torch model in `model_dir`; raise on failure.
 
-    `model` / `tokenizer` may be passed in already loaded (fp32) to avoid loading them again.
+    `model` / `tokenizer` (fp32) or a `reference` for these prompts may be passed in to avoid
+    loading or computing them again.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not prompts:
         raise UserError("verify_onnx needs at least one prompt")
     if greedy_tokens < 1:
         raise UserError(f"greedy_tokens must be >= 1, got {greedy_tokens}")
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if reference is None or not reference.matches(prompts, greedy_tokens):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        reference = Reference(model, tokenizer, prompts, greedy_tokens)
     decoder = OnnxDecoder(onnx_dir, threads=threads)
     precision = decoder.info.get("precision", "fp32")
-    reference = "torch fp32"
-    if precision == "fp16":
-        # the fp16 check is of the export, not of fp16 itself: compare with torch running the
-        # same model in fp16 (fp16 weights alone move SmolLM2's logits by ~5e-2 from fp32, in
-        # any runtime, so a 2e-2 bound against fp32 would fail every correct fp16 export)
-        import copy
+    rounding = rounding_for("onnx", precision)
+    refs = reference.get(rounding)
 
-        import torch
-
-        model = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.half().float())
-        reference = "torch fp32, fp16-rounded weights"
-
-    worst, matches, prefix_sum, per_prompt = 0.0, 0, 0.0, []
-    top1: list[bool] = []
-    kls: list[float] = []
-    for prompt in prompts:
-        # the model's own special tokens: Gemma needs its BOS (without it the reference itself
-        # is off-distribution), SmolLM2's tokenizer adds none
-        ids = tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise UserError(f"prompt {prompt!r} tokenizes to nothing")
-        prefill, tokens, steps = _torch_greedy(model, ids, greedy_tokens)
-
-        decoder.reset()
-        diff, same1, kl = _compare(decoder.forward(ids), prefill)
-        for tok, ref in zip(tokens, steps):  # feed torch's token, compare the next logits
-            d, t, k = _compare(decoder.forward([tok])[-1], ref)
-            diff, same1, kl = max(diff, d), same1 + t, kl + k
-        top1 += same1
-        kls += kl
-
-        # independent greedy run; no stop ids, since torch's run did not stop either
-        ours = decoder.generate(ids, greedy_tokens, greedy=True, stop_ids=[])
-        same = [a == b for a, b in zip(ours, tokens)]
-        prefix = same.index(False) if False in same else len(same)
-        matches += sum(same)
-        prefix_sum += prefix / greedy_tokens
-        worst = max(worst, diff)
-        per_prompt.append({"n_tokens": len(ids), "max_abs_diff": diff, "agree": sum(same), "prefix": prefix,
-                           "top1_agreement": float(np.mean(same1)), "mean_kl": float(np.mean(kl))})
+    worst, top1, kls, choices, prefixes, per_prompt = 0.0, [], [], [], [], []
+    for ref in refs:
+        prompt, chose = _onnx_logits(decoder, ref)
+        d1, t1, k1 = compare_rows(prompt, ref.prompt_logits)
+        d2, t2, k2 = compare_rows(chose[1:], ref.step_logits) if len(ref.step_logits) else (0.0, [], [])
+        worst = max(worst, d1, d2)
+        top1 += t1 + t2
+        kls += k1 + k2
+        choices.append(chose)
+        prefixes.append(_generate_prefix(decoder, ref))
+        per_prompt.append({"n_tokens": len(ref.ids), "max_abs_diff": max(d1, d2), "generate_prefix": prefixes[-1],
+                           "top1_agreement": float(np.mean(t1 + t2)), "mean_kl": float(np.mean(k1 + k2))})
 
     result = {
         "format": "onnx",
         "quant": precision,
-        "reference": reference,
+        "reference": LABELS[rounding],
         "max_abs_diff": worst,
         "top1_agreement": float(np.mean(top1)),
         "mean_kl": float(np.mean(kls)),
         "max_kl": float(np.max(kls)),
         "positions": len(top1),
-        "greedy_agreement": matches / (greedy_tokens * len(prompts)),
-        "greedy_prefix": prefix_sum / len(prompts),
+        **greedy_figures([r.choice_logits for r in refs], choices),
+        "generate_prefix": float(np.mean([p / greedy_tokens for p in prefixes])),
         "greedy_tokens": greedy_tokens,
-        "prompts": len(prompts),
+        "prompts": len(refs),
         "per_prompt": per_prompt,
     }
     checks = _checks(result, precision, max_abs_diff, fp16_max_abs_diff,
@@ -164,13 +129,8 @@ def verify_onnx(
               if not (value <= limit if op == ">" else value >= limit)]
     result["passed"] = not failed
     if failed:
-        raise VerificationError(
-            f"ONNX {precision} export differs from torch: {', '.join(failed)} "
-            f"(top-1 {result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.3g}, "
-            f"max |logit diff| {worst:.3g}, greedy agreement {result['greedy_agreement']:.1%}, "
-            f"prefix {result['greedy_prefix']:.1%}, {len(prompts)} prompts)",
-            result,
-        )
+        raise VerificationError(f"ONNX {precision} export FAILED: {', '.join(failed)}. Figures: {describe(result)}",
+                                result)
     return result
 
 

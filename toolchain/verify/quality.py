@@ -51,7 +51,7 @@ def _scored_positions(chunk: list[int]) -> range:
 
 
 def llama_scored(gguf_path: str | os.PathLike, chunks: list[list[int]], threads: int = 0) -> Scored:
-    from toolchain.export.verify_gguf import open_llama
+    from toolchain.runtime.llama import open_llama
 
     lps, tg = [], []
     ctx = max(len(c) for c in chunks)

@@ -1,0 +1,93 @@
+"""The torch side of every check, computed once per model and weight rounding.
+
+For each prompt: its token ids, the logits at every prompt position, torch's greedy
+continuation, and the logits of each decode step through the KV cache. An export is compared
+with the reference that rounds the weights as the export stores them: an F16 GGUF or an fp16
+ONNX holds fp16 weights, and fp16 rounding alone moves a real model's logits by ~5e-2, more
+than a runtime difference, so against fp32 a correct F16 file looks wrong (a real 0.5B student
+flipped 9% of its greedy tokens at near-ties). Quantized types are compared with fp32: their
+grids are what verification measures.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+ROUNDINGS = ("fp32", "fp16", "bf16")
+_ROUNDING = {("gguf", "F16"): "fp16", ("gguf", "BF16"): "bf16", ("onnx", "fp16"): "fp16"}
+LABELS = {"fp32": "torch fp32", "fp16": "torch fp32, fp16-rounded weights", "bf16": "torch fp32, bf16-rounded weights"}
+
+
+def rounding_for(fmt: str, quant: str) -> str:
+    """The weight rounding of an export's reference: fp16 for F16/fp16 files, bf16 for BF16."""
+    return _ROUNDING.get((fmt, quant), "fp32")
+
+
+@dataclass
+class PromptReference:
+    ids: list[int]
+    prompt_logits: np.ndarray  # [len(ids), vocab] float32
+    greedy: list[int]  # torch's greedy continuation (greedy_tokens long)
+    step_logits: np.ndarray  # [greedy_tokens - 1, vocab]: logits after feeding greedy[0..-2]
+
+    @property
+    def choice_logits(self) -> np.ndarray:
+        """The logits that chose each greedy token: the last prompt position, then every step."""
+        return np.concatenate([self.prompt_logits[-1:], self.step_logits])
+
+
+def _rounded(model, rounding: str):
+    if rounding == "fp32":
+        return model
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[rounding]
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.to(dtype).float())
+    return out
+
+
+def _run_prompt(model, ids: list[int], greedy_tokens: int) -> PromptReference:
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        prompt = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].float().numpy()
+        tokens, steps = [int(prompt[-1].argmax())], []
+        while len(tokens) < greedy_tokens:
+            step = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            steps.append(step.float().numpy())
+            tokens.append(int(steps[-1].argmax()))
+    vocab = prompt.shape[-1]
+    return PromptReference(ids, prompt, tokens, np.stack(steps) if steps else np.zeros((0, vocab), np.float32))
+
+
+class Reference:
+    """Torch's figures for `prompts`, per weight rounding, each computed on first use."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], greedy_tokens: int):
+        from toolchain.errors import UserError
+
+        self.model, self.prompts, self.greedy_tokens = model, list(prompts), greedy_tokens
+        # the model's own special tokens: Gemma needs its BOS (without it the reference itself is
+        # off-distribution); SmolLM2's tokenizer adds none
+        self.ids = [list(tokenizer(p).input_ids) for p in self.prompts]
+        empty = [p for p, ids in zip(self.prompts, self.ids) if not ids]
+        if empty:
+            raise UserError(f"verify prompt {empty[0]!r} tokenizes to nothing")
+        self._runs: dict[str, list[PromptReference]] = {}
+
+    def get(self, rounding: str) -> list[PromptReference]:
+        if rounding not in self._runs:
+            model = _rounded(self.model, rounding)
+            self._runs[rounding] = [_run_prompt(model, ids, self.greedy_tokens) for ids in self.ids]
+        return self._runs[rounding]
+
+    def matches(self, prompts: list[str], greedy_tokens: int) -> bool:
+        return self.prompts == list(prompts) and self.greedy_tokens == greedy_tokens
