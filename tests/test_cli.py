@@ -1,5 +1,7 @@
 """Bad input: one line on stderr, non-zero exit, no traceback (unless --debug)."""
 
+import shutil
+
 import pytest
 
 from toolchain.cli import main
@@ -122,3 +124,34 @@ def test_distill_on_a_gpu_that_is_not_there(capsys, tmp_path, tiny_dir):
                        "--out", str(tmp_path / "s"), "--device", "cuda")
     assert_one_line_error(code, err, "distill.device: cuda, but torch sees no CUDA GPU.*set distill.device: cpu")
     assert not (tmp_path / "s").exists()
+
+
+def test_malformed_pairs_file_is_refused_before_any_stage(capsys, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  mode: sequences\n  pairs: {pairs}\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(out))
+    assert_one_line_error(code, err, r"pairs.jsonl:2: malformed JSON")
+    assert not (out / "stages").exists()  # no stage ran
+
+
+def test_missing_adapter_is_refused_at_load(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher:\n  adapter: {tmp_path / 'no-adapter'}\n")
+    code, _, err = run(capsys, "run", str(cfg), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, r"teacher.adapter: .* is not a PEFT adapter directory")
+
+
+@pytest.mark.parametrize("command", ["bench", "inspect", "verify"])
+def test_corrupt_onnx_is_one_line(command, capsys, tmp_path, tiny_dir):
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
+    (folder / "model_info.json").write_text("{}")
+    shutil.copy(tiny_dir / "tokenizer.json", folder)  # bench tokenizes its prompt first
+    argv = {"bench": ["bench", str(folder), "--runs", "3"], "inspect": ["inspect", str(folder)],
+            "verify": ["verify", str(tiny_dir), str(folder)]}[command]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, r"is not a readable ONNX model")

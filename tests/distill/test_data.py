@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from toolchain.distill.data import check_enough_blocks, load_documents, read_text_file, train_and_heldout
 from toolchain.errors import UserError

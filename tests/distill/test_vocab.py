@@ -49,7 +49,7 @@ def test_different_tokenizers_point_to_sequence_kd(plain, tmp_path):
 
 
 def test_model_smaller_than_its_tokenizer_is_refused(plain, tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     small = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))

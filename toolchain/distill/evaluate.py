@@ -25,7 +25,6 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: 
     if len(conf) == 0:
         return 0.0
     idx = (conf * bins).long().clamp(max=bins - 1)
-    n = conf.new_zeros(bins).index_add_(0, idx, torch.ones_like(conf))
     c = conf.new_zeros(bins).index_add_(0, idx, conf)
     a = conf.new_zeros(bins).index_add_(0, idx, correct.float())
     return float((a - c).abs().sum() / len(conf))
