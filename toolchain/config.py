@@ -26,7 +26,6 @@ DEFAULT_PROMPTS = [
     "The for statement is used to iterate over the elements of a sequence",
 ]
 
-
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
@@ -45,7 +44,6 @@ class TeacherConfig:
         if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
             raise UserError(f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; "
                             "use attach")
-        # the model itself is checked where it is loaded: a run from a pairs file needs none
         if self.adapter and not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
             raise UserError(f"{where}.adapter: {self.adapter} is not a PEFT adapter directory (no adapter_config.json)")
 

@@ -1,6 +1,6 @@
 """Distillation losses: standalone functions on flattened [tokens, vocab] logits.
 
-Conventions (torchtune's, DESIGN.md):
+Conventions (torchtune's):
 - softmaxes run in fp32 whatever the logits' dtype;
 - means are token-weighted over positions whose label is not `ignore_index`, so padding and
   prompt tokens never dilute the loss; a batch with no loss token gives 0 (not NaN);

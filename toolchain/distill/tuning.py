@@ -2,7 +2,7 @@
 
 Every KD step allocates and frees vocabulary-sized buffers (tens of MB). glibc serves blocks
 above its mmap threshold with fresh mmaps and unmaps them on free, so each step faults the same
-memory back in; that measured at 17-25% of CPU time (DESIGN.md). Serving such blocks from the
+memory back in; that measured at 17-25% of CPU time. Serving such blocks from the
 heap (a 256 MB `mmap_threshold`) and keeping freed heap (a 512 MB `trim_threshold`) stops it.
 These settings are read when glibc initialises, so they are set in the environment of a process
 before it starts (`process_env`); `keep_freed_memory` applies the same through mallopt() at run
@@ -18,7 +18,7 @@ import sys
 # Blocks up to 256 MB come from the heap (glibc's own threshold stops rising at 32 MB, so the
 # 113 MB embedding-sized gradients of a 49k-vocab model would be mmapped and faulted in anew every
 # step); up to 512 MB of freed heap is kept for the next step instead of being returned. Bounded,
-# unlike mmap_max=0 + a 1 GB trim threshold, which cost ~0.8 GB of peak RSS (DESIGN.md).
+# unlike mmap_max=0 + a 1 GB trim threshold, which cost ~0.8 GB of peak RSS.
 MMAP_THRESHOLD, TRIM_THRESHOLD = 256 << 20, 512 << 20
 MALLOC_TUNABLES = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
 

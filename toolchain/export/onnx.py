@@ -9,7 +9,7 @@ graph inputs (`past_key_values.{i}.key` / `.value`) and come back as `present.{i
 `.value`, each [batch, kv_heads, seq, head_dim]; a wrapper rebuilds the transformers
 `DynamicCache` from them. `attention_mask` covers past + new tokens.
 
-Two facts shape the example inputs (DESIGN.md section 4):
+Two facts shape the example inputs:
 - the example must have >= 2 new tokens: with 1, SDPA's `is_causal` is specialised away and the
   graph is wrong for prefill;
 - the example past must be non-empty: a size-0 (or 1) example dimension is specialised to a
