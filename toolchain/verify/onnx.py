@@ -8,8 +8,10 @@ would make them diverge):
 - `top1_agreement`: fraction of positions where both pick the same next token;
 - `mean_kl`: mean KL(torch || onnx) of the next-token distributions (nats);
 - greedy agreement where torch's choice is clear, near-ties apart (`metrics.greedy_figures`).
-Then an independent `OnnxDecoder.generate` run (the loop an app uses): `generate_prefix` is the
-mean fraction of its tokens equal to torch's before the first difference.
+`generate_prefix`: the mean fraction of greedy tokens equal to torch's before the first
+difference. Up to that difference a free-running decode feeds exactly the forced tokens, so it is
+read from the forced decode; `OnnxDecoder.generate` (the loop an app uses) runs on the first
+prompt and must reproduce that prefix (`app_loop_prefix`).
 
 What decides `passed` depends on the export's precision (model_info.json):
 - fp32: max_abs_diff <= `max_abs_diff` (1e-3); fp16: <= `fp16_max_abs_diff` (2e-2);
@@ -40,12 +42,15 @@ def _onnx_logits(decoder: OnnxDecoder, ref) -> tuple[np.ndarray, np.ndarray]:
     return prompt, np.stack(choices)
 
 
-def _generate_prefix(decoder: OnnxDecoder, ref) -> int:
-    """Tokens of the decoder's own greedy loop equal to torch's before the first difference
-    (no stop ids: torch's run did not stop either)."""
-    ours = decoder.generate(ref.ids, len(ref.greedy), greedy=True, stop_ids=[])
-    same = [a == b for a, b in zip(ours, ref.greedy)]
+def _same_prefix(ours: list[int], torch_greedy: list[int]) -> int:
+    same = [a == b for a, b in zip(ours, torch_greedy)]
     return same.index(False) if False in same else len(same)
+
+
+def _generate_prefix(decoder: OnnxDecoder, ref) -> int:
+    """Tokens of the decoder's own greedy loop (the one an app runs) equal to torch's before the
+    first difference (no stop ids: torch's run did not stop either)."""
+    return _same_prefix(decoder.generate(ref.ids, len(ref.greedy), greedy=True, stop_ids=[]), ref.greedy)
 
 
 def describe(r: dict) -> str:
@@ -103,7 +108,7 @@ def verify_onnx(
         top1 += t1 + t2
         kls += k1 + k2
         choices.append(chose)
-        prefixes.append(_generate_prefix(decoder, ref))
+        prefixes.append(_same_prefix([int(t) for t in chose.argmax(-1)], ref.greedy))
         per_prompt.append({"n_tokens": len(ref.ids), "max_abs_diff": max(d1, d2), "generate_prefix": prefixes[-1],
                            "top1_agreement": float(np.mean(t1 + t2)), "mean_kl": float(np.mean(k1 + k2))})
 
@@ -118,6 +123,8 @@ def verify_onnx(
         "positions": len(top1),
         **greedy_figures([r.choice_logits for r in refs], choices),
         "generate_prefix": float(np.mean([p / greedy_tokens for p in prefixes])),
+        "app_loop_prefix": _generate_prefix(decoder, refs[0]) / greedy_tokens,
+        "first_prompt_prefix": prefixes[0] / greedy_tokens,
         "greedy_tokens": greedy_tokens,
         "prompts": len(refs),
         "per_prompt": per_prompt,
@@ -136,13 +143,15 @@ def verify_onnx(
 
 def _checks(r: dict, precision: str, max_abs_diff: float, fp16_max_abs_diff: float,
             min_top1: dict, max_kl: dict) -> dict:
-    """{figure: (value, failing comparison, limit)} for the precision's pass rule."""
+    """{figure: (value, failing comparison, limit)} for the precision's pass rule; for every
+    precision the app's generate loop must reproduce the forced decode's prefix on prompt 1."""
+    loop = {"app loop prefix": (r["app_loop_prefix"], "<", r["first_prompt_prefix"])}
     if precision == "fp32":
-        return {"max |logit diff|": (r["max_abs_diff"], ">", max_abs_diff)}
+        return {"max |logit diff|": (r["max_abs_diff"], ">", max_abs_diff), **loop}
     if precision == "fp16":
-        return {"max |logit diff|": (r["max_abs_diff"], ">", fp16_max_abs_diff)}
+        return {"max |logit diff|": (r["max_abs_diff"], ">", fp16_max_abs_diff), **loop}
     if precision not in min_top1 or precision not in max_kl:
         raise UserError(f"no verification thresholds for ONNX precision '{precision}' "
                         "(set verify.onnx_min_top1 and verify.onnx_max_kl for it)")
     return {"top-1 agreement": (r["top1_agreement"], "<", min_top1[precision]),
-            "mean KL": (r["mean_kl"], ">", max_kl[precision])}
+            "mean KL": (r["mean_kl"], ">", max_kl[precision]), **loop}

@@ -52,20 +52,52 @@ def _rounded(model, rounding: str):
     return out
 
 
-def _run_prompt(model, ids: list[int], greedy_tokens: int) -> PromptReference:
+def _run_batch(model, batch: list[list[int]], greedy_tokens: int) -> list[PromptReference]:
+    """Greedy-decode several prompts at once, left-padded, through one KV cache.
+
+    One batched step costs about what a single-prompt step costs on a CPU (the weights are read
+    once either way), so 16 prompts take ~1/16 of the time. Padded positions are masked and
+    every row gets its own position ids, so each row computes what it would alone (to float
+    rounding, ~1e-6 of a logit)."""
     import torch
     from transformers import DynamicCache
 
+    width = max(len(ids) for ids in batch)
+    pad = [width - len(ids) for ids in batch]
+    input_ids = torch.tensor([[0] * p + ids for p, ids in zip(pad, batch)])
+    mask = torch.tensor([[0] * p + [1] * len(ids) for p, ids in zip(pad, batch)])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        prompt = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].float().numpy()
-        tokens, steps = [int(prompt[-1].argmax())], []
-        while len(tokens) < greedy_tokens:
-            step = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-            steps.append(step.float().numpy())
-            tokens.append(int(steps[-1].argmax()))
-    vocab = prompt.shape[-1]
-    return PromptReference(ids, prompt, tokens, np.stack(steps) if steps else np.zeros((0, vocab), np.float32))
+        logits = model(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits.float()
+        prompts = [logits[i, p:].numpy() for i, p in enumerate(pad)]
+        last = logits[:, -1]
+        tokens, steps = [last.argmax(-1)], []
+        for _ in range(greedy_tokens - 1):
+            mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=mask.dtype)], dim=-1)
+            positions = positions[:, -1:] + 1
+            step = model(tokens[-1][:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).logits[:, -1].float()
+            steps.append(step.numpy())
+            tokens.append(step.argmax(-1))
+    vocab = logits.shape[-1]
+    out = []
+    for i, ids in enumerate(batch):
+        rows = np.stack([s[i] for s in steps]) if steps else np.zeros((0, vocab), np.float32)
+        out.append(PromptReference(ids, prompts[i], [int(t[i]) for t in tokens], rows))
+    return out
+
+
+def _run_prompts(model, prompts: list[list[int]], greedy_tokens: int) -> list[PromptReference]:
+    """Every prompt's reference, in batches sized so the logits stay under ~256 MB."""
+    vocab = model.config.get_text_config().vocab_size
+    width = max(len(ids) for ids in prompts) + greedy_tokens
+    size = max(1, min(16, (256 << 20) // (4 * vocab * width)))
+    out: list[PromptReference] = []
+    for start in range(0, len(prompts), size):
+        out += _run_batch(model, prompts[start:start + size], greedy_tokens)
+    return out
 
 
 class Reference:
@@ -86,7 +118,7 @@ class Reference:
     def get(self, rounding: str) -> list[PromptReference]:
         if rounding not in self._runs:
             model = _rounded(self.model, rounding)
-            self._runs[rounding] = [_run_prompt(model, ids, self.greedy_tokens) for ids in self.ids]
+            self._runs[rounding] = _run_prompts(model, self.ids, self.greedy_tokens)
         return self._runs[rounding]
 
     def matches(self, prompts: list[str], greedy_tokens: int) -> bool:

@@ -1,0 +1,42 @@
+"""The batched torch reference computes what one prompt at a time computes."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from toolchain.verify.reference import Reference
+
+
+def _one_prompt(model, ids, greedy_tokens):
+    """The plain per-prompt greedy decode the batched reference must reproduce."""
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        prompt = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].numpy()
+        tokens, steps = [int(prompt[-1].argmax())], []
+        while len(tokens) < greedy_tokens:
+            step = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1].numpy()
+            steps.append(step)
+            tokens.append(int(step.argmax()))
+    return prompt, tokens, np.stack(steps)
+
+
+class _Tok:
+    def __call__(self, text):
+        class R:
+            input_ids = [3 + (ord(c) % 200) for c in text]
+        return R()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_gemma_dir"])
+def test_batched_reference_equals_one_prompt_at_a_time(fixture, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32).eval()
+    # lengths 1..27 so rows are padded by different amounts, and past Gemma's sliding window of 8
+    prompts = ["a", "hello there", "The quick brown fox jumps over", "x" * 27, "def f(x): return x"]
+    ref = Reference(model, _Tok(), prompts, greedy_tokens=12)
+    for p, got in zip(prompts, ref.get("fp32")):
+        prompt, tokens, steps = _one_prompt(model, got.ids, 12)
+        assert np.isfinite(got.prompt_logits).all() and np.isfinite(got.step_logits).all()
+        np.testing.assert_allclose(got.prompt_logits, prompt, atol=2e-4, rtol=0)
+        assert got.greedy == tokens, p
+        np.testing.assert_allclose(got.step_logits, steps, atol=2e-4, rtol=0)
