@@ -66,7 +66,7 @@ def main() -> None:
         return print_table([json.loads(f.read_text()) for f in sorted(Path(args.from_dir).glob("*.json"))])
 
     from toolchain.bench.run import bench_targets, describe_model
-    from toolchain.bench.targets import load_target
+    from toolchain.targets import load_target
 
     run = Path(args.run)
     paths = sorted((run / "export").glob("model-*.gguf")) + [run / "export" / "onnx", run / "student"]

@@ -182,7 +182,7 @@ def main() -> None:
 
     from toolchain.verify.quality import format_table
     from toolchain.models.load import resolve_model_dir
-    from toolchain.quantize.gguf_types import SUPPORTED_TYPES
+    from toolchain.formats import SUPPORTED_TYPES
 
     tmp = tempfile.TemporaryDirectory(prefix="gguf-bench-") if not args.work else None
     work = Path(args.work or tmp.name)

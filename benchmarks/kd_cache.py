@@ -26,7 +26,7 @@ import torch
 
 from toolchain.config import DataConfig, DistillConfig
 from toolchain.distill.cache import TeacherCache, build_cache, cache_batch_fn, teacher_digest
-from toolchain.distill.data import train_and_heldout
+from toolchain.data.corpus import train_and_heldout
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.loop import distill, packed_batches
 from toolchain.distill.run import calibration_blocks

@@ -43,7 +43,7 @@ RUNS = ("ours", "ours_eager", "trl", "trl_tuned", "sft")
 
 def _data():
     from toolchain.config import DataConfig
-    from toolchain.distill.data import train_and_heldout
+    from toolchain.data.corpus import train_and_heldout
     from toolchain.models.load import load_model
 
     teacher = load_model("smollm2-135m-instruct")

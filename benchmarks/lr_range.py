@@ -31,7 +31,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from toolchain.config import DataConfig, DistillConfig
-from toolchain.distill.data import train_and_heldout
+from toolchain.data.corpus import train_and_heldout
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.run import calibration_blocks, distill_student
 from toolchain.errors import DivergenceError

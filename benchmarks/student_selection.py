@@ -16,7 +16,7 @@ import time
 import torch
 
 from toolchain.config import DataConfig
-from toolchain.distill.data import train_and_heldout
+from toolchain.data.corpus import train_and_heldout
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.run import calibration_blocks
 from toolchain.models.load import load_model

@@ -31,7 +31,7 @@ def test_teacher_f16_gguf_matches_torch_in_llama_cpp(teacher, tmp_path):
 def test_student_from_real_teacher_is_better_than_stride(teacher, tmp_path):
     """The measured layer rule beats a fixed stride on held-out text (no training)."""
     from toolchain.config import DataConfig
-    from toolchain.distill.data import train_and_heldout
+    from toolchain.data.corpus import train_and_heldout
     from toolchain.distill.evaluate import evaluate
     from toolchain.distill.run import calibration_blocks
     from toolchain.student import make_student

@@ -75,7 +75,7 @@ def cmd_student(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from toolchain.distill.placement import resolve_device
+    from toolchain.devices.placement import resolve_device
     from toolchain.distill.run import distill_student
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
@@ -101,7 +101,7 @@ def cmd_distill(args) -> None:
 
 def cmd_distill_cache(args) -> None:
     from toolchain.distill.modes import prepare_data
-    from toolchain.distill.placement import place, resolve_device
+    from toolchain.devices.placement import place, resolve_device
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
@@ -168,7 +168,7 @@ def cmd_verify(args) -> None:
 
 def cmd_bench(args) -> None:
     from toolchain.bench.run import bench_targets, describe_model
-    from toolchain.bench.targets import load_target
+    from toolchain.targets import load_target
 
     targets = [load_target(t) for t in (args.target or ["cpu"])]
     models = [describe_model(p) for p in args.models]

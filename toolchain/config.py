@@ -223,12 +223,12 @@ class ExportConfig:
     onnx_precisions: list[str] = field(default_factory=lambda: ["fp32"])
 
     def validate(self, where: str) -> None:
-        from toolchain.quantize.gguf_types import SUPPORTED_TYPES
+        from toolchain.formats import SUPPORTED_TYPES
 
         for q in self.gguf:
             _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
         if self.gguf_overrides:
-            from toolchain.quantize.gguf_types import check_overrides
+            from toolchain.formats import check_overrides
 
             for q in self.gguf:
                 if q not in ("F16", "F32"):
@@ -285,7 +285,7 @@ class BenchConfig:
     torch_baseline: bool = True  # also time the student in torch (eager), as a reference point
 
     def validate(self, where: str) -> None:
-        from toolchain.bench.targets import load_target
+        from toolchain.targets import load_target
 
         for t in self.targets:
             load_target(t)  # a bad target file fails here, before hours of distillation

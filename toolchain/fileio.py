@@ -106,3 +106,8 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output directory") 
     except OSError as e:
         raise UserError(f"cannot write to {what} {path}: {e.strerror or e}; choose another path with --out") from None
     return path
+
+
+def cache_dir() -> Path:
+    """The user-wide cache (bundled models assembled, GGUF->HF conversions): $TOOLCHAIN_CACHE."""
+    return Path(os.environ.get("TOOLCHAIN_CACHE", Path.home() / ".cache" / "toolchain"))

@@ -55,7 +55,7 @@ class Run:
         if t.quantize == "none" and (t.adapter_mode == "merge" or not t.adapter):
             return self.teacher
         if getattr(self, "_distill_teacher", None) is None:
-            from toolchain.distill.placement import resolve_device
+            from toolchain.devices.placement import resolve_device
             from toolchain.models.load import teacher_from_config
 
             self.echo(f"loading teacher {t.model} for distillation (quantize {t.quantize}, adapter {t.adapter_mode})")
@@ -151,7 +151,7 @@ class Run:
 
     def stage_bench(self) -> dict:
         from toolchain.bench.run import bench_targets, describe_model
-        from toolchain.bench.targets import load_target
+        from toolchain.targets import load_target
 
         b = self.config.bench
         targets = [load_target(t) for t in b.targets]
@@ -175,7 +175,7 @@ class Run:
         return report
 
     def run(self) -> dict:
-        from toolchain.distill.parallel import barrier, from_env
+        from toolchain.devices.parallel import barrier, from_env
 
         par = from_env()
         if not par.main:
@@ -207,7 +207,7 @@ class Run:
 
     def _run_helper(self, par) -> dict:
         """A process other than 0 under `accelerate launch`: it only shares the distillation."""
-        from toolchain.distill.parallel import barrier
+        from toolchain.devices.parallel import barrier
 
         barrier(par)  # process 0 has made the student (or finds the stages done)
         if self.record("distill") is None:

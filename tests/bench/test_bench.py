@@ -10,7 +10,7 @@ import pytest
 from toolchain.bench import run as bench_run
 from toolchain.bench.model_facts import gguf_facts
 from toolchain.bench.run import bench_models, bench_targets, describe_model
-from toolchain.bench.targets import Target, load_target
+from toolchain.targets import Target, load_target
 from toolchain.export.gguf import export_gguf
 
 PHONE = Target(name="tiny-phone", kind="mobile-class", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=17.1,

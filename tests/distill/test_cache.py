@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from toolchain.distill import cache as C
-from toolchain.distill.data import train_and_heldout
+from toolchain.data.corpus import train_and_heldout
 from toolchain.errors import UserError
 from toolchain.models.load import load_model
 

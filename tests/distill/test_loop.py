@@ -4,7 +4,7 @@ import torch
 from toolchain.config import DataConfig, DistillConfig
 from toolchain.distill.batch import Batch
 from toolchain.distill import loop
-from toolchain.distill.data import load_documents, split_documents, train_and_heldout
+from toolchain.data.corpus import load_documents, split_documents, train_and_heldout
 from toolchain.distill.run import distill_student
 from toolchain.errors import UserError
 from toolchain.models.load import load_model

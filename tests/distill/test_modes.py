@@ -66,7 +66,7 @@ def test_cache_mode_trains_without_the_teacher(teacher, tmp_path):
 
 
 def _held(teacher):
-    from toolchain.distill.data import train_and_heldout
+    from toolchain.data.corpus import train_and_heldout
 
     return train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 4)[1]
 

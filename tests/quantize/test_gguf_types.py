@@ -5,7 +5,7 @@ import pytest
 
 from toolchain.errors import UserError
 from toolchain.export.gguf import export_gguf
-from toolchain.quantize.gguf_types import SUPPORTED_TYPES, check_overrides
+from toolchain.formats import SUPPORTED_TYPES, check_overrides
 
 
 def _types(path):

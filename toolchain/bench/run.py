@@ -22,7 +22,7 @@ from pathlib import Path
 from toolchain.bench import roofline as rl
 from toolchain.bench.model_facts import model_facts
 from toolchain.bench.rows import add_measurement, base_row, format_row, out_name
-from toolchain.bench.targets import Target
+from toolchain.targets import Target
 from toolchain.bench.worker import PROGRESS
 from toolchain.errors import UserError
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from toolchain.formats import IGNORE_INDEX
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from toolchain.distill.batch import Batch
-from toolchain.distill.placement import model_device
+from toolchain.devices.placement import model_device
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path, write_json
 

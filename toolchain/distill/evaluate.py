@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
-from toolchain.distill.placement import model_device
+from toolchain.devices.placement import model_device
 from toolchain.errors import UserError
 
 ECE_BINS = 15

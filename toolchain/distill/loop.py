@@ -9,8 +9,8 @@ Resumable: every `checkpoint_every` steps the student, optimizer, scheduler, RNG
 the step counter are written atomically to `work_dir/checkpoint.pt`; a rerun continues there.
 
 Under `accelerate launch` / `torchrun` the step's micro-batches are shared out over the
-processes (toolchain/distill/parallel.py); process 0 evaluates and writes checkpoints.
-Training runs on `distill.device` (toolchain/distill/placement.py): the models are moved there
+processes (toolchain/devices/parallel.py); process 0 evaluates and writes checkpoints.
+Training runs on `distill.device` (toolchain/devices/placement.py): the models are moved there
 for the run, batches as they are used; the student is handed back where it came from.
 """
 
@@ -35,9 +35,9 @@ from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
-from toolchain.distill.parallel import (Parallel, all_sum, barrier, broadcast_parameters, from_env, gather,
+from toolchain.devices.parallel import (Parallel, all_sum, barrier, broadcast_parameters, from_env, gather,
                                         micro_batch_index, sum_gradients)
-from toolchain.distill.placement import model_device, place, resolve_device
+from toolchain.devices.placement import model_device, place, resolve_device
 from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import DivergenceError, UserError
 from toolchain.fileio import atomic_path

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.config import DISTILL_LOSSES as KINDS
+from toolchain.formats import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 CHUNK_TOKENS = 128  # 128 x 49152 fp32 = 25 MB per temporary: stays in a few cache-friendly buffers
 # The fused head's matmuls run over slabs of this many tokens: vocab-sized products are ~20%
 # faster at M=512 than M=128 on this CPU (MKL, 2 threads: 92 vs 77 GFLOPS for h @ W^T, 92 vs

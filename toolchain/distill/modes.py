@@ -59,7 +59,7 @@ def _resolve(teacher):
 def prepare_data(data: DataConfig, cfg: DistillConfig, student, student_tok, work_dir: str | os.PathLike,
                  teacher=None, teacher_cfg: TeacherConfig | None = None, progress: bool = False) -> DataPlan:
     """Build the batch source for `data.mode`. `teacher`: a LoadedModel, or a function returning one."""
-    from toolchain.distill.data import check_enough_blocks, train_and_heldout
+    from toolchain.data.corpus import check_enough_blocks, train_and_heldout
 
     work_dir = Path(work_dir)
     if data.mode == "sequences":

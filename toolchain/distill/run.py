@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig, TeacherConfig
-from toolchain.distill.data import load_documents, pack, train_and_heldout
+from toolchain.data.corpus import load_documents, pack, train_and_heldout
 from toolchain.errors import DivergenceError, UserError
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.lora import attach_lora, merge_lora
@@ -25,8 +25,8 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
     Under a multi-process launcher only process 0 saves and returns the full figures.
     """
     from toolchain.distill.modes import prepare_data
-    from toolchain.distill.parallel import barrier, from_env
-    from toolchain.distill.placement import place, resolve_device
+    from toolchain.devices.parallel import barrier, from_env
+    from toolchain.devices.placement import place, resolve_device
 
     par = from_env()
     device = resolve_device(cfg.device)

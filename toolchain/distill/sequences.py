@@ -24,7 +24,7 @@ import torch
 
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.data.task_files import read_pairs, read_prompts  # noqa: F401 (public here too)
-from toolchain.distill.placement import model_device
+from toolchain.devices.placement import model_device
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
 

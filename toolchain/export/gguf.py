@@ -21,8 +21,8 @@ from toolchain.fileio import atomic_path, sha256_file
 from toolchain.models.load import read_meta
 from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
-from toolchain.quantize.gguf_types import (PYTHON_TYPES, check_overrides, check_type, file_type, llama_cpp_quantize,
-                                          override_for, quantize_tensor)
+from toolchain.formats import PYTHON_TYPES, check_overrides, check_type, override_for
+from toolchain.quantize.gguf_types import file_type, llama_cpp_quantize, quantize_tensor
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from toolchain.models.registry import get_arch
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-INFO_FILE = "model_info.json"
+from toolchain.formats import ONNX_DATA_FILE as DATA_FILE
+from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
+from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 OPSET = 18
 

@@ -79,7 +79,7 @@ def _assembled(entry: BundledModel) -> Path:
     import importlib
 
     from toolchain.fileio import atomic_path
-    from toolchain.models.load import cache_dir
+    from toolchain.fileio import cache_dir
 
     target = cache_dir() / "bundled" / entry.filename
     if target.is_file():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolchain.errors import UserError
-from toolchain.fileio import atomic_dir
+from toolchain.fileio import atomic_dir, cache_dir
 from toolchain.models.bundled import BUNDLED, bundled_path
 from toolchain.models.provenance import file_sha256, is_hub_id, model_dir_sha256, public_meta, public_name
 
@@ -32,10 +32,6 @@ class LoadedModel:
     tokenizer: object
     path: Path  # HF directory the weights were read from
     meta: dict = field(default_factory=dict)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOOLCHAIN_CACHE", Path.home() / ".cache" / "toolchain"))
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict:

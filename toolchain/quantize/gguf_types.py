@@ -16,72 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import UserError
+from toolchain.formats import PYTHON_TYPES, check_overrides
 from toolchain.fileio import atomic_path
 from toolchain.native_output import captured_native_output
 
 log = logging.getLogger(__name__)
-
-# type name -> (tensor type for 2-D weights, file type written in general.file_type)
-PYTHON_TYPES = {
-    "F32": ("F32", "ALL_F32"),
-    "F16": ("F16", "MOSTLY_F16"),
-    "BF16": ("BF16", "MOSTLY_BF16"),
-    "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-    "Q4_0": ("Q4_0", "MOSTLY_Q4_0"),
-    "Q4_1": ("Q4_1", "MOSTLY_Q4_1"),
-    "Q5_0": ("Q5_0", "MOSTLY_Q5_0"),
-    "Q5_1": ("Q5_1", "MOSTLY_Q5_1"),
-}
-LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
-SUPPORTED_TYPES = tuple(PYTHON_TYPES) + LLAMA_CPP_TYPES
-
-
-def check_type(name: str) -> str:
-    if name not in SUPPORTED_TYPES:
-        raise UserError(f"unknown GGUF type '{name}'; supported: {', '.join(SUPPORTED_TYPES)}")
-    return name
 
 
 def file_type(name: str):
     import gguf
 
     return gguf.LlamaFileType[PYTHON_TYPES[name][1]]
-
-
-# tensor types a per-tensor override may name in a Python-written file
-PYTHON_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-
-
-def check_overrides(overrides: dict[str, str] | None, type_name: str) -> dict[str, str]:
-    """Validate {tensor-name regex: tensor type} (llama-quantize's --tensor-type semantics:
-    the first pattern found anywhere in the GGUF tensor name wins)."""
-    import re
-
-    import gguf
-
-    overrides = dict(overrides or {})
-    allowed = PYTHON_TENSOR_TYPES if type_name in PYTHON_TYPES else tuple(
-        t.name for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64", "F64"))
-    for pattern, t in overrides.items():
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UserError(f"tensor override pattern '{pattern}' is not a valid regex: {e}") from None
-        if t not in allowed:
-            where = "written in Python" if type_name in PYTHON_TYPES else "quantized by llama.cpp"
-            raise UserError(
-                f"tensor override '{pattern}={t}': {type_name} files are {where}; allowed tensor types: {', '.join(allowed)}"
-            )
-    return overrides
-
-
-def override_for(gguf_name: str, overrides: dict[str, str] | None) -> str | None:
-    import re
-
-    for pattern, t in (overrides or {}).items():
-        if re.search(pattern, gguf_name):
-            return t
-    return None
 
 
 def quantize_tensor(data: np.ndarray, type_name: str, tensor_type: str | None = None):

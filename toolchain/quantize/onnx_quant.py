@@ -47,10 +47,11 @@ import logging
 from pathlib import Path
 
 from toolchain.errors import UserError
+from toolchain.formats import ONNX_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ONNX_PRECISIONS
 BITS = {"int8": 8, "int4": 4}
 # block of weights sharing one scale: 32 is llama.cpp's Q4_0/Q8_0 block, so int4/int8 errors
 # compare with those GGUF types

@@ -17,8 +17,8 @@ import onnxruntime as ort
 
 from toolchain.errors import UserError
 
-MODEL_FILE = "model.onnx"
-INFO_FILE = "model_info.json"
+from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
+from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 
 
 def load_tokenizer(model_dir: str | Path):

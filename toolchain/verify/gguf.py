@@ -49,7 +49,7 @@ def verify_prompts(prompts: list[str], min_prompts: int) -> list[str]:
     """The configured prompts, topped up to `min_prompts` with held-out text openings."""
     out = list(prompts)
     if len(out) < min_prompts:
-        from toolchain.distill.data import load_documents, split_documents
+        from toolchain.data.corpus import load_documents, split_documents
 
         _, held = split_documents(load_documents("pydoc"), 0.1, 0)
         paragraphs = [" ".join(p.split()) for doc in held for p in doc.split("\n\n")]

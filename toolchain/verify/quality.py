@@ -17,7 +17,7 @@ import numpy as np
 
 def heldout_chunks(tokenizer, n_tokens: int, ctx: int, add_bos: bool, source: str = "pydoc",
                    heldout_fraction: float = 0.1, seed: int = 0) -> list[list[int]]:
-    from toolchain.distill.data import load_documents, split_documents
+    from toolchain.data.corpus import load_documents, split_documents
 
     _, held = split_documents(load_documents(source), heldout_fraction, seed)
     ids: list[int] = []

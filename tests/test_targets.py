@@ -1,6 +1,6 @@
 import pytest
 
-from toolchain.bench.targets import KINDS, known_targets, load_target
+from toolchain.targets import KINDS, known_targets, load_target
 from toolchain.errors import UserError
 
 GOOD = {"name": "x", "kind": "cpu", "threads": 1, "memory_budget_mb": 1, "memory_bandwidth_gbps": 1}

@@ -1,4 +1,4 @@
-"""Where distillation runs (toolchain/distill/placement.py).
+"""Where distillation runs (toolchain/devices/placement.py).
 
 These run on the CPU machine CI has: they check the device choice, its errors, and that a run
 hands the student back where it was. A run on a real GPU is not part of the test suite (no GPU
@@ -10,7 +10,7 @@ import torch
 
 from toolchain.config import from_dict
 from toolchain.distill.batch import Batch
-from toolchain.distill.placement import place, resolve_device
+from toolchain.devices.placement import place, resolve_device
 from toolchain.errors import UserError
 from toolchain.models.load import load_teacher
 

@@ -1,6 +1,6 @@
 import pytest
 
-from toolchain.distill.data import check_enough_blocks, load_documents, read_text_file, train_and_heldout
+from toolchain.data.corpus import check_enough_blocks, load_documents, read_text_file, train_and_heldout
 from toolchain.errors import UserError
 from toolchain.models.load import load_model
 

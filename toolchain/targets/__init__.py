@@ -1,4 +1,4 @@
-"""Target profiles (targets/*.yaml): the device a benchmark stands for.
+"""Target profiles (the YAML files beside this module, or ./targets/*.yaml of the user's own): the device a benchmark stands for.
 
 A profile says how many threads to emulate, how much memory a model may take (weights + KV
 cache at `context`), the device's memory bandwidth (for the decode roofline projection), and
@@ -18,7 +18,7 @@ from toolchain.errors import UserError
 
 KINDS = ("cpu", "cuda", "mobile-class")
 RUNTIMES = ("llama_cpp", "onnxruntime", "torch")
-_REPO_TARGETS = Path(__file__).resolve().parents[2] / "targets"
+_SHIPPED = Path(__file__).resolve().parent  # the profiles ship inside the package (package data)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def find_target(spec: str) -> Path:
         if not path.is_file():
             raise UserError(f"target file not found: {path}")
         return path
-    for base in (Path.cwd() / "targets", _REPO_TARGETS):
+    for base in (Path.cwd() / "targets", _SHIPPED):  # a ./targets/ of the user's own first
         cand = base / f"{spec}.yaml"
         if cand.is_file():
             return cand
@@ -88,7 +88,7 @@ def find_target(spec: str) -> Path:
 
 
 def known_targets() -> list[str]:
-    return sorted(p.stem for p in _REPO_TARGETS.glob("*.yaml")) if _REPO_TARGETS.is_dir() else []
+    return sorted(p.stem for p in _SHIPPED.glob("*.yaml"))
 
 
 def load_target(spec: str) -> Target:

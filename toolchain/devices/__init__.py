@@ -1,0 +1,2 @@
+"""Where work runs: device placement and data-parallel process plumbing, shared by the
+distillation stage, the pipeline and the CLI."""
