@@ -36,14 +36,22 @@ SDIST = "llama-cpp-python==0.3.36"
 def fetch_reference(work: Path) -> Path:
     """Extract llama.cpp's converter (+ conversion/, gguf-py/) from the sdist into work/."""
     dl = work / "sdist"
-    subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:",
-                    "-d", str(dl), "-q"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "-d", str(dl), "-q"],
+        check=True,
+    )
     tgz = next(dl.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(tgz) as tar:
-        members = [m for m in tar.getmembers()
-                   if "/vendor/llama.cpp/" in m.name and (m.name.endswith("/convert_hf_to_gguf.py")
-                                                         or "/vendor/llama.cpp/conversion/" in m.name
-                                                         or "/vendor/llama.cpp/gguf-py/" in m.name)]
+        members = [
+            m
+            for m in tar.getmembers()
+            if "/vendor/llama.cpp/" in m.name
+            and (
+                m.name.endswith("/convert_hf_to_gguf.py")
+                or "/vendor/llama.cpp/conversion/" in m.name
+                or "/vendor/llama.cpp/gguf-py/" in m.name
+            )
+        ]
         tar.extractall(work, members=members, filter="data")
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
@@ -64,12 +72,38 @@ def export_times(model_dir: Path, ref: Path, out: Path, runs: int) -> dict:
     for r in range(runs):
         for t in ("F16", "Q8_0"):
             d = out / f"ours-{r}"
-            times.setdefault(f"ours_{t}", []).append(_timed(
-                [sys.executable, "-m", "toolchain", "export", "gguf", str(model_dir), "--out", str(d),
-                 "--types", t, "--no-modelfile"], ours_env))
-            times.setdefault(f"ref_{t}", []).append(_timed(
-                [sys.executable, str(ref / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
-                 str(out / f"ref-{r}-{t}.gguf"), "--outtype", t.lower()], ref_env))
+            times.setdefault(f"ours_{t}", []).append(
+                _timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "toolchain",
+                        "export",
+                        "gguf",
+                        str(model_dir),
+                        "--out",
+                        str(d),
+                        "--types",
+                        t,
+                        "--no-modelfile",
+                    ],
+                    ours_env,
+                )
+            )
+            times.setdefault(f"ref_{t}", []).append(
+                _timed(
+                    [
+                        sys.executable,
+                        str(ref / "convert_hf_to_gguf.py"),
+                        str(model_dir),
+                        "--outfile",
+                        str(out / f"ref-{r}-{t}.gguf"),
+                        "--outtype",
+                        t.lower(),
+                    ],
+                    ref_env,
+                )
+            )
     return {k: statistics.median(v) for k, v in times.items()} | {"all": times}
 
 
@@ -85,7 +119,9 @@ def compare_files(ours: Path, theirs: Path) -> dict:
         if x is None or y is None:
             differ.append(f"{name}: only in {'theirs' if x is None else 'ours'}")
         elif x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
-            differ.append(f"{name}: ours {x.tensor_type.name}{list(x.shape)} vs theirs {y.tensor_type.name}{list(y.shape)}")
+            differ.append(
+                f"{name}: ours {x.tensor_type.name}{list(x.shape)} vs theirs {y.tensor_type.name}{list(y.shape)}"
+            )
         elif not np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8)):
             differ.append(f"{name}: same type and shape, different bytes")
 
@@ -119,7 +155,9 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def quality(model_dir: Path, out: Path, types: list[str], tokens: int, ctx: int, extra: dict | None = None) -> list[dict]:
+def quality(
+    model_dir: Path, out: Path, types: list[str], tokens: int, ctx: int, extra: dict | None = None
+) -> list[dict]:
     """Export every type with our tool and measure it against our F16 on held-out text."""
     from transformers import AutoTokenizer
 
@@ -153,11 +191,15 @@ def _timing_and_comparison(work: Path, runs: int):
     t = export_times(smol, ref, work / "timing", runs)
     print("| type | ours s | llama.cpp s | ratio |\n|------|-------:|------------:|------:|")
     for ty in ("F16", "Q8_0"):
-        print(f"| {ty:<4} | {t[f'ours_{ty}']:6.2f} | {t[f'ref_{ty}']:11.2f} | {t[f'ours_{ty}'] / t[f'ref_{ty}']:5.2f}x |")
+        print(
+            f"| {ty:<4} | {t[f'ours_{ty}']:6.2f} | {t[f'ref_{ty}']:11.2f} | {t[f'ours_{ty}'] / t[f'ref_{ty}']:5.2f}x |"
+        )
 
     print("\n2. tensor-by-tensor comparison with convert_hf_to_gguf.py")
-    cmp = {ty: compare_files(work / "timing" / "ours-0" / f"model-{ty}.gguf", work / "timing" / f"ref-0-{ty}.gguf")
-           for ty in ("F16", "Q8_0")}
+    cmp = {
+        ty: compare_files(work / "timing" / "ours-0" / f"model-{ty}.gguf", work / "timing" / f"ref-0-{ty}.gguf")
+        for ty in ("F16", "Q8_0")
+    }
     for ty, c in cmp.items():
         print(f"{ty}: {c['tensors']} tensors, {len(c['tensors_differing'])} differ")
         for line in c["tensors_differing"][:10]:
@@ -176,13 +218,16 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--work", help="working directory (default: a temporary one, removed)")
-    ap.add_argument("--no-timing", action="store_true",
-                    help="skip parts 1-2 (reference converter timing and comparison): quality tables only")
+    ap.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip parts 1-2 (reference converter timing and comparison): quality tables only",
+    )
     args = ap.parse_args()
 
-    from toolchain.verify.quality import format_table
-    from toolchain.models.load import resolve_model_dir
     from toolchain.formats import SUPPORTED_TYPES
+    from toolchain.models.load import resolve_model_dir
+    from toolchain.verify.quality import format_table
 
     tmp = tempfile.TemporaryDirectory(prefix="gguf-bench-") if not args.work else None
     work = Path(args.work or tmp.name)
@@ -197,7 +242,9 @@ def main() -> None:
         extra = {"Q8_0 (llama.cpp)": ref_q8} if name.startswith("smollm2") and ref_q8.is_file() else None
         rows = quality(model_dir, work / f"q-{name}", list(SUPPORTED_TYPES), args.quality_tokens, args.ctx, extra)
         tables[name] = rows
-        title = f"\n3. quality of every type, {name}, {rows[0]['quality']['tokens_scored']} held-out pydoc tokens scored"
+        title = (
+            f"\n3. quality of every type, {name}, {rows[0]['quality']['tokens_scored']} held-out pydoc tokens scored"
+        )
         print(format_table(rows, title))
         ppl[name] = {r["quant"]: r["quality"] for r in rows}
         for line in (p for p in (work / f"q-{name}").glob("*.gguf")):
@@ -205,8 +252,10 @@ def main() -> None:
 
     smol_q = ppl.get("smollm2-135m-instruct", {})
     summary = {
-        "ours_s_f16": round(t["ours_F16"], 3) if t else None, "ref_s_f16": round(t["ref_F16"], 3) if t else None,
-        "ours_s_q8_0": round(t["ours_Q8_0"], 3) if t else None, "ref_s_q8_0": round(t["ref_Q8_0"], 3) if t else None,
+        "ours_s_f16": round(t["ours_F16"], 3) if t else None,
+        "ref_s_f16": round(t["ref_F16"], 3) if t else None,
+        "ours_s_q8_0": round(t["ours_Q8_0"], 3) if t else None,
+        "ref_s_q8_0": round(t["ref_Q8_0"], 3) if t else None,
         "tensors_identical": all(not c["tensors_differing"] for c in cmp.values()) if cmp else None,
         "tensors_differing": {ty: len(c["tensors_differing"]) for ty, c in cmp.items()},
         "metadata_differences": cmp["F16"]["metadata_differences"] if cmp else None,
@@ -214,8 +263,10 @@ def main() -> None:
         "ref_ppl_ratio_q8_0": smol_q.get("Q8_0 (llama.cpp)", {}).get("ppl_ratio"),
         "mean_kld_q8_0": smol_q.get("Q8_0", {}).get("mean_kld"),
         "ref_mean_kld_q8_0": smol_q.get("Q8_0 (llama.cpp)", {}).get("mean_kld"),
-        "quality": {m: {q: {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()}
-                        for q, d in rows.items()} for m, rows in ppl.items()},
+        "quality": {
+            m: {q: {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()} for q, d in rows.items()}
+            for m, rows in ppl.items()
+        },
     }
     if tmp is not None:
         tmp.cleanup()

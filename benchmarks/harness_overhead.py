@@ -30,8 +30,14 @@ def bare_child(job: dict) -> None:
 
     os.sched_setaffinity(0, set(job["cpus"]))
     ids, n_gen, threads = job["prompt_ids"], job["gen_tokens"], job["threads"]
-    llm = llama_cpp.Llama(model_path=job["model"], n_ctx=len(ids) + n_gen + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=min(512, len(ids) + n_gen + 8), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=job["model"],
+        n_ctx=len(ids) + n_gen + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=min(512, len(ids) + n_gen + 8),
+        verbose=False,
+    )
     n_vocab = llm.n_vocab()
 
     def next_token() -> int:
@@ -53,8 +59,9 @@ def bare_child(job: dict) -> None:
 
 
 def run_bare(job: dict) -> float:
-    out = subprocess.run([sys.executable, __file__, "--bare-child"], input=json.dumps(job), capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--bare-child"], input=json.dumps(job), capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["decode_tps"]
 
 
@@ -84,11 +91,19 @@ def main() -> None:
     from toolchain.bench.run import describe_model, prompt_ids
 
     ids = prompt_ids([describe_model(args.model)], args.prompt_tokens)
-    cpus = sorted(os.sched_getaffinity(0))[:args.threads]
-    job = {"model": args.model, "prompt_ids": ids, "short_ids": ids[:32], "gen_tokens": args.gen_tokens,
-           "threads": len(cpus), "cpus": cpus}
-    print(f"{Path(args.model).name}: {len(ids)}-token prompt, {args.gen_tokens} decoded tokens, "
-          f"{len(cpus)} threads on cores {cpus}; load average {os.getloadavg()[0]:.2f}")
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+    job = {
+        "model": args.model,
+        "prompt_ids": ids,
+        "short_ids": ids[:32],
+        "gen_tokens": args.gen_tokens,
+        "threads": len(cpus),
+        "cpus": cpus,
+    }
+    print(
+        f"{Path(args.model).name}: {len(ids)}-token prompt, {args.gen_tokens} decoded tokens, "
+        f"{len(cpus)} threads on cores {cpus}; load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'round':>5}  {'ours tok/s':>10}  {'bare tok/s':>10}  note")
     ours, bare = [], []
     for i in range(args.rounds):
@@ -100,12 +115,25 @@ def main() -> None:
         print(f"{i + 1:>5}  {o:>10.1f}  {b:>10.1f}  {note}")
     o_med, b_med = statistics.median(ours), statistics.median(bare)
     ratio = o_med / b_med
-    print(f"{'median':>5}  {o_med:>10.1f}  {b_med:>10.1f}  ours/bare = {ratio:.3f} "
-          f"({'within' if abs(1 - ratio) <= 0.05 else 'NOT within'} 5%); load average {os.getloadavg()[0]:.2f}")
-    print(json.dumps({"ours_tps": round(o_med, 2), "bare_tps": round(b_med, 2), "ratio": round(ratio, 4),
-                      "within_5pct": abs(1 - ratio) <= 0.05, "threads": len(cpus), "rounds": args.rounds,
-                      "model": args.model, "ours_runs": [round(x, 2) for x in ours],
-                      "bare_runs": [round(x, 2) for x in bare]}))
+    print(
+        f"{'median':>5}  {o_med:>10.1f}  {b_med:>10.1f}  ours/bare = {ratio:.3f} "
+        f"({'within' if abs(1 - ratio) <= 0.05 else 'NOT within'} 5%); load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        json.dumps(
+            {
+                "ours_tps": round(o_med, 2),
+                "bare_tps": round(b_med, 2),
+                "ratio": round(ratio, 4),
+                "within_5pct": abs(1 - ratio) <= 0.05,
+                "threads": len(cpus),
+                "rounds": args.rounds,
+                "model": args.model,
+                "ours_runs": [round(x, 2) for x in ours],
+                "bare_runs": [round(x, 2) for x in bare],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

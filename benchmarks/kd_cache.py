@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from toolchain.config import DataConfig, DistillConfig
-from toolchain.distill.cache import TeacherCache, build_cache, cache_batch_fn, teacher_digest
 from toolchain.data.corpus import train_and_heldout
+from toolchain.distill.cache import TeacherCache, build_cache, cache_batch_fn, teacher_digest
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.loop import distill, packed_batches
 from toolchain.distill.run import calibration_blocks
@@ -46,8 +46,13 @@ def slice_cache(src: Path, dst: Path, k: int) -> dict:
         t["topk_logprobs"] = t["topk_logprobs"][..., :k].contiguous()
         save_file(t, str(dst / name))
     total = sum((dst / n).stat().st_size for n in m["shards"])
-    m = {**m, "k": k, "fingerprint": {**m["fingerprint"], "k": k}, "bytes": total,
-         "bytes_per_token": total / (m["blocks"] * m["seq_len"])}
+    m = {
+        **m,
+        "k": k,
+        "fingerprint": {**m["fingerprint"], "k": k},
+        "bytes": total,
+        "bytes_per_token": total / (m["blocks"] * m["seq_len"]),
+    }
     (dst / "manifest.json").write_text(json.dumps(m))
     return m
 
@@ -69,10 +74,26 @@ def main() -> None:
     data = DataConfig(seq_len=args.seq_len)
     # exactly the blocks the run consumes (one epoch), so the cache holds nothing unused
     n_blocks = args.steps * args.batch_size
-    train, held = train_and_heldout(teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction,
-                                    data.seed, data.eval_sequences, max_train_blocks=n_blocks)
-    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=6, alpha=0.0,
-                        temperature=1.0, loss="forward_kl", checkpoint_every=10_000, threads=args.threads)
+    train, held = train_and_heldout(
+        teacher.tokenizer,
+        data.source,
+        data.seq_len + 1,
+        data.heldout_fraction,
+        data.seed,
+        data.eval_sequences,
+        max_train_blocks=n_blocks,
+    )
+    cfg = DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=6,
+        alpha=0.0,
+        temperature=1.0,
+        loss="forward_kl",
+        checkpoint_every=10_000,
+        threads=args.threads,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="kd_cache_"))
     calib = calibration_blocks(teacher.tokenizer, data, 8)
     init = build_student(teacher, tmp / "init", 10, calib, "angular")
@@ -87,21 +108,37 @@ def main() -> None:
     print(f"student init {init['kept_layers']}: KL {before['kl']:.4f}", flush=True)
     # online KD
     student = fresh_student()
-    res = distill(teacher.model, student, packed_batches(train, cfg.batch_size, cfg.seed), held, cfg, tmp / "w_online",
-                  progress=False)
-    rows["online"] = {"tps": res["tokens_per_s"], "bytes_per_token": None, "build_s": None,
-                      **evaluate(student, teacher.model, held)}
+    res = distill(
+        teacher.model,
+        student,
+        packed_batches(train, cfg.batch_size, cfg.seed),
+        held,
+        cfg,
+        tmp / "w_online",
+        progress=False,
+    )
+    rows["online"] = {
+        "tps": res["tokens_per_s"],
+        "bytes_per_token": None,
+        "build_s": None,
+        **evaluate(student, teacher.model, held),
+    }
     del student
 
-    print(f"online: KL {rows['online']['kl']:.4f}, agreement {rows['online']['top1_agreement']:.1%}, "
-          f"{rows['online']['tps']:.1f} tok/s", flush=True)
+    print(
+        f"online: KL {rows['online']['kl']:.4f}, agreement {rows['online']['top1_agreement']:.1%}, "
+        f"{rows['online']['tps']:.1f} tok/s",
+        flush=True,
+    )
 
     # The teacher runs once, at the largest k; a smaller k is the first k columns of it (top-k
     # log-probs are stored sorted, normalised over the full vocabulary), written as its own
     # cache so its size on disk is measured, not computed.
     kmax = max(ks)
     t0 = time.perf_counter()
-    m = build_cache(teacher.model, teacher.tokenizer, train, tmp / f"cache{kmax}", kmax, tid, batch_size=args.batch_size)
+    m = build_cache(
+        teacher.model, teacher.tokenizer, train, tmp / f"cache{kmax}", kmax, tid, batch_size=args.batch_size
+    )
     build_s = time.perf_counter() - t0
     hm = build_cache(teacher.model, teacher.tokenizer, held, tmp / f"held{kmax}", kmax, tid, batch_size=args.batch_size)
     for k in sorted(ks, reverse=True):
@@ -112,36 +149,69 @@ def main() -> None:
         hcache = TeacherCache(tmp / f"held{k}", expect=hm["fingerprint"])
         held_batches = [hcache.batch(range(i, min(i + 4, len(hcache)))) for i in range(0, len(hcache), 4)]
         student = fresh_student()
-        res = distill(None, student, cache_batch_fn(cache, cfg.batch_size, cfg.seed), held_batches, cfg,
-                      tmp / f"w_cache{k}", progress=False)
-        rows[f"cache k={k}"] = {"tps": res["tokens_per_s"], "bytes_per_token": m["bytes_per_token"],
-                                "build_s": build_s, "cache_mb": m["bytes"] / 1e6,
-                                "sparse_kl_in_loop": res["after"]["kl"],
-                                **evaluate(student, teacher.model, held)}
+        res = distill(
+            None,
+            student,
+            cache_batch_fn(cache, cfg.batch_size, cfg.seed),
+            held_batches,
+            cfg,
+            tmp / f"w_cache{k}",
+            progress=False,
+        )
+        rows[f"cache k={k}"] = {
+            "tps": res["tokens_per_s"],
+            "bytes_per_token": m["bytes_per_token"],
+            "build_s": build_s,
+            "cache_mb": m["bytes"] / 1e6,
+            "sparse_kl_in_loop": res["after"]["kl"],
+            **evaluate(student, teacher.model, held),
+        }
         r = rows[f"cache k={k}"]
-        print(f"cache k={k}: KL {r['kl']:.4f} ({r['kl'] / rows['online']['kl']:.3f} x online), agreement "
-              f"{r['top1_agreement']:.1%}, {r['tps']:.1f} tok/s, {r['bytes_per_token']:.1f} B/token", flush=True)
+        print(
+            f"cache k={k}: KL {r['kl']:.4f} ({r['kl'] / rows['online']['kl']:.3f} x online), agreement "
+            f"{r['top1_agreement']:.1%}, {r['tps']:.1f} tok/s, {r['bytes_per_token']:.1f} B/token",
+            flush=True,
+        )
         del student
 
     on = rows["online"]["kl"]
-    print(f"teacher {args.teacher}; student 10 blocks {init['kept_layers']}; {args.steps} steps x "
-          f"{args.batch_size}x{args.seq_len} tokens, forward KL T=1, lr {args.lr}, {args.threads} threads; "
-          f"held-out {held.numel() - len(held)} tokens; before training KL {before['kl']:.3f}, "
-          f"agreement {before['top1_agreement']:.1%}")
-    print(f"{'run':12s} {'KL':>7s} {'KL/online':>9s} {'agree':>6s} {'CE':>7s} {'tok/s':>7s} {'B/token':>8s} "
-          f"{'cache MB':>8s} {'build s':>8s}")
+    print(
+        f"teacher {args.teacher}; student 10 blocks {init['kept_layers']}; {args.steps} steps x "
+        f"{args.batch_size}x{args.seq_len} tokens, forward KL T=1, lr {args.lr}, {args.threads} threads; "
+        f"held-out {held.numel() - len(held)} tokens; before training KL {before['kl']:.3f}, "
+        f"agreement {before['top1_agreement']:.1%}"
+    )
+    print(
+        f"{'run':12s} {'KL':>7s} {'KL/online':>9s} {'agree':>6s} {'CE':>7s} {'tok/s':>7s} {'B/token':>8s} "
+        f"{'cache MB':>8s} {'build s':>8s}"
+    )
     for name, r in rows.items():
         bpt = f"{r['bytes_per_token']:.1f}" if r["bytes_per_token"] else "-"
         mb = f"{r['cache_mb']:.1f}" if r.get("cache_mb") else "-"
         bs = f"{r['build_s']:.1f}" if r["build_s"] else "-"
-        print(f"{name:12s} {r['kl']:7.3f} {r['kl'] / on:9.3f} {r['top1_agreement']:6.1%} {r['ce']:7.3f} "
-              f"{r['tps']:7.1f} {bpt:>8s} {mb:>8s} {bs:>8s}")
-    out = {"steps": args.steps, "before_kl": before["kl"], "online_kl": on,
-           "online_agree": rows["online"]["top1_agreement"], "online_tps": rows["online"]["tps"]}
+        print(
+            f"{name:12s} {r['kl']:7.3f} {r['kl'] / on:9.3f} {r['top1_agreement']:6.1%} {r['ce']:7.3f} "
+            f"{r['tps']:7.1f} {bpt:>8s} {mb:>8s} {bs:>8s}"
+        )
+    out = {
+        "steps": args.steps,
+        "before_kl": before["kl"],
+        "online_kl": on,
+        "online_agree": rows["online"]["top1_agreement"],
+        "online_tps": rows["online"]["tps"],
+    }
     for k in ks:
         r = rows[f"cache k={k}"]
-        out.update({f"k{k}_kl": r["kl"], f"k{k}_kl_ratio": r["kl"] / on, f"k{k}_agree": r["top1_agreement"],
-                    f"k{k}_tps": r["tps"], f"k{k}_bytes_per_token": r["bytes_per_token"], f"k{k}_build_s": r["build_s"]})
+        out.update(
+            {
+                f"k{k}_kl": r["kl"],
+                f"k{k}_kl_ratio": r["kl"] / on,
+                f"k{k}_agree": r["top1_agreement"],
+                f"k{k}_tps": r["tps"],
+                f"k{k}_bytes_per_token": r["bytes_per_token"],
+                f"k{k}_build_s": r["build_s"],
+            }
+        )
     print(json.dumps(out))
 
 

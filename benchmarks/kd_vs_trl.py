@@ -56,9 +56,9 @@ def _ordered_blocks(train, steps: int):
     """The blocks of every step in training order: step s gets the loop's seeded slice s."""
     import torch
 
-    from toolchain.distill.loop import _batch_indices
+    from toolchain.data.batch_order import batch_indices
 
-    return torch.cat([train[_batch_indices(s, BATCH, len(train), SEED)] for s in range(steps)])
+    return torch.cat([train[batch_indices(s, BATCH, len(train), SEED)] for s in range(steps)])
 
 
 def _steady_tps(step_seconds: list[float]) -> float:
@@ -70,9 +70,9 @@ def worker(run: str, student_dir: str, steps: int) -> dict:
     import torch
 
     from toolchain.config import DistillConfig
+    from toolchain.distill.batch import Batch
     from toolchain.distill.evaluate import evaluate
     from toolchain.distill.loop import distill
-    from toolchain.distill.batch import Batch
     from toolchain.models.load import load_model
 
     torch.set_num_threads(THREADS)
@@ -80,20 +80,45 @@ def worker(run: str, student_dir: str, steps: int) -> dict:
     student = load_model(student_dir).model
     blocks = _ordered_blocks(train, steps)
     if run in ("ours", "ours_eager", "sft"):
-        cfg = DistillConfig(steps=steps, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, alpha=1.0 if run == "sft" else 0.0,
-                            temperature=1.0, loss="forward_kl", checkpoint_every=10**9, seed=SEED, threads=THREADS,
-                            compile=run == "ours")
+        cfg = DistillConfig(
+            steps=steps,
+            batch_size=BATCH,
+            lr=LR,
+            warmup_steps=WARMUP,
+            alpha=1.0 if run == "sft" else 0.0,
+            temperature=1.0,
+            loss="forward_kl",
+            checkpoint_every=10**9,
+            seed=SEED,
+            threads=THREADS,
+            compile=run == "ours",
+        )
         with tempfile.TemporaryDirectory() as work:
-            res = distill(teacher.model, student, lambda m: Batch.from_blocks(blocks[m * BATCH:(m + 1) * BATCH]), held,
-                          cfg, work, progress=False)
+            res = distill(
+                teacher.model,
+                student,
+                lambda m: Batch.from_blocks(blocks[m * BATCH : (m + 1) * BATCH]),
+                held,
+                cfg,
+                work,
+                progress=False,
+            )
         step_seconds = [h["seconds"] for h in res["history"]]
         after = res["after"]
     else:
         step_seconds = _train_trl(teacher, student, blocks, steps)
         after = evaluate(student, teacher.model, held)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"run": run, "tps": _steady_tps(step_seconds), "rss_mb": rss_mb, "ce": after["ce"], "kl": after["kl"],
-            "agree": after["top1_agreement"], "teacher_ce": after["teacher_ce"], "step_seconds": step_seconds}
+    return {
+        "run": run,
+        "tps": _steady_tps(step_seconds),
+        "rss_mb": rss_mb,
+        "ce": after["ce"],
+        "kl": after["kl"],
+        "agree": after["top1_agreement"],
+        "teacher_ce": after["teacher_ce"],
+        "step_seconds": step_seconds,
+    }
 
 
 def _train_trl(teacher, student, blocks, steps: int) -> list[float]:
@@ -119,19 +144,50 @@ def _train_trl(teacher, student, blocks, steps: int) -> list[float]:
         # itself, so a 129-token block gives the same 128 targets ours trains on.
         ids = torch.tensor([r["input_ids"] for r in rows])
         ones = torch.ones_like(ids)
-        return {"input_ids": ids, "attention_mask": ones, "labels": ids.clone(),
-                "prompts": ids[:, :1], "prompt_attention_mask": ones[:, :1]}
+        return {
+            "input_ids": ids,
+            "attention_mask": ones,
+            "labels": ids.clone(),
+            "prompts": ids[:, :1],
+            "prompt_attention_mask": ones[:, :1],
+        }
 
     ds = Dataset.from_dict({"input_ids": blocks.tolist()})
     out = tempfile.mkdtemp(prefix="trl-gkd-")
-    args = GKDConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LR, max_steps=steps,
-                     lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0,
-                     lmbda=0.0, beta=0.0, temperature=2.0, bf16=False, fp16=False, gradient_checkpointing=False,
-                     use_cpu=True, seed=SEED, logging_steps=10**6, save_strategy="no", report_to=[],
-                     dataloader_num_workers=0, train_sampling_strategy="sequential", max_length=None)
+    args = GKDConfig(
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        max_steps=steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=WARMUP,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lmbda=0.0,
+        beta=0.0,
+        temperature=2.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        seed=SEED,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        max_length=None,
+    )
     times = StepTimes()
-    trainer = GKDTrainer(model=student, teacher_model=teacher.model, args=args, data_collator=collate, train_dataset=ds,
-                         processing_class=teacher.tokenizer, callbacks=[times])
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher.model,
+        args=args,
+        data_collator=collate,
+        train_dataset=ds,
+        processing_class=teacher.tokenizer,
+        callbacks=[times],
+    )
     trainer.train()
     student.eval()
     return times.seconds
@@ -159,8 +215,8 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args.student, args.steps)))
         return
 
-    from toolchain.distill.run import calibration_blocks
     from toolchain.config import DataConfig
+    from toolchain.distill.run import calibration_blocks
     from toolchain.student import build_student
 
     teacher, _, held = _data()
@@ -173,8 +229,12 @@ def main() -> None:
     rows = {}
     for run in args.runs.split(","):
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, __file__, "--worker", run, "--student", str(student_dir), "--steps", str(args.steps)],
-                           env=run_env(run), capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--worker", run, "--student", str(student_dir), "--steps", str(args.steps)],
+            env=run_env(run),
+            capture_output=True,
+            text=True,
+        )
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
@@ -185,8 +245,10 @@ def main() -> None:
                 f.write(json.dumps({**rows[run], "steps": args.steps}) + "\n")
         print(f"  {run}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    print(f"teacher smollm2-135m-instruct, 10-block student, {args.steps} steps of {BATCH}x{SEQ} tokens, fp32, "
-          f"{THREADS} threads; held-out {held.shape[0]}x{SEQ} tokens")
+    print(
+        f"teacher smollm2-135m-instruct, 10-block student, {args.steps} steps of {BATCH}x{SEQ} tokens, fp32, "
+        f"{THREADS} threads; held-out {held.shape[0]}x{SEQ} tokens"
+    )
     print(f"{'run':10s} {'tok/s':>7s} {'peak RSS MB':>12s} {'CE':>7s} {'KL':>7s} {'agree':>7s}")
     for run, r in rows.items():
         print(f"{run:10s} {r['tps']:7.1f} {r['rss_mb']:12.0f} {r['ce']:7.3f} {r['kl']:7.3f} {r['agree']:7.1%}")
@@ -194,8 +256,15 @@ def main() -> None:
     print(f"teacher CE {teacher_ce:.3f}")
     out = {"steps": args.steps}
     for run, r in rows.items():
-        out.update({f"{run}_tps": r["tps"], f"{run}_rss_mb": r["rss_mb"], f"{run}_kl": r["kl"], f"{run}_agree": r["agree"],
-                    f"{run}_ce": r["ce"]})
+        out.update(
+            {
+                f"{run}_tps": r["tps"],
+                f"{run}_rss_mb": r["rss_mb"],
+                f"{run}_kl": r["kl"],
+                f"{run}_agree": r["agree"],
+                f"{run}_ce": r["ce"],
+            }
+        )
     if "ours" in rows and "trl" in rows:
         out["ours_vs_trl"] = rows["ours"]["tps"] / rows["trl"]["tps"]
     if "ours" in rows and "trl_tuned" in rows:

@@ -52,13 +52,25 @@ def make_tiny_causal_lm(out: Path, tokenizer_src: Path, model_type: str, layers:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_src)
-    extra = {"qwen3": {"head_dim": 32},
-             "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}}
+    extra = {
+        "qwen3": {"head_dim": 32},
+        "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    }
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-        tie_word_embeddings=model_type != "qwen2", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **extra.get(model_type, {}),
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=model_type != "qwen2",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra.get(model_type, {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -93,8 +105,9 @@ def prepare(model: str, root: Path):
         teacher, data = load_model(spec), DataConfig(seq_len=128, eval_sequences=8)
         fields = {"steps": steps, "batch_size": 4}
     else:
-        teacher_dir = make_tiny_causal_lm(root / "teacher", resolve_model_dir("smollm2-135m-instruct"),
-                                          model.removeprefix("tiny-"))
+        teacher_dir = make_tiny_causal_lm(
+            root / "teacher", resolve_model_dir("smollm2-135m-instruct"), model.removeprefix("tiny-")
+        )
         teacher, keep = load_model(str(teacher_dir)), 3
         data, fields = DataConfig(seq_len=32, eval_sequences=4), {"steps": 16, "batch_size": 2, "alpha": 0.0}
     calib = calibration_blocks(teacher.tokenizer, DataConfig(seq_len=128), 8)
@@ -107,8 +120,9 @@ def prepare(model: str, root: Path):
 def heldout_before(teacher, student_dir: Path, data: DataConfig) -> dict:
     """Held-out figures of the untrained student, on the split `distill_student` evaluates (the
     same for every lr; a DivergenceError's figures do not carry them)."""
-    _, held = train_and_heldout(teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed,
-                                data.eval_sequences)
+    _, held = train_and_heldout(
+        teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed, data.eval_sequences
+    )
     return evaluate(load_model(str(student_dir)).model, teacher.model, held)
 
 
@@ -117,14 +131,21 @@ def run_one(teacher, student_dir: Path, data: DataConfig, fields: dict, lr: floa
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         try:
-            r = distill_student(teacher, student_dir, Path(work) / "out", data, cfg, Path(work) / "work",
-                                progress=False)
+            r = distill_student(
+                teacher, student_dir, Path(work) / "out", data, cfg, Path(work) / "work", progress=False
+            )
             after, best, diverged = r["after"], r["best"], False
         except DivergenceError as e:
             after, best, diverged = e.figures["last"], e.figures["best"], True
-    return {"kl_before": before["kl"], "kl_after": after.get("kl"), "ce_before": before["ce"],
-            "ce_after": after.get("ce"), "diverged": diverged, "best": {k: best.get(k) for k in ("step", "kl", "ce")},
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "kl_before": before["kl"],
+        "kl_after": after.get("kl"),
+        "ce_before": before["ce"],
+        "ce_after": after.get("ce"),
+        "diverged": diverged,
+        "best": {k: best.get(k) for k in ("step", "kl", "ce")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def fmt(v) -> str:
@@ -134,8 +155,10 @@ def fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
-    ap.add_argument("--lrs", help=f"comma-separated learning rates (default {','.join(f'{lr:g}' for lr in LRS)}; "
-                    "gemma3 without 3e-5)")
+    ap.add_argument(
+        "--lrs",
+        help=f"comma-separated learning rates (default {','.join(f'{lr:g}' for lr in LRS)}; gemma3 without 3e-5)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,8 +170,10 @@ def main() -> None:
 
     t_start = time.perf_counter()
     results: dict = {}
-    header = f"{'model':<18}{'lr':>8}{'KL before':>11}{'KL after':>10}{'CE before':>11}{'CE after':>10}" \
-             f"{'diverged':>10}{'best step':>10}{'seconds':>9}"
+    header = (
+        f"{'model':<18}{'lr':>8}{'KL before':>11}{'KL after':>10}{'CE before':>11}{'CE after':>10}"
+        f"{'diverged':>10}{'best step':>10}{'seconds':>9}"
+    )
     print(header, flush=True)
     for model in models:
         with tempfile.TemporaryDirectory() as root:
@@ -158,9 +183,12 @@ def main() -> None:
             for lr in lrs:
                 row = run_one(teacher, student_dir, data, fields, lr, before)
                 results.setdefault(model, {})[f"{lr:g}"] = row
-                print(f"{model:<18}{lr:>8g}{fmt(row['kl_before']):>11}{fmt(row['kl_after']):>10}"
-                      f"{fmt(row['ce_before']):>11}{fmt(row['ce_after']):>10}{fmt(row['diverged']):>10}"
-                      f"{fmt(row['best']['step']):>10}{row['seconds']:>9.1f}", flush=True)
+                print(
+                    f"{model:<18}{lr:>8g}{fmt(row['kl_before']):>11}{fmt(row['kl_after']):>10}"
+                    f"{fmt(row['ce_before']):>11}{fmt(row['ce_after']):>10}{fmt(row['diverged']):>10}"
+                    f"{fmt(row['best']['step']):>10}{row['seconds']:>9.1f}",
+                    flush=True,
+                )
     print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
     print(json.dumps(results))
 

@@ -101,14 +101,22 @@ def main() -> None:
             t0 = time.perf_counter()
             r = runners[runtime](path, ids, args.gen_tokens, args.runs, threads)
             results[(name, threads)] = r
-            print(f"  {name:13s} {threads} thr: decode {r['decode_tps']['median']:6.1f} tok/s, prefill "
-                  f"{r['prefill_tps']['median']:7.1f} tok/s, contended runs {r.get('contended_runs', 0)} "
-                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  {name:13s} {threads} thr: decode {r['decode_tps']['median']:6.1f} tok/s, prefill "
+                f"{r['prefill_tps']['median']:7.1f} tok/s, contended runs {r.get('contended_runs', 0)} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         os.sched_setaffinity(0, set(cores))
 
-    print(f"\nSmolLM2 ({model_dir.name}), prompt {len(ids)} tokens, {args.gen_tokens} decoded, median of "
-          f"{args.runs} runs\n")
-    header = f"{'model':14s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'x fp32':>7s} {'x llama.cpp':>12s}"
+    print(
+        f"\nSmolLM2 ({model_dir.name}), prompt {len(ids)} tokens, {args.gen_tokens} decoded, median of "
+        f"{args.runs} runs\n"
+    )
+    header = (
+        f"{'model':14s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'x fp32':>7s} {'x llama.cpp':>12s}"
+    )
     print(header)
     print("-" * len(header))
     for (name, threads), r in results.items():
@@ -123,16 +131,24 @@ def main() -> None:
         r = results.get((name, 2))
         return round(r["decode_tps"]["median"], 2) if r else None
 
-    out = {"fp32_tps": tps("fp32"), "int8_tps": tps("int8"), "int4_tps": tps("int4"),
-           "int8_dynamic_tps": tps("int8_dynamic"), "llama_q8_0_tps": tps("llama_q8_0"),
-           "llama_q4_0_tps": tps("llama_q4_0"),
-           "prefill_2t": {n: round(results[(n, 2)]["prefill_tps"]["median"], 1) for n in rows if (n, 2) in results},
-           "decode_1t": {n: round(results[(n, 1)]["decode_tps"]["median"], 2) for n in rows if (n, 1) in results},
-           "contended_kept": sum(r.get("contended_kept", 0) for r in results.values())}
+    out = {
+        "fp32_tps": tps("fp32"),
+        "int8_tps": tps("int8"),
+        "int4_tps": tps("int4"),
+        "int8_dynamic_tps": tps("int8_dynamic"),
+        "llama_q8_0_tps": tps("llama_q8_0"),
+        "llama_q4_0_tps": tps("llama_q4_0"),
+        "prefill_2t": {n: round(results[(n, 2)]["prefill_tps"]["median"], 1) for n in rows if (n, 2) in results},
+        "decode_1t": {n: round(results[(n, 1)]["decode_tps"]["median"], 2) for n in rows if (n, 1) in results},
+        "contended_kept": sum(r.get("contended_kept", 0) for r in results.values()),
+    }
     if out["fp32_tps"] and out["int8_tps"] and out["int4_tps"]:
         out["int8_vs_fp32"] = round(out["int8_tps"] / out["fp32_tps"], 2)
         out["int4_vs_fp32"] = round(out["int4_tps"] / out["fp32_tps"], 2)
-        out["targets_met"] = {"int8_faster_than_fp32": out["int8_vs_fp32"] > 1.0, "int4_1.5x_fp32": out["int4_vs_fp32"] >= 1.5}
+        out["targets_met"] = {
+            "int8_faster_than_fp32": out["int8_vs_fp32"] > 1.0,
+            "int4_1.5x_fp32": out["int4_vs_fp32"] >= 1.5,
+        }
     if out["int8_tps"] and out["llama_q8_0_tps"]:
         out["int8_vs_llama_q8_0"] = round(out["int8_tps"] / out["llama_q8_0_tps"], 2)
     if out["int4_tps"] and out["llama_q4_0_tps"]:

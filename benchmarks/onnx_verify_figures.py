@@ -1,7 +1,8 @@
 """Verification figures of every ONNX precision of a real model (the issue's closing figures).
 
 Exports MODEL to ONNX fp32/fp16/int8/int4 into OUT (skipped when OUT already holds the fp32
-export), re-quantizes any precision folder that is missing, then runs toolchain's verify_onnx with the default VerifyConfig thresholds on each,
+export), re-quantizes any precision folder that is missing, then runs toolchain's verify_onnx
+with the default VerifyConfig thresholds on each,
 printing one JSON object per precision and, last, one JSON object {precision: figures}.
 
     python benchmarks/onnx_verify_figures.py MODEL_DIR OUT_DIR [PRECISIONS, default fp32,fp16,int8,int4]
@@ -30,8 +31,14 @@ def main() -> None:
     t = time.time()
     if not (Path(out) / "model.onnx").is_file():
         r = export_onnx(md, out, ["fp32", "fp16", "int8", "int4"])
-        print("export", round(time.time() - t), "s", json.dumps({k: r[k] for k in ("bytes", "exporter", "fusions")}),
-              [(v["quant"], v["bytes"]) for v in r["variants"]], flush=True)
+        print(
+            "export",
+            round(time.time() - t),
+            "s",
+            json.dumps({k: r[k] for k in ("bytes", "exporter", "fusions")}),
+            [(v["quant"], v["bytes"]) for v in r["variants"]],
+            flush=True,
+        )
     for p in [p for p in precisions if p != "fp32"]:  # a precision deleted to be redone (after a quantizer change)
         if not (precision_dir(out, p) / "model.onnx").is_file():
             t = time.time()
@@ -43,9 +50,19 @@ def main() -> None:
     summary = {}
     for p in precisions:
         try:
-            v = verify_onnx(md, precision_dir(out, p), cfg.prompts, cfg.greedy_tokens, cfg.onnx_max_abs_diff,
-                            threads=2, model=model, tokenizer=tok, fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff,
-                            min_top1=cfg.onnx_min_top1, max_kl=cfg.onnx_max_kl)
+            v = verify_onnx(
+                md,
+                precision_dir(out, p),
+                cfg.prompts,
+                cfg.greedy_tokens,
+                cfg.onnx_max_abs_diff,
+                threads=2,
+                model=model,
+                tokenizer=tok,
+                fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff,
+                min_top1=cfg.onnx_min_top1,
+                max_kl=cfg.onnx_max_kl,
+            )
         except VerificationError as e:
             print("FAILED:", e, flush=True)
             v = e.figures

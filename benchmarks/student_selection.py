@@ -34,25 +34,40 @@ def main() -> None:
     teacher = load_model(args.teacher)
     data = DataConfig()
     calib = calibration_blocks(teacher.tokenizer, data, 8)
-    _, held = train_and_heldout(teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed,
-                                data.eval_sequences)
+    _, held = train_and_heldout(
+        teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed, data.eval_sequences
+    )
     rows = {}
     for rule in ("stride", "angular"):
         t0 = time.perf_counter()
         student, keep = make_student(teacher, args.keep, calib, rule)
         secs = time.perf_counter() - t0
         ev = evaluate(student, teacher.model, held)
-        rows[rule] = {"kept": keep, "seconds": round(secs, 1), **{k: round(v, 4) for k, v in ev.items() if k != "tokens"}}
+        rows[rule] = {
+            "kept": keep,
+            "seconds": round(secs, 1),
+            **{k: round(v, 4) for k, v in ev.items() if k != "tokens"},
+        }
 
     print(f"teacher {args.teacher}, student {args.keep} blocks, held-out {held.numel()} tokens")
     print(f"{'rule':8s} {'CE':>7s} {'KL':>7s} {'agree':>6s} {'secs':>6s}  kept blocks")
     for rule, r in rows.items():
         print(f"{rule:8s} {r['ce']:7.3f} {r['kl']:7.3f} {r['top1_agreement']:6.1%} {r['seconds']:6.1f}  {r['kept']}")
     print(f"teacher CE {rows['angular']['teacher_ce']:.3f}")
-    print(json.dumps({"keep": args.keep, "stride_ce": rows["stride"]["ce"], "angular_ce": rows["angular"]["ce"],
-                      "stride_kl": rows["stride"]["kl"], "angular_kl": rows["angular"]["kl"],
-                      "teacher_ce": rows["angular"]["teacher_ce"], "angular_seconds": rows["angular"]["seconds"],
-                      "angular_kept": rows["angular"]["kept"]}))
+    print(
+        json.dumps(
+            {
+                "keep": args.keep,
+                "stride_ce": rows["stride"]["ce"],
+                "angular_ce": rows["angular"]["ce"],
+                "stride_kl": rows["stride"]["kl"],
+                "angular_kl": rows["angular"]["kl"],
+                "teacher_ce": rows["angular"]["teacher_ce"],
+                "angular_seconds": rows["angular"]["seconds"],
+                "angular_kept": rows["angular"]["kept"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

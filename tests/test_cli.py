@@ -17,7 +17,7 @@ def assert_one_line_error(code, err, pattern):
     import re
 
     assert code != 0
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
@@ -68,8 +68,17 @@ def test_tokenizer_mismatch(capsys, tmp_path, tiny_dir, tiny_dir_6):
     tok = AutoTokenizer.from_pretrained(student)
     tok.add_tokens(["<unseen>"])
     tok.save_pretrained(student)
-    code, _, err = run(capsys, "distill", "--teacher", str(tiny_dir_6), "--student", str(student),
-                       "--out", str(tmp_path / "o"), "--no-progress")
+    code, _, err = run(
+        capsys,
+        "distill",
+        "--teacher",
+        str(tiny_dir_6),
+        "--student",
+        str(student),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    )
     assert_one_line_error(code, err, "tokenizers differ")
 
 
@@ -91,8 +100,20 @@ def test_export_and_inspect_commands(capsys, tmp_path, tiny_dir):
     assert_one_line_error(code, err, "expected a .gguf file or an ONNX folder")
 
 
-@pytest.mark.parametrize("cmd", [["run"], ["student"], ["distill"], ["export", "gguf"], ["export", "onnx"],
-                                 ["verify"], ["bench"], ["inspect"], ["report"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["run"],
+        ["student"],
+        ["distill"],
+        ["export", "gguf"],
+        ["export", "onnx"],
+        ["verify"],
+        ["bench"],
+        ["inspect"],
+        ["report"],
+    ],
+)
 def test_every_command_has_help(capsys, cmd):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
@@ -108,20 +129,49 @@ def test_distill_from_jsonl_pairs_needs_no_teacher(capsys, tmp_path, tiny_dir):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(24)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out, err = run(capsys, "distill", "--teacher", str(tmp_path / "no-such-teacher"), "--student", str(tiny_dir),
-                         "--out", str(tmp_path / "o"), "--no-progress", "--set", "data.mode=sequences",
-                         "--set", f"data.pairs={pairs}", "--set", "distill.steps=2", "--set", "distill.batch_size=2",
-                         "--set", "data.seq_len=96", "--set", "data.eval_sequences=2")
+    code, out, err = run(
+        capsys,
+        "distill",
+        "--teacher",
+        str(tmp_path / "no-such-teacher"),
+        "--student",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--set",
+        "data.mode=sequences",
+        "--set",
+        f"data.pairs={pairs}",
+        "--set",
+        "distill.steps=2",
+        "--set",
+        "distill.batch_size=2",
+        "--set",
+        "data.seq_len=96",
+        "--set",
+        "data.eval_sequences=2",
+    )
     assert code == 0, err
-    res = json.loads(out[out.index("{"):])
+    res = json.loads(out[out.index("{") :])
     assert res["mode"] == "sequences" and res["steps"] == 2
     assert (tmp_path / "o" / "config.json").is_file()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_distill_on_a_gpu_that_is_not_there(capsys, tmp_path, tiny_dir):
-    code, _, err = run(capsys, "distill", "--teacher", str(tiny_dir), "--student", str(tiny_dir),
-                       "--out", str(tmp_path / "s"), "--device", "cuda")
+    code, _, err = run(
+        capsys,
+        "distill",
+        "--teacher",
+        str(tiny_dir),
+        "--student",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--device",
+        "cuda",
+    )
     assert_one_line_error(code, err, "distill.device: cuda, but torch sees no CUDA GPU.*set distill.device: cpu")
     assert not (tmp_path / "s").exists()
 
@@ -151,7 +201,10 @@ def test_corrupt_onnx_is_one_line(command, capsys, tmp_path, tiny_dir):
     (folder / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
     (folder / "model_info.json").write_text("{}")
     shutil.copy(tiny_dir / "tokenizer.json", folder)  # bench tokenizes its prompt first
-    argv = {"bench": ["bench", str(folder), "--runs", "3"], "inspect": ["inspect", str(folder)],
-            "verify": ["verify", str(tiny_dir), str(folder)]}[command]
+    argv = {
+        "bench": ["bench", str(folder), "--runs", "3"],
+        "inspect": ["inspect", str(folder)],
+        "verify": ["verify", str(tiny_dir), str(folder)],
+    }[command]
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, r"is not a readable ONNX model")

@@ -47,14 +47,17 @@ def test_keep_layers_int_or_list():
         from_dict({"student": {"keep_layers": "many"}})
 
 
-@pytest.mark.parametrize("section,key,value,msg", [
-    ("distill", "alpha", 1.5, "between 0 and 1"),
-    ("distill", "temperature", 0, "must be > 0"),
-    ("bench", "runs", 1, ">= 3"),
-    ("export", "gguf", ["Q9_9"], "not one of"),
-    ("teacher", "dtype", "int3", "not one of"),
-    ("data", "source", "/no/such/file.txt", "neither 'pydoc' nor an existing"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,msg",
+    [
+        ("distill", "alpha", 1.5, "between 0 and 1"),
+        ("distill", "temperature", 0, "must be > 0"),
+        ("bench", "runs", 1, ">= 3"),
+        ("export", "gguf", ["Q9_9"], "not one of"),
+        ("teacher", "dtype", "int3", "not one of"),
+        ("data", "source", "/no/such/file.txt", "neither 'pydoc' nor an existing"),
+    ],
+)
 def test_range_checks(section, key, value, msg):
     with pytest.raises(UserError, match=msg):
         from_dict({section: {key: value}})

@@ -23,8 +23,12 @@ def device_venv(tmp_path_factory):
     # pin llama-cpp-python to the version already built here, so pip reuses its cached wheel
     pins = venv.parent / "constraints.txt"
     pins.write_text(f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(pins), "-e", f"{ROOT}[bench]"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "-c", str(pins), "-e", f"{ROOT}[bench]"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return venv
 
 
@@ -51,7 +55,9 @@ def test_no_torch_in_device_venv(device_venv):
 
 def test_bench_runs_without_torch(device_venv, exports):
     gguf, onnx_dir = exports
-    r = _run(device_venv, "bench", str(gguf), str(onnx_dir), "--runs", "3", "--prompt-tokens", "16", "--gen-tokens", "8")
+    r = _run(
+        device_venv, "bench", str(gguf), str(onnx_dir), "--runs", "3", "--prompt-tokens", "16", "--gen-tokens", "8"
+    )
     assert r.returncode == 0, r.stderr
     assert "llama_cpp" in r.stdout and "onnxruntime" in r.stdout
     r = _run(device_venv, "inspect", str(gguf))

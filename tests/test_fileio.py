@@ -8,10 +8,9 @@ from toolchain.fileio import atomic_dir, atomic_path, check_writable_dir, write_
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
     final = tmp_path / "model.gguf"
-    with pytest.raises(RuntimeError):
-        with atomic_path(final) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
     assert not final.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -28,10 +27,9 @@ def test_atomic_dir_error_keeps_old_version(tmp_path):
     final = tmp_path / "student"
     with atomic_dir(final) as tmp:
         (tmp / "w").write_text("v1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(final) as tmp:
-            (tmp / "w").write_text("v2-partial")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "w").write_text("v2-partial")
+        raise RuntimeError
     assert (final / "w").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 

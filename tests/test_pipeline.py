@@ -33,10 +33,22 @@ def run_dir(tiny_dir_6, tmp_path_factory):
 
 
 def test_run_directory_layout(run_dir):
-    for rel in ["config.yaml", "report.json", "report.md", "student/config.json", "student/model.safetensors",
-                "export/model-F16.gguf", "export/model-Q8_0.gguf", "export/Modelfile", "export/onnx/model.onnx",
-                "export/onnx-int8/model.onnx", "export/onnx-int8/tokenizer.json",
-                "logs/distill_history.json", "report.html", "bench/llama_cpp-Q8_0-cpu.json"]:
+    for rel in [
+        "config.yaml",
+        "report.json",
+        "report.md",
+        "student/config.json",
+        "student/model.safetensors",
+        "export/model-F16.gguf",
+        "export/model-Q8_0.gguf",
+        "export/Modelfile",
+        "export/onnx/model.onnx",
+        "export/onnx-int8/model.onnx",
+        "export/onnx-int8/tokenizer.json",
+        "logs/distill_history.json",
+        "report.html",
+        "bench/llama_cpp-Q8_0-cpu.json",
+    ]:
         assert (run_dir / rel).is_file(), rel
 
 
@@ -53,9 +65,13 @@ def test_report_has_the_stable_keys(run_dir):
         assert e["bytes"] > 0 and len(e["sha256"]) == 64 and e["parity"]["passed"]
     f16 = next(e for e in r["exports"] if e["quant"] == "F16")
     assert f16["parity"]["nmse_max"] < 1e-4 and f16["parity"]["tokenizer_parity"] == 1.0
-    assert {(b["runtime"], b["quant"]) for b in r["bench"]} == {("llama_cpp", "F16"), ("llama_cpp", "Q8_0"),
-                                                                ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
-                                                                ("torch", "fp32")}
+    assert {(b["runtime"], b["quant"]) for b in r["bench"]} == {
+        ("llama_cpp", "F16"),
+        ("llama_cpp", "Q8_0"),
+        ("onnxruntime", "fp32"),
+        ("onnxruntime", "int8"),
+        ("torch", "fp32"),
+    }
     for b in r["bench"]:
         assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
         assert b["target"] == "cpu" and b["threads"] >= 1
@@ -68,7 +84,7 @@ def test_rerun_skips_finished_stages(run_dir, tiny_dir_6):
     before = (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns
     lines = []
     run_pipeline(tiny_config(tiny_dir_6), run_dir, progress=False, echo=lines.append)
-    assert sum("skipped" in l for l in lines) == 7
+    assert sum("skipped" in line for line in lines) == 7
     assert (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns == before
 
 
@@ -78,8 +94,7 @@ def test_rerun_with_other_config_is_refused(run_dir, tiny_dir_6):
 
 
 def test_failed_verification_fails_the_run(tiny_dir_6, tmp_path):
-    cfg = tiny_config(tiny_dir_6, export={"gguf": ["Q8_0"], "onnx": False},
-                      verify={"max_nmse": {"default": 1e-12}})
+    cfg = tiny_config(tiny_dir_6, export={"gguf": ["Q8_0"], "onnx": False}, verify={"max_nmse": {"default": 1e-12}})
     with pytest.raises(UserError, match="verification failed.*NMSE"):
         run_pipeline(cfg, tmp_path, progress=False, echo=lambda m: None)
     assert not (tmp_path / "stages" / "verify.json").exists()

@@ -21,8 +21,17 @@ def test_teacher_f16_gguf_matches_torch_in_llama_cpp(teacher, tmp_path):
 
     path = write_gguf(teacher.path, tmp_path / "teacher-F16.gguf", "F16")
     v = VerifyConfig()
-    res = verify_gguf(teacher.path, path, "F16", v.prompts, 32, v.max_nmse, v.min_greedy_agreement,
-                      model=teacher.model, tokenizer=teacher.tokenizer)
+    res = verify_gguf(
+        teacher.path,
+        path,
+        "F16",
+        v.prompts,
+        32,
+        v.max_nmse,
+        v.min_greedy_agreement,
+        model=teacher.model,
+        tokenizer=teacher.tokenizer,
+    )
     assert res["tokenizer_parity"] == 1.0 and res["tokenizer_texts"] >= 9
     assert res["nmse_max"] < 1e-4
     assert res["greedy_agreement"] == 1.0  # 32 greedy tokens on every prompt

@@ -25,7 +25,9 @@ def test_angular_rule_keeps_first_and_last(teacher, calib):
 
 
 def test_stride_rule(teacher, calib):
-    assert choose_layers(teacher.model, calib, 3, "stride") == [0, 2, 5] or choose_layers(teacher.model, calib, 3, "stride") == [0, 3, 5]
+    assert choose_layers(teacher.model, calib, 3, "stride") == [0, 2, 5] or choose_layers(
+        teacher.model, calib, 3, "stride"
+    ) == [0, 3, 5]
 
 
 def test_full_student_equals_teacher(teacher, calib):

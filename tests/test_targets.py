@@ -1,7 +1,7 @@
 import pytest
 
-from toolchain.targets import KINDS, known_targets, load_target
 from toolchain.errors import UserError
+from toolchain.targets import KINDS, known_targets, load_target
 
 GOOD = {"name": "x", "kind": "cpu", "threads": 1, "memory_budget_mb": 1, "memory_bandwidth_gbps": 1}
 
@@ -38,9 +38,19 @@ def test_missing_field_is_named(tmp_path, field):
         load_target(_write(tmp_path, {k: v for k, v in GOOD.items() if k != field}))
 
 
-@pytest.mark.parametrize("field,value", [("threads", 0), ("threads", "two"), ("threads", "yes"),
-                                         ("memory_budget_mb", -5), ("memory_bandwidth_gbps", "fast"),
-                                         ("context", 1.5), ("runtimes", "llama_cpp"), ("quant_types", "[1, 2]")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("threads", 0),
+        ("threads", "two"),
+        ("threads", "yes"),
+        ("memory_budget_mb", -5),
+        ("memory_bandwidth_gbps", "fast"),
+        ("context", 1.5),
+        ("runtimes", "llama_cpp"),
+        ("quant_types", "[1, 2]"),
+    ],
+)
 def test_wrong_field_is_named(tmp_path, field, value):
     with pytest.raises(UserError, match=f"{field} must be"):
         load_target(_write(tmp_path, {**GOOD, field: value}))

@@ -17,13 +17,29 @@ from pathlib import Path
 from toolchain import __version__
 from toolchain.errors import UserError
 
-
 # modules only the full install has; a device-mode install (toolchain[bench]) lacks them
-_FULL_INSTALL_MODULES = {"torch", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxscript",
-                         "bitsandbytes", "matplotlib", "jinja2"}
+_FULL_INSTALL_MODULES = {
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "onnx",
+    "onnxscript",
+    "bitsandbytes",
+    "matplotlib",
+    "jinja2",
+}
 
 
-_DISTILL_FLAGS = ("loss", "alpha", "temperature", "beta", "steps", "device")  # `toolchain distill --X v` = `--set distill.X=v`
+_DISTILL_FLAGS = (
+    "loss",
+    "alpha",
+    "temperature",
+    "beta",
+    "steps",
+    "device",
+)  # `toolchain distill --X v` = `--set distill.X=v`
 
 
 def _csv(s: str) -> list[str]:
@@ -34,7 +50,9 @@ def _keep_layers(s: str):
     try:
         return [int(x) for x in s.split(",")] if "," in s else int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of layer indices, got '{s}'")
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a comma-separated list of layer indices, got '{s}'"
+        ) from None
 
 
 def _config(args, extra: list[str] = ()):
@@ -80,8 +98,9 @@ def cmd_distill(args) -> None:
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
-    extra = [f"teacher.model={args.teacher}"] + [f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS
-                                                  if getattr(args, k, None) is not None]
+    extra = [f"teacher.model={args.teacher}"] + [
+        f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS if getattr(args, k, None) is not None
+    ]
     cfg = _config(args, extra)
     if not (Path(args.student) / "config.json").is_file():
         raise UserError(f"student directory not found or not an HF model: {args.student}")
@@ -91,8 +110,16 @@ def cmd_distill(args) -> None:
     work = Path(args.work or f"{args.out}.work")
     # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
     device = str(resolve_device(cfg.distill.device))  # a bitsandbytes teacher is loaded onto it
-    res = distill_student(lambda: teacher_from_config(cfg.teacher, device), args.student, args.out, cfg.data, cfg.distill,
-                          work, progress=not args.no_progress, teacher_cfg=cfg.teacher)
+    res = distill_student(
+        lambda: teacher_from_config(cfg.teacher, device),
+        args.student,
+        args.out,
+        cfg.data,
+        cfg.distill,
+        work,
+        progress=not args.no_progress,
+        teacher_cfg=cfg.teacher,
+    )
     if "history" not in res:  # a process other than 0 under accelerate launch / torchrun
         return
     res.pop("history")
@@ -100,8 +127,8 @@ def cmd_distill(args) -> None:
 
 
 def cmd_distill_cache(args) -> None:
-    from toolchain.distill.modes import prepare_data
     from toolchain.devices.placement import place, resolve_device
+    from toolchain.distill.modes import prepare_data
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
@@ -113,8 +140,16 @@ def cmd_distill_cache(args) -> None:
     device = resolve_device(cfg.distill.device)  # the teacher runs over the data there
     teacher = teacher_from_config(cfg.teacher, str(device))
     place(teacher.model, device)
-    plan = prepare_data(cfg.data, cfg.distill, teacher.model, teacher.tokenizer, args.out, teacher=teacher,
-                        teacher_cfg=cfg.teacher, progress=not args.no_progress)
+    plan = prepare_data(
+        cfg.data,
+        cfg.distill,
+        teacher.model,
+        teacher.tokenizer,
+        args.out,
+        teacher=teacher,
+        teacher_cfg=cfg.teacher,
+        progress=not args.no_progress,
+    )
     _echo(json.dumps(plan.info, indent=2))
 
 
@@ -149,15 +184,16 @@ def cmd_export_onnx(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from toolchain.verify.exports import verify_exports
-
     from toolchain.bench.run import describe_model
+    from toolchain.verify.exports import verify_exports
 
     cfg = _config(args)
     exports = [describe_model(p) for p in args.exports]
     not_exports = [e["path"] for e in exports if e["format"] not in ("gguf", "onnx")]
     if not_exports:
-        raise UserError(f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories")
+        raise UserError(
+            f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories"
+        )
     results = verify_exports(args.model, exports, cfg.verify)
     if any(r.get("quality") for r in results):
         from toolchain.verify.quality import format_table
@@ -172,8 +208,16 @@ def cmd_bench(args) -> None:
 
     targets = [load_target(t) for t in (args.target or ["cpu"])]
     models = [describe_model(p) for p in args.models]
-    results = bench_targets(models, targets, args.prompt_tokens, args.gen_tokens, args.runs, progress=_echo,
-                            out_dir=args.out_dir, short_prompt_tokens=args.short_prompt_tokens)
+    results = bench_targets(
+        models,
+        targets,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.runs,
+        progress=_echo,
+        out_dir=args.out_dir,
+        short_prompt_tokens=args.short_prompt_tokens,
+    )
     if args.json:
         from toolchain.fileio import write_json
 
@@ -210,12 +254,18 @@ def cmd_report(args) -> None:
 def _add_config_args(p, with_file: bool = True) -> None:
     if with_file:
         p.add_argument("--config", help="pipeline YAML whose sections (data, distill, verify, ...) supply settings")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.steps=20 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set distill.steps=20 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="toolchain", description="Distill, compress and export language models for edge devices.")
+    p = argparse.ArgumentParser(
+        prog="toolchain", description="Distill, compress and export language models for edge devices."
+    )
     p.add_argument("--version", action="version", version=f"toolchain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", required=True, help="bundled name (smollm2-135m-instruct), HF directory or .gguf file")
     s.add_argument("--adapter", help="PEFT/LoRA adapter directory merged into the teacher")
     s.add_argument("--keep-layers", type=_keep_layers, help="number of blocks to keep, or a list like 0,3,7,29")
-    s.add_argument("--selection", choices=["angular", "stride"], help="rule choosing which blocks to keep (default angular)")
+    s.add_argument(
+        "--selection", choices=["angular", "stride"], help="rule choosing which blocks to keep (default angular)"
+    )
     s.add_argument("--out", required=True, help="output HF directory")
     _add_config_args(s)
     s.set_defaults(func=cmd_student)
@@ -243,24 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="where the distilled student is saved")
     d.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
     d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--loss",
-                   help="divergence to the teacher: forward_kl (default), reverse_kl, jsd (generalized, see --beta), "
-                        "skew_kl / skew_reverse_kl (see distill.skew), tvd")
+    d.add_argument(
+        "--loss",
+        help="divergence to the teacher: forward_kl (default), reverse_kl, jsd (generalized, see --beta), "
+        "skew_kl / skew_reverse_kl (see distill.skew), tvd",
+    )
     d.add_argument("--alpha", type=float, help="weight of hard-label CE; (1 - alpha) * T^2 goes to the divergence")
     d.add_argument("--temperature", type=float, help="softmax temperature T of both models in the divergence")
     d.add_argument("--beta", type=float, help="jsd: teacher weight in the mixture (0 = forward KL, 1 = reverse KL)")
     d.add_argument("--steps", type=int, help="optimizer steps")
-    d.add_argument("--device", help="auto (default: the GPU when torch sees one), cpu, cuda or cuda:N; under "
-                                    "accelerate launch / torchrun each process takes its LOCAL_RANK's GPU")
+    d.add_argument(
+        "--device",
+        help="auto (default: the GPU when torch sees one), cpu, cuda or cuda:N; under "
+        "accelerate launch / torchrun each process takes its LOCAL_RANK's GPU",
+    )
     _add_config_args(d)
     d.set_defaults(func=cmd_distill)
 
-    c = sub.add_parser("distill-cache", help="run the teacher once and store its top-k log-probs for "
-                                             "data.mode: cache (resumable; refused if teacher or data change)")
+    c = sub.add_parser(
+        "distill-cache",
+        help="run the teacher once and store its top-k log-probs for "
+        "data.mode: cache (resumable; refused if teacher or data change)",
+    )
     c.add_argument("--teacher", required=True, help="bundled name, HF directory or .gguf file")
     c.add_argument("--adapter", help="PEFT/LoRA adapter directory for the teacher")
-    c.add_argument("--out", required=True, help="cache directory (then train with --set data.mode=cache "
-                                                "--set data.cache_dir=OUT)")
+    c.add_argument(
+        "--out", required=True, help="cache directory (then train with --set data.mode=cache --set data.cache_dir=OUT)"
+    )
     c.add_argument("--k", type=int, help="top-k log-probs stored per token (default data.cache_k, 64)")
     c.add_argument("--no-progress", action="store_true")
     _add_config_args(c)
@@ -274,16 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="comma-separated GGUF types (default F16,Q8_0,Q4_K_M)")
     g.add_argument("--name", help="model name written into the GGUF metadata")
     g.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
-    g.add_argument("--override", action="append", metavar="PATTERN=TYPE",
-                   help="per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
-                        "(e.g. token_embd=Q8_0 or '^output=F16'); repeatable; not applied to F16/F32 files")
+    g.add_argument(
+        "--override",
+        action="append",
+        metavar="PATTERN=TYPE",
+        help="per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
+        "(e.g. token_embd=Q8_0 or '^output=F16'); repeatable; not applied to F16/F32 files",
+    )
     g.set_defaults(func=cmd_export_gguf)
     o = esub.add_parser("onnx", help="write an ONNX decoder with KV cache (fp32, and fp16/int8/int4 beside it)")
     o.add_argument("model", help="HF model directory")
     o.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, model_info.json)")
-    o.add_argument("--precisions", default="fp32",
-                   help="comma-separated: fp32 (always written, at --out), fp16, int8, int4 (each in OUT-<precision>/); "
-                        "default fp32")
+    o.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma-separated: fp32 (always written, at --out), fp16, int8, int4 (each in OUT-<precision>/); "
+        "default fp32",
+    )
     o.add_argument("--no-optimize", action="store_true", help="skip the offline graph fusions (RMSNorm)")
     o.set_defaults(func=cmd_export_onnx)
 
@@ -295,9 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed in llama.cpp (GGUF), onnxruntime (ONNX) and torch (HF dir) on targets")
     b.add_argument("models", nargs="+", help=".gguf files, ONNX folders and/or HF model directories")
-    b.add_argument("--target", action="append",
-                   help="target profile in targets/ (cpu, phone-mid, phone-low, rpi5, cuda) or a YAML path; "
-                        "repeatable (default cpu)")
+    b.add_argument(
+        "--target",
+        action="append",
+        help="target profile in targets/ (cpu, phone-mid, phone-low, rpi5, cuda) or a YAML path; "
+        "repeatable (default cpu)",
+    )
     b.add_argument("--prompt-tokens", type=int, default=512, help="long prompt for prefill (default 512)")
     b.add_argument("--short-prompt-tokens", type=int, default=32, help="short prompt for prefill (default 32)")
     b.add_argument("--gen-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
@@ -318,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     import os
 
     # transformers' per-load progress bars ("Loading weights", "Writing model shards") bury
@@ -341,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if args.debug or e.name not in _FULL_INSTALL_MODULES:
             raise
-        print(f"error: `toolchain {args.command}` needs the full install (module '{e.name}' is missing): "
-              "pip install 'toolchain[all]'", file=sys.stderr)
+        print(
+            f"error: `toolchain {args.command}` needs the full install (module '{e.name}' is missing): "
+            "pip install 'toolchain[all]'",
+            file=sys.stderr,
+        )
         return 2
     except OSError as e:  # disk full, permission denied, ...: the cause is the message
         if args.debug:

@@ -42,15 +42,16 @@ class TeacherConfig:
         _choice(f"{where}.quantize", self.quantize, ("none", "8bit", "4bit"))
         _choice(f"{where}.adapter_mode", self.adapter_mode, ("merge", "attach"))
         if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
-            raise UserError(f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; "
-                            "use attach")
+            raise UserError(
+                f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; use attach"
+            )
         if self.adapter and not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
             raise UserError(f"{where}.adapter: {self.adapter} is not a PEFT adapter directory (no adapter_config.json)")
 
 
 @dataclass
 class StudentConfig:
-    keep_layers: Union[int, list[int]] = 10  # how many blocks to keep, or their indices
+    keep_layers: int | list[int] = 10  # how many blocks to keep, or their indices
     selection: str = "angular"  # "angular": drop blocks that change their input least; "stride"
     calib_sequences: int = 8  # calibration sequences (of data.seq_len tokens) for the rule
 
@@ -88,16 +89,20 @@ class DataConfig:
             raise UserError(f"{where}.cache_k must be between 1 and 65536, got {self.cache_k}")
         if self.mode == "sequences":
             if not self.pairs and not self.prompts:
-                raise UserError(f"{where}.mode: sequences needs {where}.pairs (a prompt/response JSONL) or "
-                                f"{where}.prompts (prompts for the teacher to answer)")
+                raise UserError(
+                    f"{where}.mode: sequences needs {where}.pairs (a prompt/response JSONL) or "
+                    f"{where}.prompts (prompts for the teacher to answer)"
+                )
             # parsed now, so a malformed line is reported before any stage spends time
             from toolchain.data.task_files import read_pairs, read_prompts
 
             if self.pairs:
                 n = len(read_pairs(_existing_file(f"{where}.pairs", self.pairs)))
                 if n < 2:
-                    raise UserError(f"{where}.pairs: {self.pairs} holds {n} example; sequence-level KD needs at "
-                                    "least 2 (one is held out for evaluation)")
+                    raise UserError(
+                        f"{where}.pairs: {self.pairs} holds {n} example; sequence-level KD needs at "
+                        "least 2 (one is held out for evaluation)"
+                    )
             elif self.prompts:
                 read_prompts(_existing_file(f"{where}.prompts", self.prompts))
         _positive(f"{where}.gen_max_new_tokens", self.gen_max_new_tokens)
@@ -117,8 +122,9 @@ class DataConfig:
 class LoraConfig:
     r: int = 0  # LoRA rank; 0 = train the whole student
     alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / r)
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                         "down_proj"])
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     def validate(self, where: str) -> None:
         if self.r < 0:
@@ -162,11 +168,13 @@ class DistillConfig:
     device: str = "auto"
     # held-out evaluation every N steps into the history, watched by the divergence guard;
     # auto: about five per run; 0: only before and after
-    eval_every: Union[int, str] = "auto"
+    eval_every: int | str = "auto"
     # stop when held-out KL or CE exceeds this many times its lowest value so far, keeping the
     # best weights (0: never stop, only report the best step)
     divergence_ratio: float = 1.5
-    on_policy_fraction: float = 0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
+    on_policy_fraction: float = (
+        0.0  # GKD lambda: share of micro-batches continued by the student, scored by the teacher
+    )
     on_policy_prompt_tokens: int = 32  # prefix of each sequence kept as the prompt for on-policy samples
     on_policy_temperature: float = 1.0  # sampling temperature of the student's continuations
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA student (merged into the saved student)
@@ -246,9 +254,7 @@ class VerifyConfig:
         default_factory=lambda: {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 2e-3, "default": 0.1}
     )
     # per GGUF type: min fraction of greedy tokens equal to torch's
-    min_greedy_agreement: dict[str, float] = field(
-        default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0}
-    )
+    min_greedy_agreement: dict[str, float] = field(default_factory=lambda: {"F32": 1.0, "F16": 1.0, "default": 0.0})
     onnx_max_abs_diff: float = 1e-3
     # prompts (GGUF and ONNX checks alike) are topped up to this many with held-out text openings
     min_prompts: int = 16
@@ -271,7 +277,9 @@ class VerifyConfig:
             raise UserError(f"{where}.prompts must list at least one prompt")
         _positive(f"{where}.greedy_tokens", self.greedy_tokens)
         if self.quality_tokens and self.quality_tokens < self.quality_ctx:
-            raise UserError(f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})")
+            raise UserError(
+                f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})"
+            )
         _positive(f"{where}.min_prompts", self.min_prompts)
 
 
@@ -438,7 +446,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise UserError(f"{path} must hold a mapping of sections (teacher:, student:, ...), not {type(data).__name__}")
+            raise UserError(
+                f"{path} must hold a mapping of sections (teacher:, student:, ...), not {type(data).__name__}"
+            )
     return from_dict(data, overrides)
 
 

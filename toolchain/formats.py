@@ -49,8 +49,11 @@ def check_overrides(overrides: dict[str, str] | None, type_name: str) -> dict[st
     import gguf
 
     overrides = dict(overrides or {})
-    allowed = PYTHON_TENSOR_TYPES if type_name in PYTHON_TYPES else tuple(
-        t.name for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64", "F64"))
+    allowed = (
+        PYTHON_TENSOR_TYPES
+        if type_name in PYTHON_TYPES
+        else tuple(t.name for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64", "F64"))
+    )
     for pattern, t in overrides.items():
         try:
             re.compile(pattern)
@@ -59,7 +62,8 @@ def check_overrides(overrides: dict[str, str] | None, type_name: str) -> dict[st
         if t not in allowed:
             where = "written in Python" if type_name in PYTHON_TYPES else "quantized by llama.cpp"
             raise UserError(
-                f"tensor override '{pattern}={t}': {type_name} files are {where}; allowed tensor types: {', '.join(allowed)}"
+                f"tensor override '{pattern}={t}': {type_name} files are {where}; "
+                f"allowed tensor types: {', '.join(allowed)}"
             )
     return overrides
 

@@ -47,12 +47,25 @@ def inspect_gguf(path: Path) -> dict:
 
 def inspect_hf(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+    keys = (
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    )
     meta = path / "toolchain.json"
-    return {"kind": "hf", "path": str(path), "config": {k: cfg.get(k) for k in keys},
-            "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
-            "provenance": json.loads(meta.read_text()) if meta.is_file() else None}
+    return {
+        "kind": "hf",
+        "path": str(path),
+        "config": {k: cfg.get(k) for k in keys},
+        "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
+        "provenance": json.loads(meta.read_text()) if meta.is_file() else None,
+    }
 
 
 def inspect_onnx(path: Path) -> dict:
@@ -61,9 +74,15 @@ def inspect_onnx(path: Path) -> dict:
     model_file = path / "model.onnx" if path.is_dir() else path
     m = load_graph(model_file)
     info_file = model_file.parent / "model_info.json"
-    return {"kind": "onnx", "path": str(model_file), "opset": [o.version for o in m.opset_import],
-            "inputs": [i.name for i in m.graph.input], "outputs": [o.name for o in m.graph.output],
-            "nodes": len(m.graph.node), "info": json.loads(info_file.read_text()) if info_file.is_file() else None}
+    return {
+        "kind": "onnx",
+        "path": str(model_file),
+        "opset": [o.version for o in m.opset_import],
+        "inputs": [i.name for i in m.graph.input],
+        "outputs": [o.name for o in m.graph.output],
+        "nodes": len(m.graph.node),
+        "info": json.loads(info_file.read_text()) if info_file.is_file() else None,
+    }
 
 
 def inspect_path(path_str: str) -> dict:

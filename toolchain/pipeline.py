@@ -69,9 +69,15 @@ class Run:
 
         t = self.teacher
         params = count_params(t.model)
-        return {"name": t.meta.get("name"), "source": t.meta.get("source"), "license": t.meta.get("license"),
-                "params": params, "bytes": params * 4, "layers": t.model.config.num_hidden_layers,
-                "adapter": self.config.teacher.adapter}
+        return {
+            "name": t.meta.get("name"),
+            "source": t.meta.get("source"),
+            "license": t.meta.get("license"),
+            "params": params,
+            "bytes": params * 4,
+            "layers": t.model.config.num_hidden_layers,
+            "adapter": self.config.teacher.adapter,
+        }
 
     def stage_student(self) -> dict:
         from toolchain.distill.run import calibration_blocks
@@ -87,17 +93,26 @@ class Run:
         from toolchain.distill.run import distill_student
 
         # a function, so a complete teacher cache or a JSONL of pairs never loads the teacher
-        return distill_student(lambda: self.distill_teacher, self.path("work", "student-init"), self.path("student"),
-                               self.config.data, self.config.distill, self.path("work", "distill"), self.progress,
-                               teacher_cfg=self.config.teacher)
+        return distill_student(
+            lambda: self.distill_teacher,
+            self.path("work", "student-init"),
+            self.path("student"),
+            self.config.data,
+            self.config.distill,
+            self.path("work", "distill"),
+            self.progress,
+            teacher_cfg=self.config.teacher,
+        )
 
     def stage_distill(self) -> dict:
         res = self._distill_student()
         write_json(self.path("logs", "distill_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]
-        self.echo(f"held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement {b['top1_agreement']:.1%} -> "
-                  f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f}"
-                  + (f" (teacher {a['teacher_ce']:.3f})" if a.get("teacher_ce") is not None else ""))
+        self.echo(
+            f"held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, agreement {b['top1_agreement']:.1%} -> "
+            f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f}"
+            + (f" (teacher {a['teacher_ce']:.3f})" if a.get("teacher_ce") is not None else "")
+        )
         res["bytes"] = dir_bytes(self.path("student"))
         return res
 
@@ -108,8 +123,13 @@ class Run:
         types = self.config.export.gguf
         if not types:
             return {"files": []}
-        files = export_gguf(self.path("student"), self.path("export"), types, name=self.config.name,
-                            overrides=self.config.export.gguf_overrides)
+        files = export_gguf(
+            self.path("student"),
+            self.path("export"),
+            types,
+            name=self.config.name,
+            overrides=self.config.export.gguf_overrides,
+        )
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
         mf, warning = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
@@ -138,11 +158,15 @@ class Run:
         for r in results:
             ties = f"{r['near_ties']} near-ties ({r['near_tie_flips']} flipped)"
             if r["format"] == "gguf":
-                self.echo(f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
-                          f"greedy {r['greedy_agreement']:.1%} where clear, {ties}")
+                self.echo(
+                    f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
+                    f"greedy {r['greedy_agreement']:.1%} where clear, {ties}"
+                )
             else:
-                self.echo(f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r['top1_agreement']:.1%}, "
-                          f"mean KL {r['mean_kl']:.2e}, greedy {r['greedy_agreement']:.1%} where clear, {ties}")
+                self.echo(
+                    f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r['top1_agreement']:.1%}, "
+                    f"mean KL {r['mean_kl']:.2e}, greedy {r['greedy_agreement']:.1%} where clear, {ties}"
+                )
         if any(r.get("quality") for r in results):
             from toolchain.verify.quality import format_table
 
@@ -156,8 +180,16 @@ class Run:
         b = self.config.bench
         targets = [load_target(t) for t in b.targets]
         models = self._exports() + ([describe_model(self.path("student"))] if b.torch_baseline else [])
-        results = bench_targets(models, targets, b.prompt_tokens, b.gen_tokens, b.runs, progress=self.echo,
-                                out_dir=self.path("bench"), short_prompt_tokens=b.short_prompt_tokens)
+        results = bench_targets(
+            models,
+            targets,
+            b.prompt_tokens,
+            b.gen_tokens,
+            b.runs,
+            progress=self.echo,
+            out_dir=self.path("bench"),
+            short_prompt_tokens=b.short_prompt_tokens,
+        )
         return {"targets": [t.name for t in targets], "results": results}
 
     # ------------------------------------------------------------------ driver
@@ -227,6 +259,8 @@ def run_pipeline(config: Config, out: str | Path, progress: bool = True, echo=pr
     resolved = dump_yaml(config)
     cfg_file = out / "config.yaml"
     if cfg_file.is_file() and cfg_file.read_text() != resolved:
-        raise UserError(f"{out} holds a run made with a different config; use a new --out (or delete {out}) to start over")
+        raise UserError(
+            f"{out} holds a run made with a different config; use a new --out (or delete {out}) to start over"
+        )
     write_text(cfg_file, resolved)
     return Run(config, out, progress, echo).run()

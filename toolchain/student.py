@@ -113,8 +113,13 @@ def make_student(teacher: LoadedModel, keep_layers: int | list[int], calib: torc
     return student, keep
 
 
-def build_student(teacher: LoadedModel, out_dir: str | os.PathLike, keep_layers: int | list[int],
-                  calib: torch.Tensor, rule: str = "angular") -> dict:
+def build_student(
+    teacher: LoadedModel,
+    out_dir: str | os.PathLike,
+    keep_layers: int | list[int],
+    calib: torch.Tensor,
+    rule: str = "angular",
+) -> dict:
     """Make and save the student as an HF safetensors directory; returns a summary."""
     student, keep = make_student(teacher, keep_layers, calib, rule)
     meta = {

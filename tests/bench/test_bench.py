@@ -10,11 +10,19 @@ import pytest
 from toolchain.bench import run as bench_run
 from toolchain.bench.model_facts import gguf_facts
 from toolchain.bench.run import bench_models, bench_targets, describe_model
-from toolchain.targets import Target, load_target
 from toolchain.export.gguf import export_gguf
+from toolchain.targets import Target, load_target
 
-PHONE = Target(name="tiny-phone", kind="mobile-class", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=17.1,
-               runtimes=["llama_cpp"], quant_types=["Q8_0"], context=512)
+PHONE = Target(
+    name="tiny-phone",
+    kind="mobile-class",
+    threads=1,
+    memory_budget_mb=1024,
+    memory_bandwidth_gbps=17.1,
+    runtimes=["llama_cpp"],
+    quant_types=["Q8_0"],
+    context=512,
+)
 QUIET = {"progress": lambda m: None}
 
 
@@ -45,8 +53,9 @@ def test_tied_gguf_bytes_per_token_is_the_sum_of_tensor_bytes(q8):
 def test_pinned_one_thread_mobile_target(q8, tmp_path):
     lines = []
     one_core = Target(name="one-core", kind="cpu", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=10)
-    r, same = bench_targets(q8, [PHONE, one_core], 64, 16, 5, progress=lines.append, out_dir=tmp_path,
-                            short_prompt_tokens=8)
+    r, same = bench_targets(
+        q8, [PHONE, one_core], 64, 16, 5, progress=lines.append, out_dir=tmp_path, short_prompt_tokens=8
+    )
     # the same run here (1 pinned thread) serves both targets: measured once
     assert same["measured_for"] == "tiny-phone" and same["decode_tps"] == r["decode_tps"]
     assert same["projection"] is None and same["roofline"]["ceiling_tps"] == r["roofline"]["ceiling_tps"]
@@ -76,13 +85,15 @@ def test_pinned_one_thread_mobile_target(q8, tmp_path):
 
 
 def test_model_over_the_memory_budget_is_not_run(q8, no_worker):
-    small = Target(name="watch", kind="mobile-class", threads=1, memory_budget_mb=1, memory_bandwidth_gbps=5,
-                   context=4096)
+    small = Target(
+        name="watch", kind="mobile-class", threads=1, memory_budget_mb=1, memory_bandwidth_gbps=5, context=4096
+    )
     (r,) = bench_models(q8, small, 64, 16, 5, **QUIET)
     assert r["fits"] is False and r["skipped"] is None and r["decode_tps"] is None
     m = r["memory"]
     assert r["memory_needed_mb"] == m["memory_needed_mb"] > 1 and m["kv_cache_mb"] == pytest.approx(
-        2 * 4 * 2 * 16 * 4096 * 2 / 2**20, abs=0.1)  # K+V, 4 layers, 2 KV heads, head_dim 16, f16
+        2 * 4 * 2 * 16 * 4096 * 2 / 2**20, abs=0.1
+    )  # K+V, 4 layers, 2 KV heads, head_dim 16, f16
 
 
 def test_runtime_not_installed_is_skipped_with_the_reason(q8, monkeypatch, no_worker):
@@ -94,12 +105,14 @@ def test_runtime_not_installed_is_skipped_with_the_reason(q8, monkeypatch, no_wo
 
 
 def test_runtime_or_quant_outside_the_target_is_skipped(q8, no_worker):
-    no_llama = Target(name="t", kind="cpu", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=5,
-                      runtimes=["onnxruntime"])
+    no_llama = Target(
+        name="t", kind="cpu", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=5, runtimes=["onnxruntime"]
+    )
     (r,) = bench_models(q8, no_llama, 64, 16, 5, **QUIET)
     assert "runtime llama_cpp is not in target t's runtimes" in r["skipped"]
-    only_q4 = Target(name="t", kind="cpu", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=5,
-                     quant_types=["Q4_0"])
+    only_q4 = Target(
+        name="t", kind="cpu", threads=1, memory_budget_mb=1024, memory_bandwidth_gbps=5, quant_types=["Q4_0"]
+    )
     (r,) = bench_models(q8, only_q4, 64, 16, 5, **QUIET)
     assert "quant type Q8_0 is not in target t's quant_types" in r["skipped"]
 
@@ -123,8 +136,10 @@ def test_torch_runner_is_the_eager_baseline(tiny_dir):
 
 
 def test_bench_path_imports_no_torch():
-    code = ("import sys, toolchain.bench.run, toolchain.bench.worker, toolchain.bench.llama_cpp_runner, "
-            "toolchain.bench.onnxruntime_runner, toolchain.bench.roofline, toolchain.bench.model_facts; "
-            "bad = [m for m in ('torch', 'transformers', 'toolchain.config') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, toolchain.bench.run, toolchain.bench.worker, toolchain.bench.llama_cpp_runner, "
+        "toolchain.bench.onnxruntime_runner, toolchain.bench.roofline, toolchain.bench.model_facts; "
+        "bad = [m for m in ('torch', 'transformers', 'toolchain.config') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,7 +25,7 @@ def test_monitor_sees_a_busy_process_on_our_core():
 
 
 class FakeSession:
-    info: dict = {}
+    info: dict = {}  # noqa: RUF012  (a stand-in object's attribute, never shared)
 
     def reset(self):
         pass

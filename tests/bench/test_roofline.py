@@ -5,14 +5,23 @@ import pytest
 from toolchain.bench import roofline as rl
 from toolchain.bench.model_facts import bytes_per_token, hf_facts
 
-FACTS = {"n_layers": 10, "n_kv_heads": 3, "head_dim_k": 64, "head_dim_v": 64, "kv_bytes_per_elem": 2,
-         "weights_bytes": 100 * 2**20}
+FACTS = {
+    "n_layers": 10,
+    "n_kv_heads": 3,
+    "head_dim_k": 64,
+    "head_dim_v": 64,
+    "kv_bytes_per_elem": 2,
+    "weights_bytes": 100 * 2**20,
+}
 
 
 def test_untied_output_counts_whole_and_input_embedding_one_row():
     vocab, width = 1000, 8
-    tensors = [{"name": "emb", "n_bytes": vocab * width * 2}, {"name": "out", "n_bytes": vocab * width * 2},
-               {"name": "blk", "n_bytes": 500}]
+    tensors = [
+        {"name": "emb", "n_bytes": vocab * width * 2},
+        {"name": "out", "n_bytes": vocab * width * 2},
+        {"name": "blk", "n_bytes": 500},
+    ]
     assert bytes_per_token(tensors, "emb", "out", vocab) == width * 2 + vocab * width * 2 + 500
     # tied: the one table is the output layer, read whole
     assert bytes_per_token(tensors[:1] + tensors[2:], "emb", None, vocab) == vocab * width * 2 + 500
@@ -54,8 +63,16 @@ def test_onnx_facts_without_the_onnx_package(tmp_path, monkeypatch):
 
     from toolchain.bench.model_facts import onnx_facts
 
-    info = {"model_type": "llama", "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "hidden_size": 64, "vocab_size": 100, "dtype": "float32"}
+    info = {
+        "model_type": "llama",
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_size": 64,
+        "vocab_size": 100,
+        "dtype": "float32",
+    }
     (tmp_path / "model_info.json").write_text(json.dumps(info))
     (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)
     (tmp_path / "model.onnx.data").write_bytes(b"\0" * 4000)

@@ -46,6 +46,9 @@ def test_too_short_dataset_says_how_many_tokens(tmp_path, tok):
 
 def test_fewer_blocks_than_a_batch(tok):
     train, _ = train_and_heldout(tok, "pydoc", 33, 0.1, 0, 4, max_train_blocks=3)
-    with pytest.raises(UserError, match=r"3 training blocks \(99 tokens\), fewer than distill.batch_size=4 blocks \(132 tokens needed\)"):
+    with pytest.raises(
+        UserError,
+        match=r"3 training blocks \(99 tokens\), fewer than distill.batch_size=4 blocks \(132 tokens needed\)",
+    ):
         check_enough_blocks(train, 4, "pydoc")
     check_enough_blocks(train, 3, "pydoc")

@@ -18,10 +18,34 @@ STEPS = 4
 
 
 def _args(teacher, student, out, accum: int) -> list[str]:
-    return ["-m", "toolchain", "distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out),
-            "--no-progress", "--steps", str(STEPS), "--set", "distill.batch_size=2", "--set", f"distill.grad_accum={accum}",
-            "--set", "distill.lr=1e-3", "--set", "distill.checkpoint_every=2", "--set", "data.seq_len=32",
-            "--set", "data.eval_sequences=4", "--set", "distill.threads=1"]
+    return [
+        "-m",
+        "toolchain",
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--steps",
+        str(STEPS),
+        "--set",
+        "distill.batch_size=2",
+        "--set",
+        f"distill.grad_accum={accum}",
+        "--set",
+        "distill.lr=1e-3",
+        "--set",
+        "distill.checkpoint_every=2",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "data.eval_sequences=4",
+        "--set",
+        "distill.threads=1",
+    ]
 
 
 def _run(cmd: list[str]) -> str:
@@ -46,10 +70,26 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_dir_6, tm
     one = json.loads(_run([sys.executable] + _args(tiny_dir_6, sdir, tmp_path / "one", accum=2) + ["--device", "cpu"]))
     # --multi_gpu is accelerate's torchrun launcher; without CUDA the processes use gloo (accelerate's
     # --cpu with several processes wants MPI instead)
-    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29533"] + _args(tiny_dir_6, sdir, tmp_path / "two", accum=1))
-    two = json.loads(out[out.index("{"):])  # one JSON result: process 1 prints nothing
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+        ]
+        + _args(tiny_dir_6, sdir, tmp_path / "two", accum=1)
+    )
+    two = json.loads(out[out.index("{") :])  # one JSON result: process 1 prints nothing
 
     assert out.count('"steps"') == 1
     assert two["tokens"] == one["tokens"]  # both processes' tokens counted

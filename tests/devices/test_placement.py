@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from toolchain.config import from_dict
-from toolchain.distill.batch import Batch
 from toolchain.devices.placement import place, resolve_device
+from toolchain.distill.batch import Batch
 from toolchain.errors import UserError
 from toolchain.models.load import load_teacher
 

@@ -1,9 +1,9 @@
-
 import pytest
 import torch
 
-from toolchain.distill import cache as C
+from toolchain.data.batch_order import batch_indices
 from toolchain.data.corpus import train_and_heldout
+from toolchain.distill import cache as C
 from toolchain.errors import UserError
 from toolchain.models.load import load_model
 
@@ -27,7 +27,11 @@ def _build(teacher, blocks, out, k=16, **kw):
 def test_round_trip_matches_teacher_within_fp16(teacher, blocks, tmp_path):
     m = _build(teacher, blocks, tmp_path / "c")
     cache = C.TeacherCache(tmp_path / "c")
-    assert len(cache) == 10 and m["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert len(cache) == 10 and m["shards"] == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
     b = cache.batch([7, 2])
     assert torch.equal(b.input_ids, blocks[[7, 2], :-1]) and torch.equal(b.labels, blocks[[7, 2], 1:])
     with torch.no_grad():
@@ -89,10 +93,9 @@ def test_cache_from_another_teacher_tokenizer_or_data_is_refused(teacher, blocks
 def test_batch_fn_follows_the_loop_order(teacher, blocks, tmp_path):
     _build(teacher, blocks, tmp_path / "c")
     fn = C.cache_batch_fn(C.TeacherCache(tmp_path / "c"), batch_size=3, seed=0)
-    from toolchain.distill import loop
 
     for step in (0, 4):
-        idx = loop._batch_indices(step, 3, len(blocks), 0)
+        idx = batch_indices(step, 3, len(blocks), 0)
         assert torch.equal(fn(step).input_ids, blocks[idx, :-1])
     with pytest.raises(UserError, match="fewer than"):
         C.cache_batch_fn(C.TeacherCache(tmp_path / "c"), batch_size=11, seed=0)

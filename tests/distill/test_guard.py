@@ -3,9 +3,9 @@ the default optimiser settings converge on every architecture we support."""
 
 import pytest
 import torch
+from conftest import make_tiny_causal_lm
 from safetensors.torch import load_file
 
-from conftest import make_tiny_causal_lm
 from toolchain.config import DataConfig, DistillConfig
 from toolchain.distill.guard import DivergenceGuard, resolve_eval_every
 from toolchain.distill.run import distill_student
@@ -90,8 +90,15 @@ def test_default_optimiser_settings_converge_on_each_architecture(model_type, ti
     defaults = DistillConfig()
     cfg = DistillConfig(steps=16, batch_size=2, alpha=0.0, checkpoint_every=100)
     assert (cfg.lr, cfg.warmup_steps, cfg.grad_clip) == (defaults.lr, defaults.warmup_steps, defaults.grad_clip)
-    res = distill_student(teacher, sdir, tmp_path / "out", DataConfig(seq_len=32, eval_sequences=4), cfg,
-                          tmp_path / "work", progress=False)
+    res = distill_student(
+        teacher,
+        sdir,
+        tmp_path / "out",
+        DataConfig(seq_len=32, eval_sequences=4),
+        cfg,
+        tmp_path / "work",
+        progress=False,
+    )
     # 16 steps at the default lr: a small but steady pull (benchmarks/lr_range.py: 1-5% on these)
     assert res["after"]["kl"] < 0.995 * res["before"]["kl"], (res["before"], res["after"])
     assert res["best"]["step"] > 0

@@ -20,10 +20,35 @@ STEPS = 60
 
 
 def _cmd(teacher, student, out, work):
-    return [sys.executable, "-m", "toolchain", "distill", "--teacher", str(teacher), "--student", str(student),
-            "--out", str(out), "--work", str(work), "--no-progress", "--steps", str(STEPS),
-            "--set", "distill.checkpoint_every=10", "--set", "distill.batch_size=2", "--set", "distill.lr=1e-3",
-            "--set", "data.seq_len=32", "--set", "data.eval_sequences=4", "--set", "distill.threads=1"]
+    return [
+        sys.executable,
+        "-m",
+        "toolchain",
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--no-progress",
+        "--steps",
+        str(STEPS),
+        "--set",
+        "distill.checkpoint_every=10",
+        "--set",
+        "distill.batch_size=2",
+        "--set",
+        "distill.lr=1e-3",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "data.eval_sequences=4",
+        "--set",
+        "distill.threads=1",
+    ]
 
 
 def _env():
@@ -32,7 +57,7 @@ def _env():
 
 
 def _result(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("{"):])
+    return json.loads(stdout[stdout.index("{") :])
 
 
 def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted(tiny_dir_6, tmp_path):
@@ -41,13 +66,19 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted(tiny_dir_6, t
     sdir = tmp_path / "init"
     build_student(teacher, sdir, 3, calib)
 
-    ref = subprocess.run(_cmd(tiny_dir_6, sdir, tmp_path / "ref", tmp_path / "wref"), env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        _cmd(tiny_dir_6, sdir, tmp_path / "ref", tmp_path / "wref"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     work = tmp_path / "w"
-    proc = subprocess.Popen(_cmd(tiny_dir_6, sdir, tmp_path / "out", work), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(tiny_dir_6, sdir, tmp_path / "out", work), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = work / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -58,8 +89,9 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted(tiny_dir_6, t
     killed_at = torch.load(ckpt, weights_only=False)["step"]
     assert 0 < killed_at < STEPS and not (tmp_path / "out").exists()
 
-    rerun = subprocess.run(_cmd(tiny_dir_6, sdir, tmp_path / "out", work), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        _cmd(tiny_dir_6, sdir, tmp_path / "out", work), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     a, b = _result(ref.stdout), _result(rerun.stdout)
     assert a["steps"] == b["steps"] == STEPS and a["tokens"] == b["tokens"]

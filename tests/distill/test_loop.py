@@ -1,10 +1,14 @@
+import functools
+import operator
+
 import pytest
 import torch
 
 from toolchain.config import DataConfig, DistillConfig
-from toolchain.distill.batch import Batch
-from toolchain.distill import loop
+from toolchain.data.batch_order import batch_indices
 from toolchain.data.corpus import load_documents, split_documents, train_and_heldout
+from toolchain.distill import loop
+from toolchain.distill.batch import Batch
 from toolchain.distill.run import distill_student
 from toolchain.errors import UserError
 from toolchain.models.load import load_model
@@ -20,9 +24,11 @@ def test_split_is_by_document_and_seeded():
 
 
 def test_batches_are_reproducible_and_cover_data():
-    a = [loop._batch_indices(s, 4, 10, seed=0).tolist() for s in range(5)]
-    assert a == [loop._batch_indices(s, 4, 10, seed=0).tolist() for s in range(5)]
-    assert sorted(sum(a[:2], []) + a[2][:2]) == list(range(10))  # first epoch is a permutation
+    a = [batch_indices(s, 4, 10, seed=0).tolist() for s in range(5)]
+    assert a == [batch_indices(s, 4, 10, seed=0).tolist() for s in range(5)]
+    assert sorted(functools.reduce(operator.iadd, a[:2], []) + a[2][:2]) == list(
+        range(10)
+    )  # first epoch is a permutation
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,17 @@ def test_distillation_lowers_heldout_kl(setup, tmp_path):
     # alpha=0: a random teacher does not model the text, so the hard-label term would pull away from it
     extra = tmp_path / "faq.txt"
     extra.write_text("How do I install it? Run pip install.\n\n" * 200)
-    cfg = DistillConfig(steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=10, alpha=0.0, temperature=1.0,
-                        eval_sets=[str(extra)], eval_every=20)
+    cfg = DistillConfig(
+        steps=25,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=10,
+        alpha=0.0,
+        temperature=1.0,
+        eval_sets=[str(extra)],
+        eval_every=20,
+    )
     res = distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "work", progress=False)
     assert res["after"]["kl"] < 0.9 * res["before"]["kl"]
     assert set(res["eval_sets"]) == {"heldout", "faq"} and res["eval_sets"]["heldout"]["after"] == res["after"]
@@ -137,7 +152,7 @@ def _cached_batches(teacher_model, blocks, k=8, pad_last=5):
 
 
 def test_training_from_stored_topk_needs_no_teacher(setup, tmp_path):
-    teacher, sdir, data = setup
+    teacher, sdir, _data = setup
     train, _ = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 4, max_train_blocks=8)
     batches = _cached_batches(teacher.model, train)
     student = load_model(str(sdir)).model
@@ -153,10 +168,10 @@ def test_training_from_stored_topk_needs_no_teacher(setup, tmp_path):
 
 def test_grad_accumulation_matches_one_big_batch(setup, tmp_path):
     """Two micro-batches of 2 with accumulation = one batch of 4 (token-weighted): same weights."""
-    teacher, sdir, data = setup
+    teacher, sdir, _data = setup
     train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
-    big = lambda m: Batch.from_blocks(train[4 * m : 4 * m + 4])  # noqa: E731
-    small = lambda m: Batch.from_blocks(train[2 * m : 2 * m + 2])  # noqa: E731
+    big = lambda m: Batch.from_blocks(train[4 * m : 4 * m + 4])
+    small = lambda m: Batch.from_blocks(train[2 * m : 2 * m + 2])
     outs = []
     for fn, accum, name in ((big, 1, "a"), (small, 2, "b")):
         student = load_model(str(sdir)).model
@@ -172,7 +187,7 @@ def test_compiled_decoder_trains_like_the_eager_one(setup, tmp_path):
     (alpha=1, so only the student is compiled: one tiny decoder already takes ~40 s here.)"""
     teacher, sdir, _ = setup
     train, held = train_and_heldout(teacher.tokenizer, "pydoc", 33, 0.1, 0, 2, max_train_blocks=8)
-    fn = lambda m: Batch.from_blocks(train[2 * m : 2 * m + 2])  # noqa: E731
+    fn = lambda m: Batch.from_blocks(train[2 * m : 2 * m + 2])
     outs = []
     for compile_ in (False, True):
         student = load_model(str(sdir)).model
@@ -180,7 +195,9 @@ def test_compiled_decoder_trains_like_the_eager_one(setup, tmp_path):
         loop.distill(teacher.model, student, fn, held[:1], cfg, tmp_path / str(compile_), progress=False)
         outs.append(student.state_dict())
     assert list(outs[0]) == list(outs[1])
-    moved = max((a - b).abs().max().item() for a, b in zip(outs[0].values(), load_model(str(sdir)).model.state_dict().values()))
+    moved = max(
+        (a - b).abs().max().item() for a, b in zip(outs[0].values(), load_model(str(sdir)).model.state_dict().values())
+    )
     assert moved > 1e-3  # the weights did change, so the comparison below means something
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], atol=1e-4, rtol=1e-3)  # Adam amplifies fp noise on ~0 grads
@@ -208,8 +225,14 @@ def test_lora_student_is_trained_through_adapters_and_saved_merged(setup, tmp_pa
     from toolchain.config import LoraConfig
 
     teacher, sdir, data = setup
-    cfg = DistillConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=100,
-                        lora=LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    cfg = DistillConfig(
+        steps=3,
+        batch_size=2,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=100,
+        lora=LoraConfig(r=4, targets=["q_proj", "v_proj"]),
+    )
     distill_student(teacher, sdir, tmp_path / "out", data, cfg, tmp_path / "w", progress=False)
     before = load_model(str(sdir)).model.state_dict()
     after = load_model(str(tmp_path / "out")).model.state_dict()
@@ -217,8 +240,15 @@ def test_lora_student_is_trained_through_adapters_and_saved_merged(setup, tmp_pa
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
     with pytest.raises(UserError, match="not module names"):
-        distill_student(teacher, sdir, tmp_path / "o2", data, DistillConfig(steps=1, lora=LoraConfig(r=2, targets=["qkv"])),
-                        tmp_path / "w2", progress=False)
+        distill_student(
+            teacher,
+            sdir,
+            tmp_path / "o2",
+            data,
+            DistillConfig(steps=1, lora=LoraConfig(r=2, targets=["qkv"])),
+            tmp_path / "w2",
+            progress=False,
+        )
 
 
 def _mapped_mse(student, teacher, blocks, layer_map):
@@ -238,10 +268,26 @@ def test_hidden_state_loss_pulls_mapped_layers_together(setup, tmp_path):
     layer_map = layer_map_from_meta(read_meta(sdir), 3)
     assert len(layer_map) == 3 and layer_map[-1][1] == 5  # the last block is kept
     before = _mapped_mse(student, teacher.model, train, layer_map)
-    cfg = DistillConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=3, alpha=1.0, hidden_loss="mse",
-                        hidden_weight=10.0)
-    loop.distill(teacher.model, student, loop.packed_batches(train, 4, 0), held, cfg, tmp_path, progress=False,
-                 layer_map=layer_map)
+    cfg = DistillConfig(
+        steps=6,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=3,
+        alpha=1.0,
+        hidden_loss="mse",
+        hidden_weight=10.0,
+    )
+    loop.distill(
+        teacher.model,
+        student,
+        loop.packed_batches(train, 4, 0),
+        held,
+        cfg,
+        tmp_path,
+        progress=False,
+        layer_map=layer_map,
+    )
     assert _mapped_mse(student, teacher.model, train, layer_map) < 0.8 * before
     # widths that differ get a learned projection, which receives gradients
     m = HiddenMatcher([(0, 1)], 8, 12, "cosine")

@@ -28,7 +28,7 @@ def test_ignored_positions_do_not_count():
     s2 = s.clone()
     s2[2:] = 100 * torch.randn(2, 20, generator=g)  # garbage where ignored
     assert forward_kl(s2, t, labels).item() == pytest.approx(forward_kl(s[:2], t[:2], labels[:2]).item(), rel=1e-6)
-    loss, parts = kd_loss(s2, t, labels, alpha=0.5, temperature=1.0)
+    loss, _parts = kd_loss(s2, t, labels, alpha=0.5, temperature=1.0)
     loss_ref, _ = kd_loss(s[:2], t[:2], labels[:2], alpha=0.5, temperature=1.0)
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
 
@@ -69,7 +69,10 @@ def test_sparse_topk_kl_matches_direct_computation(temperature):
     from toolchain.distill.losses import sparse_forward_kl
 
     g = torch.Generator().manual_seed(4)
-    s, t = torch.randn(10, 60, generator=g, dtype=torch.float64), 3 * torch.randn(10, 60, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(10, 60, generator=g, dtype=torch.float64),
+        3 * torch.randn(10, 60, generator=g, dtype=torch.float64),
+    )
     ref, ids, lp = _sparse_reference(s, t, 8, temperature)
     got = sparse_forward_kl(s, ids, lp, torch.zeros(10, dtype=torch.long), temperature=temperature)
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)

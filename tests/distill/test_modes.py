@@ -57,12 +57,26 @@ def test_cache_mode_trains_without_the_teacher(teacher, tmp_path):
     assert torch.equal(plan2.batch_fn(3).teacher_topk_logprobs, plan.batch_fn(3).teacher_topk_logprobs)
     # another teacher (here: the same files loaded in 8-bit) is refused with the reason
     with pytest.raises(UserError, match="made with another teacher"):
-        prepare_data(data, CFG, student, teacher.tokenizer, tmp_path, teacher=no_teacher,
-                     teacher_cfg=TeacherConfig(model=str(teacher.path), quantize="8bit"))
+        prepare_data(
+            data,
+            CFG,
+            student,
+            teacher.tokenizer,
+            tmp_path,
+            teacher=no_teacher,
+            teacher_cfg=TeacherConfig(model=str(teacher.path), quantize="8bit"),
+        )
     # other data too
     with pytest.raises(UserError, match="other training text"):
-        prepare_data(DataConfig(mode="cache", cache_k=32, seed=1, **DATA), CFG, student, teacher.tokenizer, tmp_path,
-                     teacher=no_teacher, teacher_cfg=tcfg)
+        prepare_data(
+            DataConfig(mode="cache", cache_k=32, seed=1, **DATA),
+            CFG,
+            student,
+            teacher.tokenizer,
+            tmp_path,
+            teacher=no_teacher,
+            teacher_cfg=tcfg,
+        )
 
 
 def _held(teacher):
@@ -79,7 +93,9 @@ def test_sequences_mode_from_pairs_learns_the_responses(teacher, tmp_path):
     student = _noisy_copy(teacher)
     plan = prepare_data(data, CFG, student, teacher.tokenizer, tmp_path, teacher=None)
     assert plan.info["train_examples"] == 4 and plan.info["heldout_examples"] == 2 and not plan.needs_teacher
-    cfg = DistillConfig(steps=6, batch_size=2, lr=1e-2, warmup_steps=1, alpha=0.0, temperature=1.0, checkpoint_every=100)
+    cfg = DistillConfig(
+        steps=6, batch_size=2, lr=1e-2, warmup_steps=1, alpha=0.0, temperature=1.0, checkpoint_every=100
+    )
     res = distill(None, student, plan.batch_fn, plan.heldout, cfg, tmp_path / "w", progress=False)
     # one-hot response targets: the held-out "KL" is the CE of the responses, and it falls
     assert res["after"]["kl"] == pytest.approx(res["after"]["ce"], rel=1e-3)
@@ -118,8 +134,20 @@ def test_data_mode_config_checks(tmp_path):
 def test_distill_cache_cli_builds_and_refuses_other_settings(tiny_dir_6, tmp_path, capsys):
     from toolchain.cli import main
 
-    args = ["distill-cache", "--teacher", str(tiny_dir_6), "--out", str(tmp_path / "c"), "--no-progress",
-            "--set", "data.seq_len=32", "--set", "data.max_train_blocks=6", "--set", "data.eval_sequences=2"]
+    args = [
+        "distill-cache",
+        "--teacher",
+        str(tiny_dir_6),
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "data.max_train_blocks=6",
+        "--set",
+        "data.eval_sequences=2",
+    ]
     assert main(args + ["--k", "8"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cache_k"] == 8 and info["train_blocks"] == 6 and (tmp_path / "c" / "train" / "manifest.json").is_file()

@@ -47,7 +47,7 @@ def test_tokens_after_a_sampled_end_token_are_masked(models):
 
 
 def test_on_policy_refuses_an_offline_cache_and_a_missing_teacher(models, tmp_path):
-    teacher, student = models
+    _teacher, student = models
     cfg = DistillConfig(on_policy_fraction=1.0, on_policy_prompt_tokens=4, steps=1)
     b = Batch.from_blocks(_blocks())
     b.teacher_topk_ids = torch.zeros(*b.input_ids.shape, 2, dtype=torch.long)
@@ -61,14 +61,24 @@ def test_on_policy_refuses_an_offline_cache_and_a_missing_teacher(models, tmp_pa
 def test_mixed_on_policy_training_is_reproducible(models, tiny_dir, tmp_path):
     teacher, _ = models
     blocks = _blocks(8, 17)
-    cfg = DistillConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=100, on_policy_fraction=0.5,
-                        on_policy_prompt_tokens=8, seed=2)
+    cfg = DistillConfig(
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        warmup_steps=1,
+        checkpoint_every=100,
+        on_policy_fraction=0.5,
+        on_policy_prompt_tokens=8,
+        seed=2,
+    )
     assert 0 < sum(is_on_policy(cfg, m) for m in range(32)) < 32
     assert len({is_on_policy(cfg, m) for m in range(3)}) == 2  # these 3 steps mix on-policy and data batches
     states = []
     for run in ("a", "b"):
         student = load_model(str(tiny_dir)).model
-        loop.distill(teacher, student, loop.packed_batches(blocks, 2, 0), blocks[:2], cfg, tmp_path / run, progress=False)
+        loop.distill(
+            teacher, student, loop.packed_batches(blocks, 2, 0), blocks[:2], cfg, tmp_path / run, progress=False
+        )
         states.append(student.state_dict())
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k])

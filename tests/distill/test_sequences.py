@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from toolchain.data.batch_order import batch_indices
 from toolchain.distill import sequences as S
 from toolchain.distill.batch import IGNORE_INDEX
 from toolchain.errors import UserError
@@ -21,21 +22,38 @@ def _jsonl(path, rows):
 
 def test_both_formats_read_to_the_same_messages(tmp_path):
     a = _jsonl(tmp_path / "a.jsonl", [{"prompt": "What is 2+2?", "response": "4"}, ""])
-    b = _jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "What is 2+2?"},
-                                                    {"role": "assistant", "content": "4"}]}])
-    assert S.read_pairs(a) == S.read_pairs(b) == [[{"role": "user", "content": "What is 2+2?"},
-                                                   {"role": "assistant", "content": "4"}]]
+    b = _jsonl(
+        tmp_path / "b.jsonl",
+        [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}],
+    )
+    assert (
+        S.read_pairs(a)
+        == S.read_pairs(b)
+        == [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]]
+    )
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([], "holds no examples"),
-    ([{"prompt": "a", "response": "b"}, '{"prompt": "a", "response": '], r"bad\.jsonl:2: malformed JSON"),
-    ([{"prompt": "a", "response": "b"}, {"prompt": "a", "answer": "b"}], r":2: missing key 'response'.*found keys: prompt, answer"),
-    ([{"prompt": "a", "response": 3}], r":1: 'response' must be a string"),
-    ([{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], r":1: the last message must be the assistant"),
-    ([{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}], r":1: messages\[0\] must be"),
-    (["[1, 2]"], r":1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], "holds no examples"),
+        ([{"prompt": "a", "response": "b"}, '{"prompt": "a", "response": '], r"bad\.jsonl:2: malformed JSON"),
+        (
+            [{"prompt": "a", "response": "b"}, {"prompt": "a", "answer": "b"}],
+            r":2: missing key 'response'.*found keys: prompt, answer",
+        ),
+        ([{"prompt": "a", "response": 3}], r":1: 'response' must be a string"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}],
+            r":1: the last message must be the assistant",
+        ),
+        (
+            [{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+            r":1: messages\[0\] must be",
+        ),
+        (["[1, 2]"], r":1: expected a JSON object"),
+    ],
+)
 def test_bad_files_name_the_line_and_the_problem(tmp_path, rows, match):
     with pytest.raises(UserError, match=match):
         S.read_pairs(_jsonl(tmp_path / "bad.jsonl", rows))
@@ -86,9 +104,8 @@ def test_batch_fn_yields_batches_in_loop_order(tiny):
     enc = S.encode_pairs(tiny.tokenizer, msgs, seq_len=40)
     fn = S.sequence_batch_fn(enc, batch_size=2, seed=0)
     b = fn(1)
-    from toolchain.distill import loop
 
-    idx = loop._batch_indices(1, 2, 5, 0)
+    idx = batch_indices(1, 2, 5, 0)
     assert torch.equal(b.input_ids, enc.input_ids[idx]) and torch.equal(b.attention_mask, enc.attention_mask[idx])
     assert b.n_loss_tokens == int((enc.labels[idx] != IGNORE_INDEX).sum()) > 0
     with pytest.raises(UserError, match="only 5 usable examples"):
@@ -102,9 +119,13 @@ def test_teacher_generations_are_seeded_and_cached(tiny, tmp_path):
     assert [m[0]["content"] for m in a] == prompts and all(m[1]["role"] == "assistant" for m in a)
     assert S.read_pairs(out) == a  # readable as a user's pairs file
     mtime = out.stat().st_mtime_ns
-    assert S.generate_pairs(tiny.model, tiny.tokenizer, prompts, out, "tid", max_new_tokens=8, seed=3, batch_size=2) == a
+    assert (
+        S.generate_pairs(tiny.model, tiny.tokenizer, prompts, out, "tid", max_new_tokens=8, seed=3, batch_size=2) == a
+    )
     assert out.stat().st_mtime_ns == mtime  # made once
-    b = S.generate_pairs(tiny.model, tiny.tokenizer, prompts, tmp_path / "g2.jsonl", "tid", max_new_tokens=8, seed=3, batch_size=2)
+    b = S.generate_pairs(
+        tiny.model, tiny.tokenizer, prompts, tmp_path / "g2.jsonl", "tid", max_new_tokens=8, seed=3, batch_size=2
+    )
     assert a == b  # same seed, same samples
     c = S.generate_pairs(tiny.model, tiny.tokenizer, prompts, out, "tid", max_new_tokens=8, seed=4, batch_size=2)
     assert c != a and out.stat().st_mtime_ns != mtime  # other settings regenerate

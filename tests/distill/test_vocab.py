@@ -43,16 +43,27 @@ def test_different_tokenizers_point_to_sequence_kd(plain, tmp_path):
     shutil.copytree(plain.path, d)
     tok = AutoTokenizer.from_pretrained(d)
     tok.add_tokens(["<brand-new-token>"])
-    with pytest.raises(UserError, match=r"tokenizers differ \(1 tokens only in the student's.*logit KD needs a shared "
-                                        r"tokenizer.*data.mode: sequences"):
+    with pytest.raises(
+        UserError,
+        match=r"tokenizers differ \(1 tokens only in the student's.*logit KD needs a shared "
+        r"tokenizer.*data.mode: sequences",
+    ):
         shared_vocab_size(plain.model, plain.tokenizer, plain.model, tok)
 
 
 def test_model_smaller_than_its_tokenizer_is_refused(plain, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    small = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    small = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1000,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(UserError, match="1000 output rows but its tokenizer has 49152"):
         shared_vocab_size(small, plain.tokenizer, plain.model, plain.tokenizer)
 

@@ -81,18 +81,26 @@ def test_disk_full_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
     the writer's file raises ENOSPC midway. Either way nothing is left at the final path."""
     out = tmp_path / "full"
     out.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {out}"],
-                           capture_output=True, timeout=60) if shutil.which("unshare") else None
+    probe = (
+        subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {out}"], capture_output=True, timeout=60
+        )
+        if shutil.which("unshare")
+        else None
+    )
     if probe is not None and probe.returncode == 0:
         script = tmp_path / "enospc.py"
         script.write_text(_ENOSPC_SCRIPT)
-        cmd = (f"mount -t tmpfs -o size=1m tmpfs {out} && {sys.executable} {script} {tiny_dir} {out} "
-               f"&& ls -A {out} | wc -l")
+        cmd = (
+            f"mount -t tmpfs -o size=1m tmpfs {out} && {sys.executable} {script} {tiny_dir} {out} "
+            f"&& ls -A {out} | wc -l"
+        )
         res = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300)
         lines = res.stdout.split()
         assert "ERRNO" in lines and str(errno.ENOSPC) in lines, res.stdout + res.stderr
         assert lines[-1] == "0"  # nothing in the (full) output directory: no final file, no temp file
         return
+
     def fill_up(self, *a, **k):
         self.fout[0].write(b"\0" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device")

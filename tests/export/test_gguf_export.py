@@ -4,12 +4,12 @@ import gguf
 import numpy as np
 import pytest
 
+from toolchain.config import VerifyConfig
 from toolchain.errors import UserError, VerificationError
 from toolchain.export import gguf as gguf_export
 from toolchain.export.gguf import export_gguf, write_gguf
-from toolchain.verify.gguf import verify_gguf
-from toolchain.config import VerifyConfig
 from toolchain.models import llama
+from toolchain.verify.gguf import verify_gguf
 
 
 @pytest.fixture(scope="module")

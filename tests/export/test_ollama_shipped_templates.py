@@ -7,20 +7,35 @@ without TEMPLATE, with a warning, and the export goes on."""
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_causal_lm
 from transformers import AutoTokenizer
 
-from conftest import make_tiny_causal_lm
 from toolchain.cli import main
 from toolchain.export import go_template
-from toolchain.export.ollama import (CHECK_CONVERSATIONS, TOOL_CONVERSATIONS, WEATHER_TOOL, detect_format, render_modelfile, same_prompt, template_data, write_modelfile)
+from toolchain.export.ollama import (
+    CHECK_CONVERSATIONS,
+    TOOL_CONVERSATIONS,
+    WEATHER_TOOL,
+    detect_format,
+    render_modelfile,
+    same_prompt,
+    template_data,
+    write_modelfile,
+)
 
 TEMPLATES = Path(__file__).parent.parent / "fixtures" / "chat_templates"
 CONVERSATIONS = [(c, None) for c in CHECK_CONVERSATIONS] + [(c, [WEATHER_TOOL]) for c in TOOL_CONVERSATIONS]
 # Qwen3 shows an assistant turn's reasoning after the last user query (Ollama's .Thinking)
-THINKING = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.",
-             "tool_calls": TOOL_CONVERSATIONS[2][1]["tool_calls"]},
-            {"role": "tool", "content": "18 degrees, sunny"}]
+THINKING = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "I should call the tool.",
+        "tool_calls": TOOL_CONVERSATIONS[2][1]["tool_calls"],
+    },
+    {"role": "tool", "content": "18 degrees, sunny"},
+]
 
 
 def modelfile_parts(text: str) -> tuple[str, str | None]:
@@ -84,7 +99,7 @@ def test_llama31_template_with_tools_and_date(tiny_dir):
     template, system = modelfile_parts(text)
     assert system is None and detect_format(tok.chat_template).name == "llama3.1"
     for conv, tools in CONVERSATIONS:
-        want = render_jinja(conv, True, tools)[len(bos):]
+        want = render_jinja(conv, True, tools)[len(bos) :]
         got = go_template.render(template, template_data(conv, None, tools))
         assert same_prompt(want, got, tools is not None), (conv, want, got)
         assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in got

@@ -2,12 +2,22 @@
 
 import jinja2
 import pytest
+from conftest import GEMMA_CHAT_TEMPLATE
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from conftest import GEMMA_CHAT_TEMPLATE
 from toolchain.export import go_template
-from toolchain.export.ollama import (CHATML, GEMMA, LLAMA3, CHECK_CONVERSATIONS, check_translation, detect_format,
-                                     ollama_messages, render_modelfile, write_modelfile, _default_system)
+from toolchain.export.ollama import (
+    CHATML,
+    CHECK_CONVERSATIONS,
+    GEMMA,
+    LLAMA3,
+    _default_system,
+    check_translation,
+    detect_format,
+    ollama_messages,
+    render_modelfile,
+    write_modelfile,
+)
 
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -25,18 +35,23 @@ SMOLLM2_TEMPLATE = (
 
 def jinja(template: str, bos: str):
     """Render as transformers' apply_chat_template does (sandboxed jinja2, trim/lstrip blocks)."""
+
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     t = env.from_string(template)
-    return lambda messages, gen, tools=None: t.render(messages=messages, add_generation_prompt=gen, bos_token=bos,
-                                                      eos_token="", tools=tools)
+    return lambda messages, gen, tools=None: t.render(
+        messages=messages, add_generation_prompt=gen, bos_token=bos, eos_token="", tools=tools
+    )
 
 
-CASES = [(CHATML, SMOLLM2_TEMPLATE, None), (LLAMA3, LLAMA3_TEMPLATE, "<|begin_of_text|>"),
-         (GEMMA, GEMMA_CHAT_TEMPLATE, "<bos>")]
+CASES = [
+    (CHATML, SMOLLM2_TEMPLATE, None),
+    (LLAMA3, LLAMA3_TEMPLATE, "<|begin_of_text|>"),
+    (GEMMA, GEMMA_CHAT_TEMPLATE, "<bos>"),
+]
 
 
 @pytest.mark.parametrize("fmt,template,bos", CASES, ids=[c[0].name for c in CASES])
@@ -47,12 +62,12 @@ def test_go_template_renders_the_jinja_prompt(fmt, template, bos, conv):
     system = _default_system(fmt, template)
     render = jinja(template, bos or "")
     want = render(messages, True)
-    want = want[len(bos):] if bos else want  # llama.cpp adds BOS itself (add_bos in the GGUF)
+    want = want[len(bos) :] if bos else want  # llama.cpp adds BOS itself (add_bos in the GGUF)
     got = go_template.render(fmt.go_template, {"Messages": ollama_messages(messages, system)})
     assert got == want
     # without the generation prompt, Jinja's text is the start of what Ollama sends
     closed = render(messages + [{"role": "assistant", "content": "Ok."}], False)
-    closed = closed[len(bos):] if bos else closed
+    closed = closed[len(bos) :] if bos else closed
     assert closed.startswith(got[: got.rfind("\n", 0, len(got) - 1) + 1][:20])
     assert ("You are a helpful AI assistant named SmolLM" in got) == (fmt is CHATML and conv in (0, 2))
 
@@ -62,9 +77,12 @@ def test_lookalike_template_is_refused():
     odd = SMOLLM2_TEMPLATE.replace("+ message['role'] + '\n'", "+ message['role'] + '\nname: x\n'")
     reason = check_translation(CHATML, jinja(odd, ""), _default_system(CHATML, odd), None)
     assert reason and "renders a conversation differently" in reason and "name: x" in reason
-    dated = LLAMA3_TEMPLATE.replace("{% for message", "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday' }}{% for message")
-    text, warning = render_modelfile("m.gguf", dated, 4096, render_jinja=jinja(dated, "<|begin_of_text|>"),
-                                     bos_text="<|begin_of_text|>")
+    dated = LLAMA3_TEMPLATE.replace(
+        "{% for message", "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday' }}{% for message"
+    )
+    text, warning = render_modelfile(
+        "m.gguf", dated, 4096, render_jinja=jinja(dated, "<|begin_of_text|>"), bos_text="<|begin_of_text|>"
+    )
     assert "\nTEMPLATE" not in text and "FROM ./m.gguf" in text and "renders a conversation differently" in warning
 
 
@@ -86,5 +104,10 @@ def test_go_subset_refuses_what_it_cannot_render():
         go_template.render("{{ range .Messages }}{{ .Content | upper }}{{ end }}", {"Messages": [{"Content": "x"}]})
     with pytest.raises(ValueError, match="missing"):
         go_template.render("{{ if .X }}open", {"X": 1})
-    assert go_template.render('{{- $a := "" }}{{ range $i, $m := .L }}{{ if eq $i 0 }}{{ $a = $m }}{{ end }}{{ end }}[{{ $a }}]',
-                              {"L": ["p", "q"]}) == "[p]"
+    assert (
+        go_template.render(
+            '{{- $a := "" }}{{ range $i, $m := .L }}{{ if eq $i 0 }}{{ $a = $m }}{{ end }}{{ end }}[{{ $a }}]',
+            {"L": ["p", "q"]},
+        )
+        == "[p]"
+    )

@@ -12,8 +12,8 @@ PROMPTS = ["The capital of France is a city with a long history", "def fibonacci
 
 def test_gemma3_export_verify_and_generate(tiny_gemma_dir, tmp_path):
     from toolchain.export.onnx import export_onnx
-    from toolchain.verify.onnx import verify_onnx
     from toolchain.runtime.onnx_decoder import OnnxDecoder
+    from toolchain.verify.onnx import verify_onnx
 
     out = tmp_path / "onnx"
     record = export_onnx(tiny_gemma_dir, out, ["fp32", "int8"])
@@ -28,8 +28,9 @@ def test_gemma3_export_verify_and_generate(tiny_gemma_dir, tmp_path):
     assert min(p["n_tokens"] for p in r["per_prompt"]) + 12 > 8  # the sliding window was crossed
     # a random tiny model's near-tied logits flip top-1 easily (91.7% here at KL 3e-4); the KL
     # bound is the default one, the top-1 floor is lowered for this model only
-    q = verify_onnx(tiny_gemma_dir, out.with_name("onnx-int8"), PROMPTS, greedy_tokens=12, threads=1,
-                    min_top1={"int8": 0.8})
+    q = verify_onnx(
+        tiny_gemma_dir, out.with_name("onnx-int8"), PROMPTS, greedy_tokens=12, threads=1, min_top1={"int8": 0.8}
+    )
     assert q["passed"] and q["quant"] == "int8" and 0 < q["mean_kl"] < 0.01
 
     # every present.N has the same layout (full length), sliding layers included

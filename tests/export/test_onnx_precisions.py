@@ -55,7 +55,9 @@ def test_variants_are_self_contained_folders_with_the_same_io(exported):
         # int8/int4 look tokens up in the (tied) output projection's 8-bit codes: no fp32 table left
         assert ops["GatherBlockQuantized"] == (1 if precision in ("int8", "int4") else 0), (precision, ops)
         if precision in ("int8", "int4"):
-            vocab_x_hidden = [i.name for i in g.initializer if i.data_type == 1 and len(i.dims) == 2 and min(i.dims) == 64]
+            vocab_x_hidden = [
+                i.name for i in g.initializer if i.data_type == 1 and len(i.dims) == 2 and min(i.dims) == 64
+            ]
             assert not vocab_x_hidden, vocab_x_hidden
     # tied head and table stored once, in 8 bits (on this tiny model the vocabulary is most of
     # the weights, so int4 is hardly smaller than int8 here)
@@ -78,31 +80,55 @@ def test_verify_each_precision(exported, tiny_dir):
         # a random 64-wide model has many near-ties among its top logits, so 4-bit flips its
         # top-1 far more often than a trained one (SmolLM2 int4: see README); the default 90%
         # is checked on the real model, here only that int4 stays well above chance
-        r = verify_onnx(tiny_dir, folder, PROMPTS, greedy_tokens=8, threads=1, model=model, tokenizer=tok,
-                        min_top1={"int4": 0.4})
+        r = verify_onnx(
+            tiny_dir, folder, PROMPTS, greedy_tokens=8, threads=1, model=model, tokenizer=tok, min_top1={"int4": 0.4}
+        )
         assert r["passed"] and r["quant"] == precision
         results[precision] = r
     assert results["fp32"]["max_abs_diff"] < 1e-3 and results["fp16"]["max_abs_diff"] < 2e-2
     assert results["fp32"]["mean_kl"] < results["int8"]["mean_kl"] < results["int4"]["mean_kl"]
     assert results["int8"]["top1_agreement"] >= 0.95 and results["int4"]["top1_agreement"] >= 0.4
-    assert results["int4"]["thresholds"]["top-1 agreement"] == 0.4 and results["int8"]["thresholds"]["top-1 agreement"] == 0.95
+    assert (
+        results["int4"]["thresholds"]["top-1 agreement"] == 0.4
+        and results["int8"]["thresholds"]["top-1 agreement"] == 0.95
+    )
     assert "mean KL" in results["int4"]["thresholds"]
     # fp16 is judged against torch with the same fp16-rounded weights (the export's error only)
     assert results["fp16"]["reference"] == "torch fp32, fp16-rounded weights"
     assert results["int8"]["reference"] == "torch fp32"
 
     # an impossible threshold fails with the figures in the message and on the error
-    with pytest.raises(VerificationError, match=r"ONNX int4 export FAILED: top-1 agreement .*Figures: max \|logit diff\|") as err:
-        verify_onnx(tiny_dir, out.with_name("onnx-int4"), PROMPTS[:1], greedy_tokens=4, threads=1,
-                    model=model, tokenizer=tok, min_top1={"int4": 1.01})
+    with pytest.raises(
+        VerificationError, match=r"ONNX int4 export FAILED: top-1 agreement .*Figures: max \|logit diff\|"
+    ) as err:
+        verify_onnx(
+            tiny_dir,
+            out.with_name("onnx-int4"),
+            PROMPTS[:1],
+            greedy_tokens=4,
+            threads=1,
+            model=model,
+            tokenizer=tok,
+            min_top1={"int4": 1.01},
+        )
     assert err.value.figures["passed"] is False and err.value.figures["top1_agreement"] <= 1.0
 
 
 def test_cli_verify_failure_exits_nonzero_with_figures(exported, tiny_dir, capsys):
     from toolchain.cli import main
 
-    rc = main(["verify", str(tiny_dir), str(exported[1].with_name("onnx-int8")),
-               "--set", "verify.greedy_tokens=4", "--set", "verify.prompts=[\"Hello there\"]",
-               "--set", "verify.onnx_max_kl={\"int8\": 0.0}"])
+    rc = main(
+        [
+            "verify",
+            str(tiny_dir),
+            str(exported[1].with_name("onnx-int8")),
+            "--set",
+            "verify.greedy_tokens=4",
+            "--set",
+            'verify.prompts=["Hello there"]',
+            "--set",
+            'verify.onnx_max_kl={"int8": 0.0}',
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "mean KL" in err and "top-1" in err

@@ -11,11 +11,11 @@ from toolchain.config import VerifyConfig
 from toolchain.errors import UserError, VerificationError
 from toolchain.export import gguf as gguf_export
 from toolchain.export.gguf import write_gguf
-from toolchain.verify.gguf import verify_gguf
 from toolchain.models import gemma3
 from toolchain.models.load import load_model
 from toolchain.models.registry import get_arch
 from toolchain.student import make_student
+from toolchain.verify.gguf import verify_gguf
 
 
 def _fields(path):
@@ -73,7 +73,7 @@ def test_without_norm_offset_verify_fails(tiny_gemma_dir, tmp_path, monkeypatch)
 def test_pruned_student_exports_with_its_own_layer_pattern(tiny_gemma_dir, tmp_path):
     teacher = load_model(str(tiny_gemma_dir))
     calib = torch.randint(10, 1000, (2, 32))
-    student, keep = make_student(teacher, [0, 2, 3, 5], calib)
+    student, _keep = make_student(teacher, [0, 2, 3, 5], calib)
     assert student.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     student.save_pretrained(tmp_path / "s")
     teacher.tokenizer.save_pretrained(tmp_path / "s")

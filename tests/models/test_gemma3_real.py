@@ -8,9 +8,9 @@ from toolchain.config import VerifyConfig
 @pytest.mark.slow
 def test_gemma3_270m_f16_matches_torch_and_generates(tmp_path):
     from toolchain.export.gguf import write_gguf
+    from toolchain.models.load import resolve_model_dir
     from toolchain.runtime.llama import open_llama
     from toolchain.verify.gguf import verify_gguf
-    from toolchain.models.load import resolve_model_dir
 
     model_dir = resolve_model_dir("gemma3-270m")  # converted once from the bundled GGUF, cached
     path = write_gguf(model_dir, tmp_path / "model-F16.gguf", "F16")
@@ -19,8 +19,9 @@ def test_gemma3_270m_f16_matches_torch_and_generates(tmp_path):
     from pydoc_data.topics import topics
 
     long_prompt = topics["class"]
-    res = verify_gguf(model_dir, path, "F16", v.prompts[:1] + [long_prompt], 8, v.max_nmse, v.min_greedy_agreement,
-                      threads=1)
+    res = verify_gguf(
+        model_dir, path, "F16", v.prompts[:1] + [long_prompt], 8, v.max_nmse, v.min_greedy_agreement, threads=1
+    )
     assert res["tokenizer_parity"] == 1.0
     assert res["nmse_max"] <= 1e-4 and res["decode_nmse_max"] <= 1e-4
     with open_llama(path, n_ctx=256, logits_all=False) as llm:

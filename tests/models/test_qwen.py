@@ -17,10 +17,20 @@ def _tiny(out, tokenizer_src, model_type: str):
     tok = AutoTokenizer.from_pretrained(tokenizer_src)
     extra = {"head_dim": 32} if model_type == "qwen3" else {}  # Qwen3's head_dim differs from hidden/heads
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-        tie_word_embeddings=model_type == "qwen3", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **extra,
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=model_type == "qwen3",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        **extra,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -30,7 +30,9 @@ def adapter(tiny_dir, tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     # init_lora_weights=False: B is random too, so the adapter visibly changes the logits
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     out = tmp_path_factory.mktemp("adapter") / "lora"
     peft.save_pretrained(out)
     return out
@@ -71,7 +73,11 @@ def test_4bit_teacher_with_attached_adapter(tiny_dir, ref, adapter):
 
 def test_teacher_config_fields(tiny_dir):
     cfg = from_dict({"teacher": {"model": str(tiny_dir), "quantize": "8bit"}})
-    assert teacher_from_config(cfg.teacher).meta["variant"] == {"dtype": "float32", "quantize": "8bit", "adapter_mode": None}
+    assert teacher_from_config(cfg.teacher).meta["variant"] == {
+        "dtype": "float32",
+        "quantize": "8bit",
+        "adapter_mode": None,
+    }
     with pytest.raises(UserError, match="teacher.quantize: '3bit' is not one of none, 8bit, 4bit"):
         from_dict({"teacher": {"quantize": "3bit"}})
     with pytest.raises(UserError, match="teacher.adapter_mode: merge would round"):

@@ -29,7 +29,9 @@ def test_all_types_in_one_command_load_in_llama_cpp(tiny_dir, tmp_path):
 
 
 def test_overrides_python_and_llama_cpp_paths(tiny_dir, tmp_path):
-    recs = export_gguf(tiny_dir, tmp_path, ["F16", "Q4_0", "Q4_K_M"], overrides={"token_embd": "Q8_0", r"blk\.0\.ffn_down": "F16"})
+    recs = export_gguf(
+        tiny_dir, tmp_path, ["F16", "Q4_0", "Q4_K_M"], overrides={"token_embd": "Q8_0", r"blk\.0\.ffn_down": "F16"}
+    )
     f16, q4, q4k = (_types(r["path"]) for r in recs)
     assert f16["token_embd.weight"] == "F16"  # the reference file is never overridden
     assert q4["token_embd.weight"] == "Q8_0" and q4["blk.0.ffn_down.weight"] == "F16"

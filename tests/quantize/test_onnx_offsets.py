@@ -54,10 +54,19 @@ def test_matmuls_become_matmulnbits_plus_offsets_and_compute_the_fitted_weights(
     w2 = rng.normal(0, 0.05, size=(64, 24)).astype(np.float32)  # reads the same x: one block sum for both
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 64])
     outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in (1, 2)]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"),
-                               helper.make_node("MatMul", ["x", "w2"], ["y2"], name="mm2")], "g", [x], outs,
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"),
+            helper.make_node("MatMul", ["x", "w2"], ["y2"], name="mm2"),
+        ],
+        "g",
+        [x],
+        outs,
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     assert rewrite_matmuls(model, bits, 32, accuracy_level, exclude=set()) == 2
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 3  # one shared block sum, two offset products
@@ -76,9 +85,16 @@ def test_embedding_gather_becomes_block_quantized_rows_with_offsets(bits):
     table = _grid_weights(rng, 64, 50, bits).T.copy()  # [vocab 50, hidden 64], grids along hidden
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
     out = helper.make_tensor_value_info("h", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed")], "g",
-                              [ids], [out], [numpy_helper.from_array(table, "table")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed")],
+        "g",
+        [ids],
+        [out],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     assert rewrite_embeddings(model, ["embed"], bits, 32) == 1
     assert "GatherBlockQuantized" in [n.op_type for n in model.graph.node]
     tokens = np.array([[0, 7, 49], [3, 3, 12]], dtype=np.int64)
@@ -90,10 +106,19 @@ def test_tied_embedding_shares_the_output_projections_codes():
     table = rng.normal(0, 0.05, size=(96, 64)).astype(np.float32)  # [vocab, hidden]
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
-                               helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")], "g", [ids], [out],
-                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "head")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
+            helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head"),
+        ],
+        "g",
+        [ids],
+        [out],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "head")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     fitted: dict = {}
     rewrite_matmuls(model, 8, 32, 0, exclude=set(), fitted=fitted)
     assert rewrite_embeddings(model, ["embed"], 8, 32, fitted=fitted) == 1

@@ -23,9 +23,7 @@ def _one_prompt(model, ids, greedy_tokens):
 
 class _Tok:
     def __call__(self, text):
-        class R:
-            input_ids = [3 + (ord(c) % 200) for c in text]
-        return R()
+        return type("Encoding", (), {"input_ids": [3 + (ord(c) % 200) for c in text]})()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_gemma_dir"])

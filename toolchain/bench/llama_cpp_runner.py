@@ -9,8 +9,10 @@ import numpy as np
 
 from toolchain.bench.stats import run_bench
 
-CUDA_MISSING = ("no CUDA device / llama-cpp-python built without CUDA: "
-                "rebuild with CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall llama-cpp-python")
+CUDA_MISSING = (
+    "no CUDA device / llama-cpp-python built without CUDA: "
+    "rebuild with CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall llama-cpp-python"
+)
 
 
 def unavailable(device: str) -> str | None:
@@ -28,13 +30,28 @@ class LlamaCppSession:
 
         n_batch = min(512, n_ctx)  # a 512-token prompt is one batch, as in llama-bench's pp512
         gpu_layers = -1 if device == "cuda" else 0
-        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   n_batch=n_batch, n_gpu_layers=gpu_layers, logits_all=False, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=n_batch,
+            n_gpu_layers=gpu_layers,
+            logits_all=False,
+            verbose=False,
+        )
         self._get_logits = llama_cpp.llama_get_logits_ith
         self._n_vocab = self.llm.n_vocab()
-        self.info = {"backends": "CUDA" if device == "cuda" else "CPU", "n_batch": n_batch, "n_ubatch": n_batch,
-                     "n_gpu_layers": gpu_layers, "type_k": "f16", "type_v": "f16", "use_mmap": True,
-                     "runtime_version": f"llama-cpp-python {llama_cpp.__version__}"}
+        self.info = {
+            "backends": "CUDA" if device == "cuda" else "CPU",
+            "n_batch": n_batch,
+            "n_ubatch": n_batch,
+            "n_gpu_layers": gpu_layers,
+            "type_k": "f16",
+            "type_v": "f16",
+            "use_mmap": True,
+            "runtime_version": f"llama-cpp-python {llama_cpp.__version__}",
+        }
 
     def reset(self) -> None:
         self.llm.reset()

@@ -32,7 +32,7 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.take("Q")
-        s = bytes(self.buf[self.pos:self.pos + n])
+        s = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return s.decode("utf-8", errors="replace")
 
@@ -89,8 +89,9 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[dict]]:
             for d in dims:
                 n *= d
             block, type_size = GGML_QUANT_SIZES[ttype]
-            tensors.append({"name": name, "shape": dims, "type": ttype.name, "n_elements": n,
-                            "n_bytes": n // block * type_size})
+            tensors.append(
+                {"name": name, "shape": dims, "type": ttype.name, "n_elements": n, "n_bytes": n // block * type_size}
+            )
         return meta, tensors
 
 
@@ -158,8 +159,15 @@ def _onnx_tensors(model_file: Path) -> list[dict] | None:
         n = 1
         for d in init.dims:
             n *= d
-        out.append({"name": init.name, "shape": list(init.dims), "n_elements": n,
-                    "n_bytes": n * _ONNX_ELEM_BYTES.get(init.data_type, 4), "used_by": used_by.get(init.name, set())})
+        out.append(
+            {
+                "name": init.name,
+                "shape": list(init.dims),
+                "n_elements": n,
+                "n_bytes": n * _ONNX_ELEM_BYTES.get(init.data_type, 4),
+                "used_by": used_by.get(init.name, set()),
+            }
+        )
     return out
 
 
@@ -217,8 +225,15 @@ def _safetensors_tensors(folder: Path) -> list[dict]:
             n = 1
             for d in t["shape"]:
                 n *= d
-            out.append({"name": name, "shape": t["shape"], "n_elements": n, "dtype": t["dtype"],
-                        "n_bytes": t["data_offsets"][1] - t["data_offsets"][0]})
+            out.append(
+                {
+                    "name": name,
+                    "shape": t["shape"],
+                    "n_elements": n,
+                    "dtype": t["dtype"],
+                    "n_bytes": t["data_offsets"][1] - t["data_offsets"][0],
+                }
+            )
     return out
 
 

@@ -6,7 +6,6 @@ CPU execution provider by default; the CUDA one for the cuda target where onnxru
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from toolchain.bench.stats import run_bench
@@ -37,8 +36,13 @@ class OrtSession:
         if device == "cuda" and providers[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"onnxruntime fell back to {providers[0]}")  # no silent CPU run on a cuda target
         self._logits = None
-        self.info = {"backends": "CUDA" if device == "cuda" else "CPU", "n_batch": None, "n_gpu_layers": None,  # one call per prompt
-                     "runtime_version": f"onnxruntime {ort.__version__}", "providers": providers}
+        self.info = {
+            "backends": "CUDA" if device == "cuda" else "CPU",
+            "n_batch": None,
+            "n_gpu_layers": None,  # one call per prompt
+            "runtime_version": f"onnxruntime {ort.__version__}",
+            "providers": providers,
+        }
 
     def reset(self) -> None:
         self.dec.reset()

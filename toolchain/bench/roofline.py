@@ -51,19 +51,34 @@ def memory_check(facts: dict, context: int, budget_mb: float) -> dict:
     weights_mb = facts["weights_bytes"] / MIB
     kv_mb = kv_cache_bytes(facts, context) / MIB
     needed = weights_mb + kv_mb
-    return {"fits": needed <= budget_mb, "memory_needed_mb": round(needed, 1), "weights_mb": round(weights_mb, 1),
-            "kv_cache_mb": round(kv_mb, 1), "memory_budget_mb": budget_mb, "context": context}
+    return {
+        "fits": needed <= budget_mb,
+        "memory_needed_mb": round(needed, 1),
+        "weights_mb": round(weights_mb, 1),
+        "kv_cache_mb": round(kv_mb, 1),
+        "memory_budget_mb": budget_mb,
+        "context": context,
+    }
 
 
-def roofline(decode_tps: float, bytes_per_token: int, bandwidth_gbps: float, source: str,
-             bandwidth_1thread_gbps: float | None = None) -> dict:
+def roofline(
+    decode_tps: float,
+    bytes_per_token: int,
+    bandwidth_gbps: float,
+    source: str,
+    bandwidth_1thread_gbps: float | None = None,
+) -> dict:
     """Ceiling and efficiency of a measured decode rate. `source`: "measured" or "target profile";
     `bandwidth_gbps` is at the thread count the model ran with, the 1-thread figure is for reference."""
     ceiling = bandwidth_gbps * 1e9 / bytes_per_token
-    return {"bandwidth_gbps": round(bandwidth_gbps, 2), "bandwidth_source": source,
-            "bandwidth_1thread_gbps": None if bandwidth_1thread_gbps is None else round(bandwidth_1thread_gbps, 2),
-            "bytes_per_token": bytes_per_token, "ceiling_tps": round(ceiling, 2),
-            "efficiency": round(decode_tps / ceiling, 4)}
+    return {
+        "bandwidth_gbps": round(bandwidth_gbps, 2),
+        "bandwidth_source": source,
+        "bandwidth_1thread_gbps": None if bandwidth_1thread_gbps is None else round(bandwidth_1thread_gbps, 2),
+        "bytes_per_token": bytes_per_token,
+        "ceiling_tps": round(ceiling, 2),
+        "efficiency": round(decode_tps / ceiling, 4),
+    }
 
 
 def projection(target_bandwidth_gbps: float, bytes_per_token: int, efficiency: float) -> dict:
@@ -74,7 +89,14 @@ def projection(target_bandwidth_gbps: float, bytes_per_token: int, efficiency: f
     devices do not sustain, so the projection leans optimistic.
     """
     tps = target_bandwidth_gbps * 1e9 / bytes_per_token * efficiency
-    formula = (f"projected_decode_tps = target_bandwidth / bytes_per_token * efficiency_here = "
-               f"{target_bandwidth_gbps:g} GB/s / {bytes_per_token / 1e6:.2f} MB * {efficiency:.3f} = {tps:.1f} tok/s")
-    return {"label": "projection", "decode_tps": round(tps, 2), "formula": formula,
-            "bandwidth_gbps": target_bandwidth_gbps, "efficiency_here": efficiency}
+    formula = (
+        f"projected_decode_tps = target_bandwidth / bytes_per_token * efficiency_here = "
+        f"{target_bandwidth_gbps:g} GB/s / {bytes_per_token / 1e6:.2f} MB * {efficiency:.3f} = {tps:.1f} tok/s"
+    )
+    return {
+        "label": "projection",
+        "decode_tps": round(tps, 2),
+        "formula": formula,
+        "bandwidth_gbps": target_bandwidth_gbps,
+        "efficiency_here": efficiency,
+    }

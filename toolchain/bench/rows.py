@@ -14,9 +14,25 @@ import statistics
 import time
 
 # figures a row has only when the model ran; None otherwise
-FIGURES = ("load_s", "ttft_ms", "prefill_tps", "prefill_short_tps", "decode_tps", "token_ms", "peak_rss_mb",
-           "cpu_per_wall", "roofline", "projection", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
-           "samples_ts", "llama_bench")
+FIGURES = (
+    "load_s",
+    "ttft_ms",
+    "prefill_tps",
+    "prefill_short_tps",
+    "decode_tps",
+    "token_ms",
+    "peak_rss_mb",
+    "cpu_per_wall",
+    "roofline",
+    "projection",
+    "avg_ns",
+    "stddev_ns",
+    "avg_ts",
+    "stddev_ts",
+    "samples_ns",
+    "samples_ts",
+    "llama_bench",
+)
 
 
 def cpu_info() -> str:
@@ -34,42 +50,93 @@ def _params_label(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
-def base_row(model: dict, runtime: str, target, threads: int, n_prompt: int, n_short: int, n_gen: int,
-             facts: dict | None, memory: dict | None) -> dict:
+def base_row(
+    model: dict,
+    runtime: str,
+    target,
+    threads: int,
+    n_prompt: int,
+    n_short: int,
+    n_gen: int,
+    facts: dict | None,
+    memory: dict | None,
+) -> dict:
     """Identity, memory check and llama-bench model fields; figures None until the model runs."""
     facts = facts or {}
     row = {
-        "runtime": runtime, "target": target.name, "target_kind": target.kind, "format": model["format"],
-        "quant": model["quant"], "path": model["path"], "bytes": model.get("bytes"),
-        "threads": threads, "target_threads": target.threads,
-        "n_prompt": n_prompt, "n_prompt_short": n_short, "n_gen": n_gen,
+        "runtime": runtime,
+        "target": target.name,
+        "target_kind": target.kind,
+        "format": model["format"],
+        "quant": model["quant"],
+        "path": model["path"],
+        "bytes": model.get("bytes"),
+        "threads": threads,
+        "target_threads": target.threads,
+        "n_prompt": n_prompt,
+        "n_prompt_short": n_short,
+        "n_gen": n_gen,
         "fits": memory["fits"] if memory else None,
         "memory_needed_mb": memory["memory_needed_mb"] if memory else None,
-        "memory": memory, "skipped": None, "measured_for": None, "contended_runs": 0, "contended_kept": 0,
+        "memory": memory,
+        "skipped": None,
+        "measured_for": None,
+        "contended_runs": 0,
+        "contended_kept": 0,
         **{k: None for k in FIGURES},
         # llama-bench fields describing the model and the run
         "model_filename": model["path"],
-        "model_type": (f"{facts['arch']} {facts.get('size_label') or _params_label(facts['n_params'])} {model['quant']}"
-                       if facts else None),
-        "model_size": facts.get("weights_bytes"), "model_n_params": facts.get("n_params"),
-        "n_threads": threads, "n_batch": None, "n_gpu_layers": None, "backends": None,
-        "cpu_info": cpu_info(), "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_type": (
+            f"{facts['arch']} {facts.get('size_label') or _params_label(facts['n_params'])} {model['quant']}"
+            if facts
+            else None
+        ),
+        "model_size": facts.get("weights_bytes"),
+        "model_n_params": facts.get("n_params"),
+        "n_threads": threads,
+        "n_batch": None,
+        "n_gpu_layers": None,
+        "backends": None,
+        "cpu_info": cpu_info(),
+        "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return row
 
 
 def _llama_bench_test(row: dict, n_prompt: int, n_gen: int, n_depth: int, samples_ns: list[int], n_tokens: int) -> dict:
     ts = [n_tokens / (ns / 1e9) for ns in samples_ns]
-    rec = {k: row.get(k) for k in ("cpu_info", "backends", "model_filename", "model_type", "model_size",
-                                   "model_n_params", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers",
-                                   "type_k", "type_v", "use_mmap", "test_time")}
-    rec.update({
-        "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth,
-        "avg_ns": round(statistics.mean(samples_ns)),
-        "stddev_ns": round(statistics.stdev(samples_ns)) if len(samples_ns) > 1 else 0,
-        "avg_ts": statistics.mean(ts), "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
-        "samples_ns": samples_ns, "samples_ts": ts,
-    })
+    rec = {
+        k: row.get(k)
+        for k in (
+            "cpu_info",
+            "backends",
+            "model_filename",
+            "model_type",
+            "model_size",
+            "model_n_params",
+            "n_batch",
+            "n_ubatch",
+            "n_threads",
+            "n_gpu_layers",
+            "type_k",
+            "type_v",
+            "use_mmap",
+            "test_time",
+        )
+    }
+    rec.update(
+        {
+            "n_prompt": n_prompt,
+            "n_gen": n_gen,
+            "n_depth": n_depth,
+            "avg_ns": round(statistics.mean(samples_ns)),
+            "stddev_ns": round(statistics.stdev(samples_ns)) if len(samples_ns) > 1 else 0,
+            "avg_ts": statistics.mean(ts),
+            "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            "samples_ns": samples_ns,
+            "samples_ts": ts,
+        }
+    )
     return rec
 
 
@@ -98,10 +165,14 @@ def format_row(row: dict) -> str:
         return f"{head} skipped: {row['skipped']}"
     if row.get("fits") is False:
         m = row["memory"]
-        return (f"{head} does not fit: needs {m['memory_needed_mb']:.0f} MB (weights {m['weights_mb']:.0f} + "
-                f"KV {m['kv_cache_mb']:.0f} at context {m['context']}) > budget {m['memory_budget_mb']} MB")
-    line = (f"{head} prefill {row['prefill_tps']['median']:7.1f} tok/s  decode {row['decode_tps']['median']:6.1f} tok/s"
-            f"  RSS {row['peak_rss_mb']:.0f} MB")
+        return (
+            f"{head} does not fit: needs {m['memory_needed_mb']:.0f} MB (weights {m['weights_mb']:.0f} + "
+            f"KV {m['kv_cache_mb']:.0f} at context {m['context']}) > budget {m['memory_budget_mb']} MB"
+        )
+    line = (
+        f"{head} prefill {row['prefill_tps']['median']:7.1f} tok/s  decode {row['decode_tps']['median']:6.1f} tok/s"
+        f"  RSS {row['peak_rss_mb']:.0f} MB"
+    )
     if row.get("roofline"):
         line += f"  ({row['roofline']['efficiency']:.0%} of {row['roofline']['ceiling_tps']:.0f} tok/s ceiling)"
     if row.get("projection"):
@@ -109,4 +180,3 @@ def format_row(row: dict) -> str:
     if row.get("contended_kept"):
         line += f"  [{row['contended_kept']} contended run(s) kept]"
     return line
-

@@ -22,15 +22,17 @@ from pathlib import Path
 from toolchain.bench import roofline as rl
 from toolchain.bench.model_facts import model_facts
 from toolchain.bench.rows import add_measurement, base_row, format_row, out_name
-from toolchain.targets import Target
 from toolchain.bench.worker import PROGRESS
 from toolchain.errors import UserError
+from toolchain.targets import Target
 
 RUNTIME_BY_FORMAT = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch"}
 # modules a runtime needs, and what to install when one is missing
-RUNTIME_NEEDS = {"llama_cpp": (("llama_cpp",), "llama-cpp-python"),
-                 "onnxruntime": (("onnxruntime",), "onnxruntime"),
-                 "torch": (("torch", "transformers"), "torch transformers")}
+RUNTIME_NEEDS = {
+    "llama_cpp": (("llama_cpp",), "llama-cpp-python"),
+    "onnxruntime": (("onnxruntime",), "onnxruntime"),
+    "torch": (("torch", "transformers"), "torch transformers"),
+}
 
 
 def prompt_text() -> str:
@@ -81,8 +83,10 @@ def describe_model(path: str | os.PathLike) -> dict:
         quant = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
         size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         return {"format": "hf", "quant": quant, "path": str(path), "bytes": size}
-    raise UserError(f"{path}: expected a .gguf file or an ONNX folder (holding model.onnx), "
-                    "or an HF model directory (config.json + *.safetensors)")
+    raise UserError(
+        f"{path}: expected a .gguf file or an ONNX folder (holding model.onnx), "
+        "or an HF model directory (config.json + *.safetensors)"
+    )
 
 
 def missing_runtime(runtime: str) -> str | None:
@@ -101,14 +105,19 @@ def _cpus(threads: int) -> list[int]:
 def _run_worker(job: dict, progress) -> dict:
     """Run worker.py on `job`; relay its progress lines; its last stdout line is the result."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "toolchain.bench.worker"], stdin=subprocess.PIPE,
-                                stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "toolchain.bench.worker"],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
         tail = []
         for line in proc.stderr:
             if line.startswith(PROGRESS):
-                progress("    " + line[len(PROGRESS):].rstrip())
+                progress("    " + line[len(PROGRESS) :].rstrip())
             else:
                 tail = (tail + [line.rstrip()])[-20:]
         proc.wait()
@@ -124,12 +133,21 @@ def _why_not(model: dict, runtime: str, target: Target) -> str | None:
     if runtime not in target.runtimes:
         return f"runtime {runtime} is not in target {target.name}'s runtimes ({', '.join(target.runtimes)})"
     if not target.allows_quant(model["quant"]):
-        return f"quant type {model['quant']} is not in target {target.name}'s quant_types ({', '.join(target.quant_types)})"
+        allowed = ", ".join(target.quant_types)
+        return f"quant type {model['quant']} is not in target {target.name}'s quant_types ({allowed})"
     return missing_runtime(runtime)
 
 
-def bench_one(model: dict, ids: list[int], short_ids: list[int], gen_tokens: int, runs: int, target: Target,
-              progress=print, measured: dict | None = None) -> dict:
+def bench_one(
+    model: dict,
+    ids: list[int],
+    short_ids: list[int],
+    gen_tokens: int,
+    runs: int,
+    target: Target,
+    progress=print,
+    measured: dict | None = None,
+) -> dict:
     """One result row for `model` on `target` (see rows.py); runs the model only if it can.
 
     `measured` maps a run's settings to (target name, worker result): targets that come down to the
@@ -148,8 +166,17 @@ def bench_one(model: dict, ids: list[int], short_ids: list[int], gen_tokens: int
     if row["skipped"] or not memory["fits"]:
         return row
     device = "cuda" if target.kind == "cuda" else "cpu"
-    job = {"runtime": runtime, "model": model["path"], "prompt_ids": ids, "short_ids": short_ids,
-           "gen_tokens": gen_tokens, "runs": runs, "threads": threads, "cpus": _cpus(threads), "device": device}
+    job = {
+        "runtime": runtime,
+        "model": model["path"],
+        "prompt_ids": ids,
+        "short_ids": short_ids,
+        "gen_tokens": gen_tokens,
+        "runs": runs,
+        "threads": threads,
+        "cpus": _cpus(threads),
+        "device": device,
+    }
     key = json.dumps(job, sort_keys=True)
     if measured is not None and key in measured:
         row["measured_for"], result = measured[key][0], json.loads(measured[key][1])
@@ -167,24 +194,36 @@ def bench_one(model: dict, ids: list[int], short_ids: list[int], gen_tokens: int
     if device == "cuda":  # no GPU bandwidth probe: the profile's figure
         row["roofline"] = rl.roofline(decode, facts["bytes_per_token"], target.memory_bandwidth_gbps, "target profile")
     else:
-        row["roofline"] = rl.roofline(decode, facts["bytes_per_token"], rl.probe_bandwidth(threads), "measured",
-                                      rl.probe_bandwidth(1))
+        row["roofline"] = rl.roofline(
+            decode, facts["bytes_per_token"], rl.probe_bandwidth(threads), "measured", rl.probe_bandwidth(1)
+        )
     if target.kind == "mobile-class":
-        row["projection"] = rl.projection(target.memory_bandwidth_gbps, facts["bytes_per_token"],
-                                          row["roofline"]["efficiency"])
+        row["projection"] = rl.projection(
+            target.memory_bandwidth_gbps, facts["bytes_per_token"], row["roofline"]["efficiency"]
+        )
     return row
 
 
-def _bench(models: list[dict], targets: list[Target], ids: list[int], short_ids: list[int], gen_tokens: int,
-           runs: int, progress, out_dir) -> list[dict]:
+def _bench(
+    models: list[dict],
+    targets: list[Target],
+    ids: list[int],
+    short_ids: list[int],
+    gen_tokens: int,
+    runs: int,
+    progress,
+    out_dir,
+) -> list[dict]:
     from toolchain.fileio import write_json
 
     results, n, i, measured = [], len(models) * len(targets), 0, {}
     for target in targets:
         for m in models:
             i += 1
-            progress(f"bench [{i}/{n}] {RUNTIME_BY_FORMAT[m['format']]} {m['quant']} on {target.name} "
-                     f"({target.effective_threads()} of {target.threads} threads)")
+            progress(
+                f"bench [{i}/{n}] {RUNTIME_BY_FORMAT[m['format']]} {m['quant']} on {target.name} "
+                f"({target.effective_threads()} of {target.threads} threads)"
+            )
             row = bench_one(m, ids, short_ids, gen_tokens, runs, target, progress, measured)
             progress("  " + format_row(row))
             if out_dir is not None:
@@ -193,17 +232,34 @@ def _bench(models: list[dict], targets: list[Target], ids: list[int], short_ids:
     return results
 
 
-def bench_targets(models: list[dict], targets: list[Target], prompt_tokens: int = 512, gen_tokens: int = 128,
-                  runs: int = 5, progress=print, out_dir=None, short_prompt_tokens: int = 32) -> list[dict]:
+def bench_targets(
+    models: list[dict],
+    targets: list[Target],
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    runs: int = 5,
+    progress=print,
+    out_dir=None,
+    short_prompt_tokens: int = 32,
+) -> list[dict]:
     """Every model on every target; one row each (also written to `out_dir` when given)."""
     if not models:
         raise UserError("nothing to benchmark: no models given")
     ids = prompt_ids(models, prompt_tokens)
-    return _bench(models, targets, ids, ids[:min(short_prompt_tokens, prompt_tokens)], gen_tokens, runs,
-                  progress, out_dir)
+    return _bench(
+        models, targets, ids, ids[: min(short_prompt_tokens, prompt_tokens)], gen_tokens, runs, progress, out_dir
+    )
 
 
-def bench_models(models: list[dict], target: Target, prompt_tokens: int = 512, gen_tokens: int = 128, runs: int = 5,
-                 progress=print, out_dir=None, short_prompt_tokens: int = 32) -> list[dict]:
+def bench_models(
+    models: list[dict],
+    target: Target,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    runs: int = 5,
+    progress=print,
+    out_dir=None,
+    short_prompt_tokens: int = 32,
+) -> list[dict]:
     """Every model on one target (the pipeline's and `toolchain bench`'s entry point)."""
     return bench_targets(models, [target], prompt_tokens, gen_tokens, runs, progress, out_dir, short_prompt_tokens)

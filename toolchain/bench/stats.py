@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Session(Protocol):
@@ -17,9 +18,9 @@ class Session(Protocol):
 
     info: dict  # runtime facts for the result row: backends, n_batch, n_gpu_layers, runtime_version
 
-    def reset(self) -> None: ...          # forget the KV cache (start a new sequence)
+    def reset(self) -> None: ...  # forget the KV cache (start a new sequence)
     def feed(self, ids: list[int]) -> None: ...  # run the model on ids after the cached tokens
-    def argmax(self) -> int: ...          # greedy next token from the last position's logits
+    def argmax(self) -> int: ...  # greedy next token from the last position's logits
     def close(self) -> None: ...
 
 
@@ -61,8 +62,16 @@ def one_run(sess: Session, long_ids: list[int], short_ids: list[int], gen_tokens
     return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "lat": lat, "short_s": short_s}
 
 
-def measure(sess: Session, long_ids: list[int], short_ids: list[int], gen_tokens: int, runs: int,
-            monitor, retries: int = 2, progress: Callable[[str], None] = lambda m: None) -> dict:
+def measure(
+    sess: Session,
+    long_ids: list[int],
+    short_ids: list[int],
+    gen_tokens: int,
+    runs: int,
+    monitor,
+    retries: int = 2,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict:
     """A warm-up run, then `runs` timed runs; a run that saw other processes on our cores is
     re-run up to `retries` times (the last attempt is kept either way and counted)."""
     if not long_ids or not short_ids or gen_tokens < 1 or runs < 1:
@@ -86,7 +95,9 @@ def measure(sess: Session, long_ids: list[int], short_ids: list[int], gen_tokens
             samples.append(r)
             break
     return summarise(samples, len(long_ids), len(short_ids)) | {
-        "contended_runs": contended_runs, "contended_kept": contended_kept}
+        "contended_runs": contended_runs,
+        "contended_kept": contended_kept,
+    }
 
 
 def summarise(samples: list[dict], n_long: int, n_short: int) -> dict:
@@ -98,15 +109,27 @@ def summarise(samples: list[dict], n_long: int, n_short: int) -> dict:
         "decode_tps": summary([len(r["lat"]) / sum(r["lat"]) for r in samples]),
         "token_ms": {"p50": percentile(token_ms, 0.5), "p95": percentile(token_ms, 0.95)},
         # per-run totals in ns, for the llama-bench-style records (rows.py)
-        "run_ns": {"prefill": [round(r["prefill_s"] * 1e9) for r in samples],
-                       "prefill_short": [round(r["short_s"] * 1e9) for r in samples],
-                       "decode": [round(sum(r["lat"]) * 1e9) for r in samples]},
+        "run_ns": {
+            "prefill": [round(r["prefill_s"] * 1e9) for r in samples],
+            "prefill_short": [round(r["short_s"] * 1e9) for r in samples],
+            "decode": [round(sum(r["lat"]) * 1e9) for r in samples],
+        },
     }
 
 
-def run_bench(runtime: str, open_session, model_path: str, prompt_ids: list[int], gen_tokens: int, runs: int,
-              threads: int, short_ids: list[int] | None = None, device: str = "cpu", monitor=None,
-              progress: Callable[[str], None] = lambda m: None) -> dict:
+def run_bench(
+    runtime: str,
+    open_session,
+    model_path: str,
+    prompt_ids: list[int],
+    gen_tokens: int,
+    runs: int,
+    threads: int,
+    short_ids: list[int] | None = None,
+    device: str = "cpu",
+    monitor=None,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict:
     """Open a session with `open_session(model_path, threads, n_ctx, device)`, time it, close it.
 
     The body of every runner's `bench()`. `short_ids` defaults to the first 32 prompt tokens.
@@ -118,9 +141,18 @@ def run_bench(runtime: str, open_session, model_path: str, prompt_ids: list[int]
     sess = open_session(model_path, threads, len(prompt_ids) + gen_tokens + 8, device)
     load_s = time.perf_counter() - t0
     try:
-        figures = measure(sess, list(prompt_ids), short_ids, gen_tokens, runs, monitor or ContentionMonitor(),
-                          progress=progress)
+        figures = measure(
+            sess, list(prompt_ids), short_ids, gen_tokens, runs, monitor or ContentionMonitor(), progress=progress
+        )
     finally:
         sess.close()
-    return {"runtime": runtime, "threads": threads, "n_prompt": len(prompt_ids), "n_prompt_short": len(short_ids),
-            "n_gen": gen_tokens, "load_s": load_s, **sess.info, **figures}
+    return {
+        "runtime": runtime,
+        "threads": threads,
+        "n_prompt": len(prompt_ids),
+        "n_prompt_short": len(short_ids),
+        "n_gen": gen_tokens,
+        "load_s": load_s,
+        **sess.info,
+        **figures,
+    }

@@ -28,8 +28,12 @@ class TorchSession:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(self.device).eval()
         self._cache = None
         self._next = None
-        self.info = {"backends": "CUDA" if device == "cuda" else "CPU", "n_batch": None, "n_gpu_layers": None,  # one call per prompt
-                     "runtime_version": f"torch {torch.__version__}, transformers {transformers.__version__}"}
+        self.info = {
+            "backends": "CUDA" if device == "cuda" else "CPU",
+            "n_batch": None,
+            "n_gpu_layers": None,  # one call per prompt
+            "runtime_version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        }
 
     def reset(self) -> None:
         from transformers import DynamicCache

@@ -16,8 +16,11 @@ import sys
 import time
 
 PROGRESS = "progress: "
-RUNNERS = {"llama_cpp": "toolchain.bench.llama_cpp_runner", "onnxruntime": "toolchain.bench.onnxruntime_runner",
-           "torch": "toolchain.bench.torch_runner"}
+RUNNERS = {
+    "llama_cpp": "toolchain.bench.llama_cpp_runner",
+    "onnxruntime": "toolchain.bench.onnxruntime_runner",
+    "torch": "toolchain.bench.torch_runner",
+}
 
 
 def peak_rss_mb() -> float:
@@ -57,9 +60,17 @@ def main() -> None:
         print(json.dumps({"skipped": reason}))
         return
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    result = runner.bench(job["model"], job["prompt_ids"], job["gen_tokens"], job["runs"], job["threads"],
-                          short_ids=job.get("short_ids"), device=device,
-                          monitor=ContentionMonitor(job.get("cpus")), progress=progress)
+    result = runner.bench(
+        job["model"],
+        job["prompt_ids"],
+        job["gen_tokens"],
+        job["runs"],
+        job["threads"],
+        short_ids=job.get("short_ids"),
+        device=device,
+        monitor=ContentionMonitor(job.get("cpus")),
+        progress=progress,
+    )
     result["cpu_per_wall"] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     result["peak_rss_mb"] = peak_rss_mb()
     result["torch_imported"] = "torch" in sys.modules

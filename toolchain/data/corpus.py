@@ -36,8 +36,10 @@ def read_text_file(path: str | Path) -> str:
         text = raw.decode("utf-8-sig")  # a BOM from Windows editors is not text
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
     text = text.replace("\r\n", "\n")  # so Windows line ends still separate documents
     if not text.strip():
         raise UserError(f"data.source: {path} is empty; give a text file with training text")
@@ -70,21 +72,32 @@ def pack(tokenizer, docs: list[str], seq_len: int, max_blocks: int | None = None
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train_and_heldout(tokenizer, source: str, seq_len: int, heldout_fraction: float, seed: int,
-                      eval_sequences: int, max_train_blocks: int | None = None):
+def train_and_heldout(
+    tokenizer,
+    source: str,
+    seq_len: int,
+    heldout_fraction: float,
+    seed: int,
+    eval_sequences: int,
+    max_train_blocks: int | None = None,
+):
     docs = load_documents(source)
     if len(docs) < 2:
-        raise UserError(f"data.source: {source} holds one document; separate documents (or paragraphs) with blank "
-                        "lines so some can be held out for evaluation")
+        raise UserError(
+            f"data.source: {source} holds one document; separate documents (or paragraphs) with blank "
+            "lines so some can be held out for evaluation"
+        )
     train_docs, held_docs = split_documents(docs, heldout_fraction, seed)
     train = pack(tokenizer, train_docs, seq_len, max_train_blocks)
     held = pack(tokenizer, held_docs, seq_len, eval_sequences)
     for what, blocks, d in (("training", train, train_docs), ("held-out", held, held_docs)):
         if len(blocks) == 0:
             found = sum(len(tokenizer(x, add_special_tokens=False).input_ids) + 1 for x in d)
-            raise UserError(f"data.source: the {what} split of {source} has {found} tokens, fewer than one block of "
-                            f"{seq_len} tokens; add text, lower data.seq_len, or change "
-                            "data.heldout_fraction")
+            raise UserError(
+                f"data.source: the {what} split of {source} has {found} tokens, fewer than one block of "
+                f"{seq_len} tokens; add text, lower data.seq_len, or change "
+                "data.heldout_fraction"
+            )
     return train, held
 
 
@@ -92,6 +105,8 @@ def check_enough_blocks(train: torch.Tensor, batch_size: int, source: str) -> No
     """The loop needs at least one full batch of distinct blocks."""
     if len(train) < batch_size:
         n_tok = train.numel()
-        raise UserError(f"data.source: {source} gives {len(train)} training blocks ({n_tok} tokens), fewer than "
-                        f"distill.batch_size={batch_size} blocks ({batch_size * train.shape[1]} tokens needed); "
-                        "add text, or lower data.seq_len or distill.batch_size")
+        raise UserError(
+            f"data.source: {source} gives {len(train)} training blocks ({n_tok} tokens), fewer than "
+            f"distill.batch_size={batch_size} blocks ({batch_size * train.shape[1]} tokens needed); "
+            "add text, or lower data.seq_len or distill.batch_size"
+        )

@@ -29,16 +29,22 @@ def _messages_from(obj, where: str) -> list[dict]:
             raise UserError(f"{where}: 'messages' must be a list of at least two messages (a prompt and the answer)")
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
-                raise UserError(f"{where}: messages[{j}] must be {{\"role\": one of {'/'.join(_ROLES)}, "
-                                f"\"content\": a string}}, got {json.dumps(m)[:80]}")
+                raise UserError(
+                    f'{where}: messages[{j}] must be {{"role": one of {"/".join(_ROLES)}, '
+                    f'"content": a string}}, got {json.dumps(m)[:80]}'
+                )
         if msgs[-1]["role"] != "assistant":
-            raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant'), "
-                            f"got role '{msgs[-1]['role']}'")
+            raise UserError(
+                f"{where}: the last message must be the assistant's answer (role 'assistant'), "
+                f"got role '{msgs[-1]['role']}'"
+            )
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     missing = [k for k in ("prompt", "response") if k not in obj]
     if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}'; each line needs \"prompt\" and \"response\" "
-                        f"(or \"messages\"), found keys: {', '.join(obj) or 'none'}")
+        raise UserError(
+            f'{where}: missing key \'{missing[0]}\'; each line needs "prompt" and "response" '
+            f'(or "messages"), found keys: {", ".join(obj) or "none"}'
+        )
     for k in ("prompt", "response"):
         if not isinstance(obj[k], str):
             raise UserError(f"{where}: '{k}' must be a string, got {type(obj[k]).__name__}")
@@ -54,7 +60,9 @@ def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8"
+        ) from None
     examples = []
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -65,7 +73,7 @@ def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
             raise UserError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
         examples.append(_messages_from(obj, f"{path}:{no}"))
     if not examples:
-        raise UserError(f"{path} holds no examples; it needs one JSON object per line with \"prompt\" and \"response\"")
+        raise UserError(f'{path} holds no examples; it needs one JSON object per line with "prompt" and "response"')
     return examples
 
 
@@ -88,7 +96,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise UserError(f"{path}:{no}: expected {{\"prompt\": \"...\"}}")
+                raise UserError(f'{path}:{no}: expected {{"prompt": "..."}}')
             prompts.append(obj["prompt"])
         else:
             prompts.append(line)

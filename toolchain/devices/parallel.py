@@ -105,7 +105,7 @@ def sum_gradients(par: Parallel, params: list[torch.nn.Parameter]) -> None:
         dist.all_reduce(flat)
         offset = 0
         for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 

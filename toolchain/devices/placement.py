@@ -26,17 +26,23 @@ def resolve_device(spec: str = "auto") -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if ":" in spec and world > 1:
-        raise UserError(f"distill.device: {spec} would put all {world} processes on one GPU; use "
-                        "distill.device: cuda (each process takes the GPU of its LOCAL_RANK)")
+        raise UserError(
+            f"distill.device: {spec} would put all {world} processes on one GPU; use "
+            "distill.device: cuda (each process takes the GPU of its LOCAL_RANK)"
+        )
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"distill.device: {spec}, but torch sees no CUDA GPU (a CPU-only torch build, or no GPU "
-                        "visible to this process); set distill.device: cpu (or auto)")
+        raise UserError(
+            f"distill.device: {spec}, but torch sees no CUDA GPU (a CPU-only torch build, or no GPU "
+            "visible to this process); set distill.device: cpu (or auto)"
+        )
     index = int(spec.split(":")[1]) if ":" in spec else local_rank
     if index >= torch.cuda.device_count():
-        raise UserError(f"distill.device: GPU {index} asked for, but torch sees {torch.cuda.device_count()} "
-                        "(check CUDA_VISIBLE_DEVICES and the launcher's --num_processes)")
+        raise UserError(
+            f"distill.device: GPU {index} asked for, but torch sees {torch.cuda.device_count()} "
+            "(check CUDA_VISIBLE_DEVICES and the launcher's --num_processes)"
+        )
     return torch.device("cuda", index)
 
 
@@ -54,7 +60,9 @@ def place(model, device: torch.device):
     if model is None or model_device(model) == device:
         return model
     if _is_bnb_quantized(model):
-        raise UserError(f"the bitsandbytes-quantized teacher was loaded on {model_device(model)}, but distillation "
-                        f"runs on {device}; a quantized model cannot be moved after loading, so load it with "
-                        "load_teacher(device=...) on the same device as distill.device")
+        raise UserError(
+            f"the bitsandbytes-quantized teacher was loaded on {model_device(model)}, but distillation "
+            f"runs on {device}; a quantized model cannot be moved after loading, so load it with "
+            "load_teacher(device=...) on the same device as distill.device"
+        )
     return model.to(device)

@@ -34,15 +34,20 @@ class Batch:
     def n_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         """This batch on `device` (itself when it is there already: CPU runs copy nothing)."""
         if self.input_ids.device == device:
             return self
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.teacher_topk_ids), move(self.teacher_topk_logprobs))
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(
+            move(self.input_ids),
+            move(self.labels),
+            move(self.attention_mask),
+            move(self.teacher_topk_ids),
+            move(self.teacher_topk_logprobs),
+        )
 
     @classmethod
-    def from_blocks(cls, blocks: torch.Tensor) -> "Batch":
+    def from_blocks(cls, blocks: torch.Tensor) -> Batch:
         """Packed text blocks [B, L+1] -> inputs [B, L] and next-token labels [B, L]."""
         return cls(input_ids=blocks[:, :-1], labels=blocks[:, 1:].clone())

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from toolchain.distill.batch import Batch
+from toolchain.data.batch_order import batch_indices
 from toolchain.devices.placement import model_device
+from toolchain.distill.batch import Batch
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path, write_json
 
@@ -53,8 +54,9 @@ def _sha256_files(paths: list[Path], h=None):
     return h
 
 
-def teacher_digest(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                   variant: dict | None = None) -> str:
+def teacher_digest(
+    model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None, variant: dict | None = None
+) -> str:
     """Digest of the teacher as loaded: config + weight files (+ adapter files) + load variant.
 
     Read from the files, not the loaded tensors, so a run that trains from the cache can check
@@ -85,8 +87,14 @@ def data_digest(blocks: torch.Tensor) -> str:
 
 
 def fingerprint(teacher: str, vocab: str, data: str, k: int, seq_len: int) -> dict:
-    return {"teacher": teacher, "vocab": vocab, "data": data, "k": int(k), "seq_len": int(seq_len),
-            "format": FORMAT_VERSION}
+    return {
+        "teacher": teacher,
+        "vocab": vocab,
+        "data": data,
+        "k": int(k),
+        "seq_len": int(seq_len),
+        "format": FORMAT_VERSION,
+    }
 
 
 _FIELD_WHY = {
@@ -134,9 +142,18 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def build_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: str | os.PathLike, k: int,
-                teacher_id: str, batch_size: int = 4, shard_blocks: int = 64, progress: bool = False,
-                stop_after_shards: int | None = None) -> dict:
+def build_cache(
+    teacher,
+    tokenizer,
+    blocks: torch.Tensor,
+    out_dir: str | os.PathLike,
+    k: int,
+    teacher_id: str,
+    batch_size: int = 4,
+    shard_blocks: int = 64,
+    progress: bool = False,
+    stop_after_shards: int | None = None,
+) -> dict:
     """Run `teacher` over packed `blocks` [n, L+1] and store its top-k in `out_dir`.
 
     `teacher_id` is `teacher_digest(...)` of the loaded teacher. Returns the manifest (with
@@ -189,8 +206,11 @@ def build_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: str | os.Path
             v, j = teacher_topk(teacher, part[i : i + batch_size, :-1], k, vocab)
             vals.append(v.half())
             ids.append(j.to(id_dtype))
-        tensors = {"tokens": part.to(id_dtype).contiguous(), "topk_ids": torch.cat(ids).contiguous(),
-                   "topk_logprobs": torch.cat(vals).contiguous()}
+        tensors = {
+            "tokens": part.to(id_dtype).contiguous(),
+            "topk_ids": torch.cat(ids).contiguous(),
+            "topk_logprobs": torch.cat(vals).contiguous(),
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         built += 1
@@ -230,9 +250,13 @@ class TeacherCache:
         mf = self.dir / MANIFEST
         if not mf.is_file():
             if (self.dir / BUILD_STATE).is_file():
-                raise UserError(f"teacher cache {self.dir} is incomplete (its build was interrupted); "
-                                "rerun `toolchain distill-cache` with the same settings to finish it")
-            raise UserError(f"{self.dir} is not a teacher cache (no {MANIFEST}); build one with `toolchain distill-cache`")
+                raise UserError(
+                    f"teacher cache {self.dir} is incomplete (its build was interrupted); "
+                    "rerun `toolchain distill-cache` with the same settings to finish it"
+                )
+            raise UserError(
+                f"{self.dir} is not a teacher cache (no {MANIFEST}); build one with `toolchain distill-cache`"
+            )
         self.manifest = json.loads(mf.read_text())
         if expect is not None:
             check_fingerprint(self.manifest["fingerprint"], expect, self.dir)
@@ -262,14 +286,6 @@ class TeacherCache:
 
     def blocks(self) -> torch.Tensor:
         return torch.stack([self.block(i)[0] for i in range(self.n)])
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """The loop's data order (a seeded permutation per epoch), so cached and online KD see
-    the same blocks at the same steps."""
-    from toolchain.distill import loop
-
-    return loop._batch_indices(step, batch_size, n, seed)
 
 
 def cache_batch_fn(cache: TeacherCache, batch_size: int, seed: int):

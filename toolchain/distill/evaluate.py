@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from toolchain.devices.placement import model_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
-from toolchain.devices.placement import model_device
 from toolchain.errors import UserError
 
 ECE_BINS = 15

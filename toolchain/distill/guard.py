@@ -46,8 +46,10 @@ class DivergenceGuard:
         rising = [k for k, v in values.items() if self.ratio and k in self.lowest and v > self.ratio * self.lowest[k]]
         if rising:
             k = rising[0]
-            return (f"held-out {k.upper()} rose to {values[k]:.3f} at step {step}, above {self.ratio:g} x its "
-                    f"lowest value {self.lowest[k]:.3f}")
+            return (
+                f"held-out {k.upper()} rose to {values[k]:.3f} at step {step}, above {self.ratio:g} x its "
+                f"lowest value {self.lowest[k]:.3f}"
+            )
         key = "kl" if "kl" in values else "ce"
         if self.best is None or values.get(key, math.inf) < self.best.get(key, math.inf):
             self.best = {"step": step, **values}
@@ -59,3 +61,33 @@ class DivergenceGuard:
     def restore_best(self, student: torch.nn.Module) -> None:
         if self.best_state is not None:
             student.load_state_dict(self.best_state)
+
+    def error(self, reason: str, step: int, figures: dict, history: list, ckpt_path, lr: float, warmup: int):
+        """The error that stops a diverging run, the student already holding the best weights.
+
+        The last checkpoint holds the diverged weights and optimizer: it is moved aside, so that
+        a rerun (with a lower lr) starts from the initial student instead of resuming into them.
+        """
+        from toolchain.errors import DivergenceError
+
+        if ckpt_path.is_file():
+            ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
+        last = {"step": step, **{k: figures[k] for k in WATCHED if figures and k in figures}}
+        best = self.best or {}
+
+        def fig(d: dict) -> str:
+            return ", ".join(f"{k.upper()} {d[k]:.3f}" for k in WATCHED if d.get(k) is not None)
+
+        message = (
+            f"distillation diverged: {reason}. Best: step {best.get('step', '?')} ({fig(best)}); "
+            f"last: step {step} ({fig(last)}). Lower distill.lr (now {lr:g}; "
+            f"try {lr / 10:g}) or raise distill.warmup_steps (now {warmup})"
+        )
+        figures_out = {
+            "reason": reason,
+            "best": best,
+            "last": last,
+            "history": history,
+            "kept_best_weights": self.best_state is not None,
+        }
+        return DivergenceError(message, figures_out)

@@ -31,7 +31,8 @@ def plain_output_weight(model) -> torch.Tensor | None:
 def final_hidden(model, batch, all_states: bool = False):
     """Decoder output [B*L, H] (after the final norm), without making any logits; with
     all_states, also every block's output (HF `hidden_states`)."""
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                              output_hidden_states=all_states)
+    out = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, output_hidden_states=all_states
+    )
     h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
     return (h, out.hidden_states) if all_states else h

@@ -16,13 +16,16 @@ class HiddenMatcher(torch.nn.Module):
     def __init__(self, layer_map: list[tuple[int, int]], student_width: int, teacher_width: int, kind: str):
         super().__init__()
         if not layer_map:
-            raise UserError("distill.hidden_loss needs a student made from the teacher (its toolchain.json "
-                            "lists kept_layers); set distill.hidden_loss=none for this student")
+            raise UserError(
+                "distill.hidden_loss needs a student made from the teacher (its toolchain.json "
+                "lists kept_layers); set distill.hidden_loss=none for this student"
+            )
         self.layer_map, self.kind = list(layer_map), kind
         same = student_width == teacher_width
         self.proj = torch.nn.ModuleList(
             torch.nn.Identity() if same else torch.nn.Linear(student_width, teacher_width, bias=False)
-            for _ in self.layer_map)
+            for _ in self.layer_map
+        )
 
     def forward(self, s_states, t_states, mask: torch.Tensor, denom: float) -> torch.Tensor:
         """Sum over loss tokens of the mean per-layer distance, divided by `denom`.

@@ -19,32 +19,39 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from toolchain.config import DistillConfig
+from toolchain.data.batch_order import batch_indices
+from toolchain.devices.parallel import (
+    Parallel,
+    all_sum,
+    barrier,
+    broadcast_parameters,
+    from_env,
+    micro_batch_index,
+    sum_gradients,
+)
+from toolchain.devices.placement import model_device, place, resolve_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.guard import DivergenceGuard, resolve_eval_every
-from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.head import final_hidden, plain_output_weight
+from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
-from toolchain.devices.parallel import (Parallel, all_sum, barrier, broadcast_parameters, from_env, gather,
-                                        micro_batch_index, sum_gradients)
-from toolchain.devices.placement import model_device, place, resolve_device
+from toolchain.distill.state import CHECKPOINT, TrainState, load_checkpoint, nonfinite_message, save_checkpoint
 from toolchain.distill.tuning import keep_freed_memory
-from toolchain.errors import DivergenceError, UserError
-from toolchain.fileio import atomic_path
+from toolchain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 BatchFn = Callable[[int], Batch]
 
 
@@ -55,23 +62,13 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Blocks for `step`: a fresh seeded permutation per epoch, so the order is reproducible."""
-    out = []
-    pos = step * batch_size
-    for k in range(batch_size):
-        epoch, i = divmod(pos + k, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return torch.tensor(out)
-
-
 def packed_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> BatchFn:
     """batch_fn over packed text blocks [n, L+1]: micro-step m gets a seeded shuffle's m-th slice."""
     if len(blocks) < batch_size:
-        raise UserError(f"only {len(blocks)} training blocks for distill.batch_size={batch_size}; "
-                        "use more text or a smaller batch")
-    return lambda m: Batch.from_blocks(blocks[_batch_indices(m, batch_size, len(blocks), seed)])
+        raise UserError(
+            f"only {len(blocks)} training blocks for distill.batch_size={batch_size}; use more text or a smaller batch"
+        )
+    return lambda m: Batch.from_blocks(blocks[batch_indices(m, batch_size, len(blocks), seed)])
 
 
 def loss_spec(cfg: DistillConfig) -> LossSpec:
@@ -87,8 +84,10 @@ def teacher_target(teacher, batch: Batch, spec: LossSpec):
         ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
         return SparseTeacher(ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1]))
     if teacher is None:
-        raise UserError("this batch has no stored teacher top-k targets, so the teacher model is needed; "
-                        "pass a teacher (or train from a complete teacher cache)")
+        raise UserError(
+            "this batch has no stored teacher top-k targets, so the teacher model is needed; "
+            "pass a teacher (or train from a complete teacher cache)"
+        )
     with torch.inference_mode():
         logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return logits.reshape(-1, logits.shape[-1]).clone()  # clone: leave inference mode for autograd's sake
@@ -105,8 +104,10 @@ def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hid
     s_w = plain_output_weight(student)
     needs_online = (spec.alpha < 1.0 and batch.teacher_topk_ids is None) or hidden is not None
     if hidden is not None and teacher is None:
-        raise UserError("distill.hidden_loss needs the teacher's hidden states, so the teacher must be loaded "
-                        "(an offline cache holds only its top-k logits)")
+        raise UserError(
+            "distill.hidden_loss needs the teacher's hidden states, so the teacher must be loaded "
+            "(an offline cache holds only its top-k logits)"
+        )
     t_w = plain_output_weight(teacher) if needs_online and teacher is not None else None
     want = hidden is not None
     t_states = s_states = None
@@ -130,62 +131,13 @@ def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hid
         loss, ce, div = chunked_loss(s_logits.reshape(len(labels), -1), target, labels, spec, denom=denom)
         if want:
             with torch.inference_mode():
-                t_states = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   output_hidden_states=True).hidden_states
+                t_states = teacher(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+                ).hidden_states
     if hidden is not None:
         t_states = tuple(t.clone() for t in t_states)
         loss = loss + hidden_weight * hidden(s_states, t_states, batch.labels != IGNORE_INDEX, denom)
     return loss, ce, div
-
-
-def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_states(states) -> None:
-    if isinstance(states, torch.Tensor):  # checkpoints from before python/cuda states were kept
-        states = {"torch": states}
-    torch.set_rng_state(states["torch"])
-    if states.get("python") is not None:
-        random.setstate(states["python"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _nonfinite_message(loss: float, grad_norm: float, step: int, ckpt_path: Path, cfg: DistillConfig) -> str:
-    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    if ckpt_path.is_file():
-        last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["step"]
-        kept = f"the last good checkpoint (step {last}) is kept in {ckpt_path}; rerunning resumes from it"
-    else:
-        kept = "no checkpoint had been written yet"
-    return (f"distillation stopped at step {step}: {what} is not finite, so this step was not applied; {kept}. "
-            f"Lower distill.lr (now {cfg.lr}), keep distill.grad_clip > 0, or check the data.")
-
-
-def _divergence(reason: str, guard: DivergenceGuard, step: int, figures: dict, history: list, student,
-                home, ckpt_path: Path, cfg: DistillConfig) -> DivergenceError:
-    """The error that stops a diverging run; the student goes back home holding the best weights.
-
-    The last checkpoint holds the diverged weights and optimizer: it is moved aside, so that a
-    rerun (with a lower lr) starts from the initial student instead of resuming into them.
-    """
-    guard.restore_best(student)
-    place(student, home)
-    if ckpt_path.is_file():
-        ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
-    last = {"step": step, **{k: figures[k] for k in ("kl", "ce") if figures and k in figures}} if figures else {}
-    best = guard.best or {}
-
-    def fig(d: dict) -> str:
-        return ", ".join(f"{k.upper()} {d[k]:.3f}" for k in ("kl", "ce") if d.get(k) is not None)
-
-    message = (f"distillation diverged: {reason}. Best: step {best.get('step', '?')} ({fig(best)}); "
-               f"last: step {last.get('step', step)} ({fig(last)}). Lower distill.lr (now {cfg.lr:g}; "
-               f"try {cfg.lr / 10:g}) or raise distill.warmup_steps (now {cfg.warmup_steps})")
-    return DivergenceError(message, {"reason": reason, "best": best, "last": last, "history": history,
-                                     "kept_best_weights": guard.best_state is not None})
 
 
 def _compile_decoders(*models) -> None:
@@ -206,21 +158,32 @@ def _n_tokens(batch: Batch) -> int:
     return int(batch.attention_mask.sum()) if batch.attention_mask is not None else batch.input_ids.numel()
 
 
-def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
-            work_dir: str | os.PathLike, progress: bool = True, layer_map: list[tuple[int, int]] | None = None,
-            par: Parallel | None = None) -> dict:
-    """Train `student` towards `teacher` on `batch_fn`'s batches; returns figures for the report.
+def check_requirements(teacher, cfg: DistillConfig) -> None:
+    """Everything the run needs that can be checked before any step or evaluation is spent."""
+    if cfg.hidden_loss != "none" and teacher is None:
+        raise UserError("distill.hidden_loss needs the teacher loaded (an offline cache holds only top-k logits)")
+    if cfg.on_policy_fraction > 0 and teacher is None:
+        raise UserError(
+            "distill.on_policy_fraction > 0 needs the online teacher to score the student's samples; "
+            "it cannot run from an offline teacher cache alone"
+        )
 
-    batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1; with W
-    processes, s * grad_accum * W ... and each process its share).
-    heldout: packed blocks [n, L+1] or a list of Batch (see `evaluate`).
-    teacher may be None when every batch carries stored top-k targets.
-    par: the process group (default: from the launcher's environment, else a single process).
-    On processes other than 0 the returned figures hold no evaluations.
-    """
-    par = par or from_env()
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+
+@dataclass
+class _Setup:
+    """The run's fixed parts, built once: where it runs, what trains, how."""
+
+    device: torch.device
+    home: torch.device  # where the caller gets the student back (saving, LoRA merge)
+    spec: LossSpec
+    hidden: HiddenMatcher | None
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast: torch.autocast
+
+
+def _setup(teacher, student, cfg: DistillConfig, layer_map) -> _Setup:
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -229,24 +192,21 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    spec = loss_spec(cfg)
-    accum = cfg.grad_accum
     device = resolve_device(cfg.device)
-    home = model_device(student)  # the caller gets its student back here (saving, LoRA merge)
+    home = model_device(student)
     place(student, device)
     place(teacher, device)
     if cfg.compile:
         # the teacher only where training runs it (with alpha = 1 it only evaluates)
         _compile_decoders(student, teacher if cfg.alpha < 1.0 or cfg.hidden_loss != "none" else None)
-    # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
     hidden = None
     if cfg.hidden_loss != "none":
-        if teacher is None:
-            raise UserError("distill.hidden_loss needs the teacher loaded (an offline cache holds only top-k logits)")
-        hidden = HiddenMatcher(layer_map or [], student.config.get_text_config().hidden_size,
-                               teacher.config.get_text_config().hidden_size, cfg.hidden_loss).to(device)
+        hidden = HiddenMatcher(
+            layer_map or [],
+            student.config.get_text_config().hidden_size,
+            teacher.config.get_text_config().hidden_size,
+            cfg.hidden_loss,
+        ).to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     if hidden is not None:
         params += list(hidden.parameters())  # the projection trains with the student
@@ -254,136 +214,139 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
     # temporaries (~4 bytes x params per step): less memory traffic and a lower peak RSS
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
+    # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    return _Setup(device, home, loss_spec(cfg), hidden, params, optimizer, scheduler, autocast)
 
+
+def _train_step(student, teacher, batches: list[Batch], run: _Setup, cfg: DistillConfig, par: Parallel) -> dict:
+    """One optimizer step over the step's micro-batches; the step's figures (not yet applied
+    when the loss or gradient norm is not finite: the caller stops)."""
+    # token-weighted over the whole step (all processes): each micro-batch is divided by the
+    # step's loss tokens
+    denom = max(1, all_sum(par, sum(b.n_loss_tokens for b in batches)))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_value, ce_value, div_value = 0.0, 0.0, 0.0
+    for b in batches:
+        with run.autocast:
+            loss, ce, div = batch_loss(student, teacher, b, run.spec, denom, run.hidden, cfg.hidden_weight)
+        loss.backward()
+        loss_value += loss.item()
+        ce_value += float(ce)
+        div_value += float(div)
+    if par.active:
+        sum_gradients(par, run.params)
+        loss_value, ce_value, div_value = (all_sum(par, v) for v in (loss_value, ce_value, div_value))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip))
+    figures = {"loss": loss_value, "ce": ce_value, "kl_t": div_value, "grad_norm": grad_norm}
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        run.optimizer.step()
+        run.scheduler.step()
+    return figures
+
+
+def distill(
+    teacher,
+    student,
+    batch_fn: BatchFn,
+    heldout,
+    cfg: DistillConfig,
+    work_dir: str | os.PathLike,
+    progress: bool = True,
+    layer_map: list[tuple[int, int]] | None = None,
+    par: Parallel | None = None,
+) -> dict:
+    """Train `student` towards `teacher` on `batch_fn`'s batches; returns figures for the report.
+
+    batch_fn(m) gives micro-batch m (step s uses m = s * grad_accum ... + grad_accum - 1; with W
+    processes, s * grad_accum * W ... and each process its share).
+    heldout: packed blocks [n, L+1], a list of Batch, or {name: either} for several eval sets
+    (the first is "the" held-out set of before/after; see `evaluate`).
+    teacher may be None when every batch carries stored top-k targets.
+    par: the process group (default: from the launcher's environment, else a single process).
+    On processes other than 0 the returned figures hold no evaluations.
+    """
+    check_requirements(teacher, cfg)
+    par = par or from_env()
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = _setup(teacher, student, cfg, layer_map)
     ckpt_path = work_dir / CHECKPOINT
-    start_step, history, before, train_seconds, tokens = 0, [], None, 0.0, 0
     guard = DivergenceGuard(cfg.divergence_ratio)
-    eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
+    state = TrainState()
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if hidden is not None and ckpt.get("hidden_proj") is not None:
-            hidden.load_state_dict(ckpt["hidden_proj"])
-        ranks = ckpt.get("rng_ranks") or []
-        _set_rng_states(ranks[par.rank] if len(ranks) == par.world else ckpt["rng"])
-        start_step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
-        if before is not None and "ce" in before:  # a checkpoint from before named eval sets
-            before = {"heldout": before}
-        train_seconds, tokens = ckpt.get("train_seconds", 0.0), ckpt.get("tokens", 0)
-        # the best weights themselves are not in the checkpoint (a second copy of the model):
-        # after a resume the guard keeps the next best it sees
-        guard.best, guard.lowest = ckpt["guard"]["best"], ckpt["guard"]["lowest"]
-        log.info("resuming distillation from step %d (%s)", start_step, ckpt_path)
-    # several named eval sets may be given; the first is "the" held-out set of before/after
+        state = load_checkpoint(ckpt_path, student, run.optimizer, run.scheduler, run.hidden, guard, par)
+        log.info("resuming distillation from step %d (%s)", state.step, ckpt_path)
     eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
     primary = next(iter(eval_sets))
     # the same weights everywhere (the processes stay equal: they apply the same summed gradients)
     broadcast_parameters(par, student)
-    if hidden is not None:
-        broadcast_parameters(par, hidden)
+    if run.hidden is not None:
+        broadcast_parameters(par, run.hidden)
 
     def evaluate_all() -> dict | None:
         # the processes hold equal weights, so process 0 evaluates for all of them
-        if not par.main:
-            return None
-        return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()}
+        return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()} if par.main else None
 
-    def diverged(step: int, figures: dict | None) -> None:
+    def stop_if_diverged(step: int, figures: dict | None) -> None:
         """Stop (on every process) when the guard sees the held-out figures running away."""
         reason = guard.observe(step, figures[primary], student) if figures is not None else None
         if not all_sum(par, 1.0 if reason else 0.0):
             return
         bar.close()
-        raise _divergence(reason, guard, step, figures[primary], history, student, home, ckpt_path, cfg)
+        guard.restore_best(student)
+        place(student, run.home)
+        raise guard.error(reason, step, figures[primary], state.history, ckpt_path, cfg.lr, cfg.warmup_steps)
 
-    if before is None:
-        before = evaluate_all()
-
-    def save_checkpoint(step: int) -> None:
-        rng_ranks = gather(par, _rng_states())  # each process's sampling continues where it was
-        if not par.main:
-            return
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(
-                {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_ranks[0], "rng_ranks": rng_ranks if par.active else None, "step": step,
-                 "history": history, "before": before,
-                 "train_seconds": train_seconds, "tokens": tokens,
-                 "guard": {"best": guard.best, "lowest": guard.lowest},
-                 "hidden_proj": hidden.state_dict() if hidden is not None else None},
-                tmp,
-            )
-
-    if cfg.on_policy_fraction > 0 and teacher is None:
-        raise UserError("distill.on_policy_fraction > 0 needs the online teacher to score the student's samples; "
-                        "it cannot run from an offline teacher cache alone")
     eos = eos_token_ids(student)
 
     def next_batch(m: int) -> Batch:
-        b = batch_fn(m).to(device)
+        b = batch_fn(m).to(run.device)
         return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not (progress and par.main), unit="step")
-    if start_step == 0:
-        diverged(0, before)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", disable=not (progress and par.main), unit="step")
+    if state.before is None:
+        state.before = evaluate_all()
+        stop_if_diverged(0, state.before)
     student.train()
-    steady_tokens, steady_seconds = 0, 0.0
+    start_step, steady_tokens, steady_seconds = state.step, 0, 0.0
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        batches = [next_batch(micro_batch_index(par, step, accum, k)) for k in range(accum)]
-        # token-weighted over the whole step (all processes): each micro-batch is divided by the
-        # step's loss tokens
-        denom = max(1, all_sum(par, sum(b.n_loss_tokens for b in batches)))
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, ce_value, div_value = 0.0, 0.0, 0.0
-        for b in batches:
-            with autocast:
-                loss, ce, div = batch_loss(student, teacher, b, spec, denom, hidden, cfg.hidden_weight)
-            loss.backward()
-            loss_value += loss.item()
-            ce_value += float(ce)
-            div_value += float(div)
-        if par.active:
-            sum_gradients(par, params)
-            loss_value, ce_value, div_value = (all_sum(par, v) for v in (loss_value, ce_value, div_value))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+        batches = [next_batch(micro_batch_index(par, step, cfg.grad_accum, k)) for k in range(cfg.grad_accum)]
+        fig = _train_step(student, teacher, batches, run, cfg, par)
+        if not (math.isfinite(fig["loss"]) and math.isfinite(fig["grad_norm"])):
             bar.close()
-            raise UserError(_nonfinite_message(loss_value, float(grad_norm), step + 1, ckpt_path, cfg))
-        optimizer.step()
-        scheduler.step()
+            raise UserError(nonfinite_message(fig["loss"], fig["grad_norm"], step + 1, ckpt_path, cfg))
         dt = time.perf_counter() - t0
         step_tokens = int(all_sum(par, sum(_n_tokens(b) for b in batches)))
-        train_seconds += dt
-        tokens += step_tokens
+        state.step, state.train_seconds, state.tokens = step + 1, state.train_seconds + dt, state.tokens + step_tokens
         if step > start_step:  # the first step pays one-off allocation costs
             steady_tokens += step_tokens
             steady_seconds += dt
-        history.append({"step": step + 1, "loss": loss_value, "ce": ce_value, "kl_t": div_value,
-                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "seconds": dt})
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+        state.history.append({"step": step + 1, **fig, "lr": run.scheduler.get_last_lr()[0], "seconds": dt})
+        bar.set_postfix(loss=f"{fig['loss']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
+        eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
-            history[-1]["eval"] = evaluate_all()
+            state.history[-1]["eval"] = evaluate_all()
             student.train()
-            log.info("step %d held-out %s", step + 1, history[-1]["eval"])
-            diverged(step + 1, history[-1]["eval"])
+            log.info("step %d held-out %s", step + 1, state.history[-1]["eval"])
+            stop_if_diverged(step + 1, state.history[-1]["eval"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(step + 1)
+            save_checkpoint(ckpt_path, state, student, run.optimizer, run.scheduler, run.hidden, guard, par)
     bar.close()
     student.eval()
     after = evaluate_all()
-    diverged(cfg.steps, after)
-    place(student, home)
+    stop_if_diverged(cfg.steps, after)
+    place(student, run.home)
     barrier(par)
     if not par.main:
-        return {"steps": cfg.steps, "tokens": tokens, "rank": par.rank}
+        return {"steps": cfg.steps, "tokens": state.tokens, "rank": par.rank}
+    before = state.before
     return {
         "steps": cfg.steps,
-        "tokens": tokens,
-        "seconds": round(train_seconds, 2),
+        "tokens": state.tokens,
+        "seconds": round(state.train_seconds, 2),
         "tokens_per_s": (steady_tokens / steady_seconds) if steady_seconds else None,
         "loss": cfg.loss,
         "alpha": cfg.alpha,
@@ -392,7 +355,7 @@ def distill(teacher, student, batch_fn: BatchFn, heldout, cfg: DistillConfig,
         "after": after[primary],
         "teacher_ce": after[primary].get("teacher_ce"),
         "eval_sets": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
-        "history": history,
+        "history": state.history,
         # the saved student is the last step's; `best` says where held-out KL was lowest
         "best": guard.best,
         "last_step": cfg.steps,

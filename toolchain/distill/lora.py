@@ -14,10 +14,18 @@ def attach_lora(model, cfg: LoraConfig):
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.targets if t not in names]
     if missing:
-        raise UserError(f"distill.lora.targets {missing} are not module names of this student; "
-                        f"choose among e.g. {sorted(n for n in names if n.endswith('proj'))}")
-    pcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
-                           bias="none", task_type="CAUSAL_LM")
+        raise UserError(
+            f"distill.lora.targets {missing} are not module names of this student; "
+            f"choose among e.g. {sorted(n for n in names if n.endswith('proj'))}"
+        )
+    pcfg = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        target_modules=list(cfg.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, pcfg)
 
 

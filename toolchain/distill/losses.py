@@ -54,7 +54,7 @@ class SparseTeacher:
     ids: torch.Tensor  # [N, k] long
     logprobs: torch.Tensor  # [N, k] float
 
-    def __getitem__(self, rows) -> "SparseTeacher":
+    def __getitem__(self, rows) -> SparseTeacher:
         return SparseTeacher(self.ids[rows], self.logprobs[rows])
 
 
@@ -166,8 +166,9 @@ def _softmax_pair_kl(s: torch.Tensor, t: torch.Tensor, temperature: float):
     return div, q, p
 
 
-def _chunk_loss_and_grad(s: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec, scale: float,
-                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _chunk_loss_and_grad(
+    s: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec, scale: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed (CE, divergence) over one chunk's loss tokens, and d(scale * loss)/d(student logits)."""
     t = spec.temperature
     mask = labels != spec.ignore_index
@@ -242,7 +243,9 @@ class _ChunkedLoss(torch.autograd.Function):
         for i in range(0, n, chunk):
             rows = slice(i, min(n, i + chunk))
             tch = None if teacher is None else teacher[rows]
-            ce, div, g = _chunk_loss_and_grad(student_logits[rows].detach(), tch, labels[rows], spec, 1.0 / denom, need_grad)
+            ce, div, g = _chunk_loss_and_grad(
+                student_logits[rows].detach(), tch, labels[rows], spec, 1.0 / denom, need_grad
+            )
             ce_sum += ce
             div_sum += div
             if need_grad:
@@ -258,8 +261,14 @@ class _ChunkedLoss(torch.autograd.Function):
         return grad * g_out[0], None, None, None, None, None
 
 
-def chunked_loss(student_logits: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec,
-                 denom: float | None = None, chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_loss(
+    student_logits: torch.Tensor,
+    teacher,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    denom: float | None = None,
+    chunk: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, ce, divergence) token means; `denom` (default: this batch's loss tokens) lets
     gradient accumulation weight micro-batches by their token counts. teacher: dense [N, V]
     logits, a SparseTeacher, or None (pure CE, i.e. SFT)."""
@@ -290,23 +299,38 @@ reverse_kl = _div_only("reverse_kl")
 tvd = _div_only("tvd")
 
 
-def generalized_jsd(student_logits, teacher_logits, labels, beta: float = 0.5, temperature: float = 1.0,
-                    ignore_index: int = IGNORE_INDEX):
+def generalized_jsd(
+    student_logits,
+    teacher_logits,
+    labels,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+):
     """TRL GKD's generalized JSD(beta): 0 = forward KL, 1 = reverse KL (token mean, no T^2)."""
     spec = LossSpec(kind="jsd", beta=beta, temperature=temperature, ignore_index=ignore_index)
     return _divergence_mean(student_logits, teacher_logits, labels, spec)
 
 
-def skew_kl(student_logits, teacher_logits, labels, skew: float = 0.1, temperature: float = 1.0,
-            reverse: bool = False, ignore_index: int = IGNORE_INDEX):
+def skew_kl(
+    student_logits,
+    teacher_logits,
+    labels,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    reverse: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+):
     """Skew KL(P || a P + (1-a) Q), P = teacher (or the student when reverse), token mean."""
-    spec = LossSpec(kind="skew_reverse_kl" if reverse else "skew_kl", skew=skew, temperature=temperature,
-                    ignore_index=ignore_index)
+    spec = LossSpec(
+        kind="skew_reverse_kl" if reverse else "skew_kl", skew=skew, temperature=temperature, ignore_index=ignore_index
+    )
     return _divergence_mean(student_logits, teacher_logits, labels, spec)
 
 
-def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, labels, temperature: float = 1.0,
-                      ignore_index: int = IGNORE_INDEX):
+def sparse_forward_kl(
+    student_logits, topk_ids, topk_logprobs, labels, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+):
     """Forward KL against an offline top-k teacher plus one tail bucket (see `_sparse_buckets`)."""
     spec = LossSpec(kind="forward_kl", temperature=temperature, ignore_index=ignore_index)
     return _divergence_mean(student_logits, SparseTeacher(topk_ids, topk_logprobs), labels, spec)
@@ -317,9 +341,17 @@ def cross_entropy(student_logits, labels, ignore_index: int = IGNORE_INDEX):
     return chunked_loss(student_logits, None, labels, LossSpec(alpha=1.0, ignore_index=ignore_index))[0]
 
 
-def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float,
-            ignore_index: int = IGNORE_INDEX, kind: str = "forward_kl", beta: float = 0.5,
-            skew: float = 0.1) -> tuple[torch.Tensor, dict]:
+def kd_loss(
+    student_logits,
+    teacher_logits,
+    labels,
+    alpha: float,
+    temperature: float,
+    ignore_index: int = IGNORE_INDEX,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, dict]:
     """alpha * CE + (1 - alpha) * T^2 * D(teacher_T, student_T); teacher may be a SparseTeacher."""
     spec = LossSpec(kind=kind, alpha=alpha, temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index)
     loss, ce, div = chunked_loss(student_logits, teacher_logits, labels, spec)
@@ -383,8 +415,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
-def fused_head_loss(s_hidden: torch.Tensor, s_weight: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec,
-                    denom: float | None = None, chunk: int = CHUNK_TOKENS, slab: int = MATMUL_TOKENS):
+def fused_head_loss(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    teacher,
+    labels: torch.Tensor,
+    spec: LossSpec,
+    denom: float | None = None,
+    chunk: int = CHUNK_TOKENS,
+    slab: int = MATMUL_TOKENS,
+):
     """(total, ce, divergence) like `chunked_loss`, from student final hidden states [N, H] and its
     output weight [V, H]. teacher: (hidden [N, Ht], weight [V', Ht]), a SparseTeacher, or None."""
     if denom is None:

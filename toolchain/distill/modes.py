@@ -15,9 +15,9 @@ mode needs it (`teacher` may be a zero-argument function that loads it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.errors import UserError
@@ -47,8 +47,10 @@ def loaded_teacher_id(loaded) -> str:
 
     adapter = loaded.meta.get("adapter")
     variant = loaded.meta.get("variant") or {
-        "dtype": str(loaded.model.dtype).removeprefix("torch."), "quantize": "none",
-        "adapter_mode": "merge" if adapter else None}
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "quantize": "none",
+        "adapter_mode": "merge" if adapter else None,
+    }
     return teacher_digest(loaded.path, adapter, variant)
 
 
@@ -56,16 +58,31 @@ def _resolve(teacher):
     return teacher() if callable(teacher) else teacher
 
 
-def prepare_data(data: DataConfig, cfg: DistillConfig, student, student_tok, work_dir: str | os.PathLike,
-                 teacher=None, teacher_cfg: TeacherConfig | None = None, progress: bool = False) -> DataPlan:
+def prepare_data(
+    data: DataConfig,
+    cfg: DistillConfig,
+    student,
+    student_tok,
+    work_dir: str | os.PathLike,
+    teacher=None,
+    teacher_cfg: TeacherConfig | None = None,
+    progress: bool = False,
+) -> DataPlan:
     """Build the batch source for `data.mode`. `teacher`: a LoadedModel, or a function returning one."""
     from toolchain.data.corpus import check_enough_blocks, train_and_heldout
 
     work_dir = Path(work_dir)
     if data.mode == "sequences":
         return _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg)
-    train, held = train_and_heldout(student_tok, data.source, data.seq_len + 1, data.heldout_fraction, data.seed,
-                                    data.eval_sequences, max_train_blocks=data.max_train_blocks)
+    train, held = train_and_heldout(
+        student_tok,
+        data.source,
+        data.seq_len + 1,
+        data.heldout_fraction,
+        data.seed,
+        data.eval_sequences,
+        max_train_blocks=data.max_train_blocks,
+    )
     check_enough_blocks(train, cfg.batch_size * cfg.grad_accum, data.source)
     info = {"mode": data.mode, "train_blocks": len(train), "heldout_blocks": len(held)}
     if data.mode == "text":
@@ -105,16 +122,25 @@ def _cache(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, trai
                 from toolchain.distill.vocab import shared_vocab_size
 
                 shared_vocab_size(t.model, t.tokenizer, student, student_tok)  # raises with the differences
-            C.build_cache(t.model, t.tokenizer, blocks, d, data.cache_k, tid, batch_size=cfg.batch_size, progress=progress)
+            C.build_cache(
+                t.model, t.tokenizer, blocks, d, data.cache_k, tid, batch_size=cfg.batch_size, progress=progress
+            )
         caches[split] = C.TeacherCache(d, expect=expect)
     if student is not None:
         rows = student.get_output_embeddings().weight.shape[0]
         if rows < caches["train"].manifest["vocab"]:
-            raise UserError(f"the student has {rows} output rows, fewer than the cache's vocabulary "
-                            f"({caches['train'].manifest['vocab']})")
+            raise UserError(
+                f"the student has {rows} output rows, fewer than the cache's vocabulary "
+                f"({caches['train'].manifest['vocab']})"
+            )
     m = caches["train"].manifest
-    info.update(cache_dir=str(root), cache_k=data.cache_k, cache_bytes=m["bytes"],
-                cache_bytes_per_token=m["bytes_per_token"], cache_build_seconds=m["build_seconds"])
+    info.update(
+        cache_dir=str(root),
+        cache_k=data.cache_k,
+        cache_bytes=m["bytes"],
+        cache_bytes_per_token=m["bytes_per_token"],
+        cache_build_seconds=m["build_seconds"],
+    )
     h = caches["heldout"]
     held_batches = [h.batch(range(i, min(i + 4, len(h)))) for i in range(0, len(h), 4)]
     return DataPlan(C.cache_batch_fn(caches["train"], cfg.batch_size, cfg.seed), held_batches, False, info)
@@ -132,14 +158,27 @@ def _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg) -> DataPl
             raise UserError("data.prompts: generating responses needs the teacher; give one, or use data.pairs")
         tid = teacher_id_for(teacher_cfg) if teacher_cfg is not None else loaded_teacher_id(t)
         out = (Path(data.cache_dir) if data.cache_dir else work_dir) / "generations.jsonl"
-        examples = S.generate_pairs(t.model, t.tokenizer, S.read_prompts(data.prompts), out, tid,
-                                    max_new_tokens=data.gen_max_new_tokens, temperature=data.gen_temperature,
-                                    seed=data.seed)
+        examples = S.generate_pairs(
+            t.model,
+            t.tokenizer,
+            S.read_prompts(data.prompts),
+            out,
+            tid,
+            max_new_tokens=data.gen_max_new_tokens,
+            temperature=data.gen_temperature,
+            seed=data.seed,
+        )
         source = str(out)
     train_ex, held_ex = S.split_examples(examples, data.heldout_fraction, data.eval_sequences, data.seed)
     train = S.encode_pairs(student_tok, train_ex, data.seq_len)
     held = S.encode_pairs(student_tok, held_ex, data.seq_len)
-    info = {"mode": "sequences", "source": source, "train_examples": len(train), "heldout_examples": len(held),
-            "dropped_too_long": train.dropped + held.dropped, "truncated": train.truncated + held.truncated}
+    info = {
+        "mode": "sequences",
+        "source": source,
+        "train_examples": len(train),
+        "heldout_examples": len(held),
+        "dropped_too_long": train.dropped + held.dropped,
+        "truncated": train.truncated + held.truncated,
+    }
     fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed)
     return DataPlan(fn, held.batches(4), False, info)

@@ -29,18 +29,24 @@ def is_on_policy(cfg: DistillConfig, micro_step: int) -> bool:
 
 
 @torch.no_grad()
-def on_policy_batch(student, batch: Batch, cfg: DistillConfig, micro_step: int, eos_ids: list[int] | None = None) -> Batch:
+def on_policy_batch(
+    student, batch: Batch, cfg: DistillConfig, micro_step: int, eos_ids: list[int] | None = None
+) -> Batch:
     """The first `on_policy_prompt_tokens` tokens of each row, continued by the student to the
     row's length; labels only on the sampled tokens (and none after an end-of-sequence)."""
     if batch.teacher_topk_ids is not None:
-        raise UserError("on-policy distillation needs the online teacher to score the student's samples; "
-                        "it cannot train from an offline teacher cache (set distill.on_policy_fraction=0, "
-                        "or train with the teacher loaded)")
+        raise UserError(
+            "on-policy distillation needs the online teacher to score the student's samples; "
+            "it cannot train from an offline teacher cache (set distill.on_policy_fraction=0, "
+            "or train with the teacher loaded)"
+        )
     length = batch.input_ids.shape[1] + 1
     prompt = min(cfg.on_policy_prompt_tokens, length - 1)
     if batch.attention_mask is not None and not bool(batch.attention_mask[:, :prompt].all()):
-        raise UserError(f"on-policy prompts need {prompt} real tokens per row; shorten "
-                        "distill.on_policy_prompt_tokens or use longer sequences")
+        raise UserError(
+            f"on-policy prompts need {prompt} real tokens per row; shorten "
+            "distill.on_policy_prompt_tokens or use longer sequences"
+        )
     prefix = batch.input_ids[:, :prompt]
     was_training = student.training
     student.eval()
@@ -49,10 +55,18 @@ def on_policy_batch(student, batch: Batch, cfg: DistillConfig, micro_step: int, 
     dev = prefix.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(_seed(cfg, micro_step))
-        out = student.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=True,
-                               temperature=cfg.on_policy_temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=length - prompt, pad_token_id=eos_ids[0] if eos_ids else 0,
-                               eos_token_id=eos_ids or None, use_cache=True)
+        out = student.generate(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            do_sample=True,
+            temperature=cfg.on_policy_temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=length - prompt,
+            pad_token_id=eos_ids[0] if eos_ids else 0,
+            eos_token_id=eos_ids or None,
+            use_cache=True,
+        )
     student.train(was_training)
     if out.shape[1] < length:  # every row ended early: pad (masked below, being past an end token)
         out = torch.cat([out, out.new_full((len(out), length - out.shape[1]), eos_ids[0] if eos_ids else 0)], 1)

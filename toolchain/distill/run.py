@@ -8,25 +8,32 @@ from pathlib import Path
 
 from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.data.corpus import load_documents, pack, train_and_heldout
-from toolchain.errors import DivergenceError, UserError
 from toolchain.distill.hidden import layer_map_from_meta
-from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.distill.loop import distill
+from toolchain.distill.lora import attach_lora, merge_lora
+from toolchain.errors import DivergenceError, UserError
 from toolchain.models.load import count_params, load_model, read_meta, save_model
 
 
-def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    data: DataConfig, cfg: DistillConfig, work_dir: str | os.PathLike, progress: bool = True,
-                    teacher_cfg: TeacherConfig | None = None) -> dict:
+def distill_student(
+    teacher,
+    student_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data: DataConfig,
+    cfg: DistillConfig,
+    work_dir: str | os.PathLike,
+    progress: bool = True,
+    teacher_cfg: TeacherConfig | None = None,
+) -> dict:
     """Train the student in student_dir towards the teacher; save it to out_dir (atomically).
 
     `teacher` is a LoadedModel or a zero-argument function returning one: `data.mode` decides
     whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
     Under a multi-process launcher only process 0 saves and returns the full figures.
     """
-    from toolchain.distill.modes import prepare_data
     from toolchain.devices.parallel import barrier, from_env
     from toolchain.devices.placement import place, resolve_device
+    from toolchain.distill.modes import prepare_data
 
     par = from_env()
     device = resolve_device(cfg.device)
@@ -45,8 +52,16 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
     # then find them ready
     if not par.main:
         barrier(par)
-    plan = prepare_data(data, cfg, student.model, student.tokenizer, work_dir, teacher=teacher,
-                        teacher_cfg=teacher_cfg, progress=progress and par.main)
+    plan = prepare_data(
+        data,
+        cfg,
+        student.model,
+        student.tokenizer,
+        work_dir,
+        teacher=teacher,
+        teacher_cfg=teacher_cfg,
+        progress=progress and par.main,
+    )
     if par.main:
         barrier(par)
     t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
@@ -69,8 +84,17 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
         save_model(student.model, student.tokenizer, to, meta)
 
     try:
-        result = distill(t.model if t is not None else None, model, plan.batch_fn, evals, cfg, work_dir,
-                         progress=progress, layer_map=layer_map, par=par)
+        result = distill(
+            t.model if t is not None else None,
+            model,
+            plan.batch_fn,
+            evals,
+            cfg,
+            work_dir,
+            progress=progress,
+            layer_map=layer_map,
+            par=par,
+        )
     except DivergenceError as e:
         if par.main and e.figures.get("kept_best_weights"):
             best_dir = Path(work_dir) / "best-student"
@@ -89,6 +113,7 @@ def distill_student(teacher, student_dir: str | os.PathLike, out_dir: str | os.P
 
 def calibration_blocks(tokenizer, data: DataConfig, n: int):
     """Calibration text for choosing student layers: the first n training blocks."""
-    train, _ = train_and_heldout(tokenizer, data.source, data.seq_len, data.heldout_fraction, data.seed,
-                                 data.eval_sequences, max_train_blocks=n)
+    train, _ = train_and_heldout(
+        tokenizer, data.source, data.seq_len, data.heldout_fraction, data.seed, data.eval_sequences, max_train_blocks=n
+    )
     return train

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.data.task_files import read_pairs, read_prompts  # noqa: F401 (public here too)
 from toolchain.devices.placement import model_device
+from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_path
 
 log = logging.getLogger(__name__)
+
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
@@ -36,9 +37,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 @torch.no_grad()
-def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.PathLike, teacher_id: str,
-                   max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-                   batch_size: int = 8) -> list[list[dict]]:
+def generate_pairs(
+    teacher,
+    tokenizer,
+    prompts: list[str],
+    out_path: str | os.PathLike,
+    teacher_id: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[list[dict]]:
     """Sample one teacher response per prompt (chat template applied), cached as JSONL.
 
     The file is reused when its sidecar `<file>.meta.json` shows it was made by the same teacher,
@@ -48,9 +58,14 @@ def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.Pa
     if not prompts:
         raise UserError("no prompts to generate teacher responses from")
     out_path = Path(out_path)
-    settings = {"teacher": teacher_id, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                "top_p": top_p, "seed": seed,
-                "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()}
+    settings = {
+        "teacher": teacher_id,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest(),
+    }
     meta_path = out_path.with_name(out_path.name + ".meta.json")
     if out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == settings:
         log.info("reusing teacher generations %s", out_path)
@@ -61,8 +76,10 @@ def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.Pa
     teacher.eval()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in chunk]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in chunk
+        ]
         enc = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         width = max(map(len, enc))
         # left padding for generation, so every prompt ends where decoding starts
@@ -70,9 +87,16 @@ def generate_pairs(teacher, tokenizer, prompts: list[str], out_path: str | os.Pa
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         torch.manual_seed(seed * 1_000_003 + i)  # per chunk, so a chunk's samples do not depend on the batch before
         dev = model_device(teacher)
-        out = teacher.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                               temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
-                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out = teacher.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for p, seq in zip(chunk, out[:, width:].cpu()):
             rows.append({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True).strip()})
     _write_jsonl(out_path, rows)
@@ -113,8 +137,10 @@ class EncodedSequences:
 
     def batches(self, batch_size: int = 4, one_hot_targets: bool = True) -> list[Batch]:
         """All rows in order, for held-out evaluation."""
-        return [self.batch(range(i, min(i + batch_size, len(self))), one_hot_targets)
-                for i in range(0, len(self), batch_size)]
+        return [
+            self.batch(range(i, min(i + batch_size, len(self))), one_hot_targets)
+            for i in range(0, len(self), batch_size)
+        ]
 
 
 def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
@@ -161,8 +187,10 @@ def encode_pairs(tokenizer, examples: list[list[dict]], seq_len: int) -> Encoded
         labels.append(lab + [IGNORE_INDEX] * n_pad)
         masks.append([1] * len(inp) + [0] * n_pad)
     if not rows:
-        raise UserError(f"all {len(examples)} examples are longer than data.seq_len={seq_len} before their answer "
-                        f"starts (longest prompt: {longest_prompt} tokens); raise data.seq_len or shorten the prompts")
+        raise UserError(
+            f"all {len(examples)} examples are longer than data.seq_len={seq_len} before their answer "
+            f"starts (longest prompt: {longest_prompt} tokens); raise data.seq_len or shorten the prompts"
+        )
     if dropped:
         log.warning("%d of %d examples left out: their prompt fills data.seq_len=%d", dropped, len(examples), seq_len)
     return EncodedSequences(torch.tensor(rows), torch.tensor(labels), torch.tensor(masks), dropped, truncated)
@@ -173,7 +201,9 @@ def split_examples(examples: list, heldout_fraction: float, max_heldout: int, se
     import random
 
     if len(examples) < 2:
-        raise UserError(f"sequence-level KD needs at least 2 examples (one is held out for evaluation), got {len(examples)}")
+        raise UserError(
+            f"sequence-level KD needs at least 2 examples (one is held out for evaluation), got {len(examples)}"
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_held = min(max_heldout, max(1, round(len(examples) * heldout_fraction)), len(examples) - 1)
@@ -182,11 +212,13 @@ def split_examples(examples: list, heldout_fraction: float, max_heldout: int, se
 
 def sequence_batch_fn(data: EncodedSequences, batch_size: int, seed: int, one_hot_targets: bool = True):
     """`batch_fn(step) -> Batch` over encoded examples, in the loop's seeded order."""
-    from toolchain.distill.cache import batch_indices
+    from toolchain.data.batch_order import batch_indices
 
     if len(data) < batch_size:
-        raise UserError(f"only {len(data)} usable examples for distill.batch_size={batch_size}; "
-                        "add examples or lower the batch size")
+        raise UserError(
+            f"only {len(data)} usable examples for distill.batch_size={batch_size}; "
+            "add examples or lower the batch size"
+        )
 
     def batch_fn(step: int) -> Batch:
         return data.batch(batch_indices(step, batch_size, len(data), seed).tolist(), one_hot_targets)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from toolchain.errors import UserError
 
-SEQUENCE_MODE_HINT = ("use sequence-level KD instead (data.mode: sequences, which trains on the teacher's "
-                      "generated text or your own prompt/response JSONL and needs no shared tokenizer)")
+SEQUENCE_MODE_HINT = (
+    "use sequence-level KD instead (data.mode: sequences, which trains on the teacher's "
+    "generated text or your own prompt/response JSONL and needs no shared tokenizer)"
+)
 
 
 def _rows(model) -> int:
@@ -50,8 +52,10 @@ def shared_vocab_size(teacher, teacher_tok, student, student_tok) -> int:
     n_tokens = len(student_tok)
     for who, model in (("teacher", teacher), ("student", student)):
         if _rows(model) < n_tokens:
-            raise UserError(f"the {who} has {_rows(model)} output rows but its tokenizer has {n_tokens} tokens; "
-                            "the checkpoint and tokenizer do not belong together")
+            raise UserError(
+                f"the {who} has {_rows(model)} output rows but its tokenizer has {n_tokens} tokens; "
+                "the checkpoint and tokenizer do not belong together"
+            )
     # padding rows past the tokenizer are never a target; the shared real rows are all that count
     return min(_rows(teacher), _rows(student), n_tokens)
 

@@ -18,10 +18,10 @@ from toolchain import __version__
 from toolchain.errors import UserError
 from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
+from toolchain.formats import PYTHON_TYPES, check_overrides, check_type, override_for
 from toolchain.models.load import read_meta
 from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
-from toolchain.formats import PYTHON_TYPES, check_overrides, check_type, override_for
 from toolchain.quantize.gguf_types import file_type, llama_cpp_quantize, quantize_tensor
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def gguf_filename(type_name: str) -> str:
 
 
 def _load_hf(model_dir: Path):
-    from transformers import AutoConfig, AutoTokenizer
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not an HF model directory (no config.json)")
@@ -93,8 +93,13 @@ def _write_provenance(w, meta: dict) -> None:
             w.add_source_url(_repo_url(meta["source"]))
 
 
-def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_name: str, name: str | None = None,
-               overrides: dict[str, str] | None = None) -> Path:
+def write_gguf(
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    type_name: str,
+    name: str | None = None,
+    overrides: dict[str, str] | None = None,
+) -> Path:
     """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
 
     `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"})."""
@@ -143,8 +148,13 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type_n
     return out_path
 
 
-def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, types: list[str], name: str | None = None,
-                overrides: dict[str, str] | None = None) -> list[dict]:
+def export_gguf(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    types: list[str],
+    name: str | None = None,
+    overrides: dict[str, str] | None = None,
+) -> list[dict]:
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the

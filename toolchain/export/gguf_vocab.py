@@ -54,7 +54,7 @@ def tokenizer_pre(model_dir: Path, meta: dict, tokenizer=None) -> str:
     if key not in _PRE_BY_STRUCTURE:
         raise UserError(
             f"cannot tell which llama.cpp pre-tokenizer matches {model_dir}'s tokenizer ({'+'.join(map(str, key))}); "
-            f"set \"tokenizer_pre\" in {model_dir}/toolchain.json"
+            f'set "tokenizer_pre" in {model_dir}/toolchain.json'
         )
     return _PRE_BY_STRUCTURE[key]
 
@@ -67,7 +67,9 @@ def bpe_vocab(tokenizer, vocab_size: int):
         raise UserError("the GGUF exporter needs a fast (tokenizers) tokenizer with a tokenizer.json")
     model_type = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
     if model_type != "BPE":
-        raise UserError(f"tokenizer model '{model_type}' is not supported by the GGUF exporter yet (only byte-level BPE)")
+        raise UserError(
+            f"tokenizer model '{model_type}' is not supported by the GGUF exporter yet (only byte-level BPE)"
+        )
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if len(by_id) > vocab_size:
         raise UserError(f"tokenizer has {len(by_id)} tokens but the model's vocab_size is {vocab_size}")

@@ -25,7 +25,7 @@ def _tokenize(src: str) -> list[tuple[str, str]]:
     parts: list[tuple[str, str]] = []
     pos, trim_next = 0, False
     for m in _ACTION.finditer(src):
-        text = src[pos:m.start()]
+        text = src[pos : m.start()]
         if trim_next:
             text = text.lstrip()
         if m.group(1):
@@ -62,7 +62,7 @@ def _parse(parts, i=0, stop=("end",)):
             head = body[5:].strip()
             m = re.match(r"^(\$\w+)\s*(?:,\s*(\$\w+))?\s*:=\s*(.+)$", head)
             names, pipe = ((m.group(1), m.group(2)), m.group(3)) if m else ((None, None), head)
-            inner, i, end = _parse(parts, i + 1, ("end",))
+            inner, i, _end = _parse(parts, i + 1, ("end",))
             nodes.append(("range", names, pipe, inner))
             i += 1
         elif re.match(r"^\$\w+\s*:?=", body):
@@ -131,6 +131,7 @@ class Obj(dict):
 
 def go_json(value) -> str:
     """Go's json.Marshal as Ollama's `json` template function calls it."""
+
     def plain(v):
         if isinstance(v, Obj):
             return v.json_value

@@ -42,8 +42,7 @@ CHATML = ChatFormat(
     name="chatml",
     markers=("<|im_start|>",),
     go_template=(
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-        "{{ end }}<|im_start|>assistant\n"
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
     ),
     stops=("<|im_end|>", "<|im_start|>"),
     default_system=r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>",
@@ -58,34 +57,41 @@ _QWEN_TOOLS = (
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
     "{{ range $.Tools }}\n{{ json . }}{{ end }}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
     "<args-json-object>}\n</tool_call>"
 )
 _QWEN_TURNS = (
     "{{ $intool := false }}"
     "{{ range $i, $m := .Messages }}"
-    "{{ if and $intool (ne $m.Role \"tool\") }}<|im_end|>\n{{ $intool = false }}{{ end }}"
-    "{{ if eq $m.Role \"tool\" }}{{ if not $intool }}<|im_start|>user{{ $intool = true }}{{ end }}"
+    '{{ if and $intool (ne $m.Role "tool") }}<|im_end|>\n{{ $intool = false }}{{ end }}'
+    '{{ if eq $m.Role "tool" }}{{ if not $intool }}<|im_start|>user{{ $intool = true }}{{ end }}'
     "\n<tool_response>\n{{ $m.Content }}\n</tool_response>"
-    "{{ else if and (eq $i 0) (eq $m.Role \"system\") }}{{ continue_system }}"
-    "{{ else if eq $m.Role \"assistant\" }}<|im_start|>assistant{{ assistant_body }}<|im_end|>\n"
+    '{{ else if and (eq $i 0) (eq $m.Role "system") }}{{ continue_system }}'
+    '{{ else if eq $m.Role "assistant" }}<|im_start|>assistant{{ assistant_body }}<|im_end|>\n'
     "{{ else }}<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n{{ end }}"
     "{{ end }}{{ if $intool }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
-_QWEN_CALLS = ("{{ range $j, $c := $m.ToolCalls }}{{ calls_sep }}<tool_call>\n{\"name\": \"{{ $c.Function.Name }}\", "
-               "\"arguments\": {{ json $c.Function.Arguments }}}\n</tool_call>{{ end }}")
+_QWEN_CALLS = (
+    '{{ range $j, $c := $m.ToolCalls }}{{ calls_sep }}<tool_call>\n{"name": "{{ $c.Function.Name }}", '
+    '"arguments": {{ json $c.Function.Arguments }}}\n</tool_call>{{ end }}'
+)
 QWEN25 = ChatFormat(
     name="qwen2.5",
     markers=("<|im_start|>", "<tool_call>", "<tool_response>"),
     go_template=(
-        "{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role \"system\")) }}"
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant." + _QWEN_TOOLS
+        '{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role "system")) }}'
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        + _QWEN_TOOLS
         + "<|im_end|>\n{{ end }}"
-        + _QWEN_TURNS.replace("{{ continue_system }}",
-                              "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n")
-        .replace("{{ assistant_body }}",
-                 "{{ if $m.ToolCalls }}{{ if $m.Content }}\n{{ $m.Content }}{{ end }}"
-                 + _QWEN_CALLS.replace("{{ calls_sep }}", "\n") + "{{ else }}\n{{ $m.Content }}{{ end }}")
+        + _QWEN_TURNS.replace(
+            "{{ continue_system }}",
+            "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n",
+        ).replace(
+            "{{ assistant_body }}",
+            "{{ if $m.ToolCalls }}{{ if $m.Content }}\n{{ $m.Content }}{{ end }}"
+            + _QWEN_CALLS.replace("{{ calls_sep }}", "\n")
+            + "{{ else }}\n{{ $m.Content }}{{ end }}",
+        )
     ),
     stops=("<|im_end|>", "<|im_start|>"),
     default_system=r"(You are Qwen, created by Alibaba Cloud\. You are a helpful assistant\.)",
@@ -97,14 +103,19 @@ QWEN3 = ChatFormat(
     name="qwen3",
     markers=("<|im_start|>", "<tool_call>", "<think>"),
     go_template=(
-        "{{ $query := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role \"user\" }}{{ $query = $i }}{{ end }}{{ end }}"
-        "{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role \"system\")) }}"
-        "<|im_start|>system\n" + _QWEN_TOOLS[2:] + "<|im_end|>\n{{ end }}"
-        + _QWEN_TURNS.replace("{{ continue_system }}",
-                              "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n")
-        .replace("{{ assistant_body }}",
-                 "\n{{ if and $m.Thinking (gt $i $query) }}<think>\n{{ $m.Thinking }}\n</think>\n\n{{ end }}"
-                 "{{ $m.Content }}" + _QWEN_CALLS.replace("{{ calls_sep }}", "{{ if or $j $m.Content }}\n{{ end }}"))
+        '{{ $query := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $query = $i }}{{ end }}{{ end }}'
+        '{{ if and .Tools (or (not .Messages) (ne (index .Messages 0).Role "system")) }}'
+        "<|im_start|>system\n"
+        + _QWEN_TOOLS[2:]
+        + "<|im_end|>\n{{ end }}"
+        + _QWEN_TURNS.replace(
+            "{{ continue_system }}",
+            "<|im_start|>system\n{{ $m.Content }}{{ if $.Tools }}" + _QWEN_TOOLS + "{{ end }}<|im_end|>\n",
+        ).replace(
+            "{{ assistant_body }}",
+            "\n{{ if and $m.Thinking (gt $i $query) }}<think>\n{{ $m.Thinking }}\n</think>\n\n{{ end }}"
+            "{{ $m.Content }}" + _QWEN_CALLS.replace("{{ calls_sep }}", "{{ if or $j $m.Content }}\n{{ end }}"),
+        )
         + "{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}"
     ),
     stops=("<|im_end|>", "<|im_start|>"),
@@ -126,8 +137,8 @@ LLAMA31 = ChatFormat(
     name="llama3.1",
     markers=("<|start_header_id|>", "Cutting Knowledge Date"),
     go_template=(
-        "{{ $sys := \"\" }}{{ $start := 0 }}"
-        "{{ if and .Messages (eq (index .Messages 0).Role \"system\") }}"
+        '{{ $sys := "" }}{{ $start := 0 }}'
+        '{{ if and .Messages (eq (index .Messages 0).Role "system") }}'
         "{{ $sys = (index .Messages 0).Content }}{{ $start = 1 }}{{ end }}"
         "<|start_header_id|>system<|end_header_id|>\n\n{{ if .Tools }}Environment: ipython\n{{ end }}"
         "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{{ $sys }}<|eot_id|>"
@@ -135,13 +146,13 @@ LLAMA31 = ChatFormat(
         "{{ if lt $i $start }}"
         "{{ else if and $.Tools (eq $i $start) }}<|start_header_id|>user<|end_header_id|>\n\n"
         "Given the following functions, please respond with a JSON for a function call with its proper "
-        "arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
-        "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n"
+        'arguments that best answers the given prompt.\n\nRespond in the format {"name": function name, '
+        '"parameters": dictionary of argument name and its value}.Do not use variables.\n\n'
         "{{ range $.Tools }}{{ json . }}\n\n{{ end }}{{ $m.Content }}<|eot_id|>"
         "{{ else if $m.ToolCalls }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        "{{ range $m.ToolCalls }}{\"name\": \"{{ .Function.Name }}\", \"parameters\": {{ json .Function.Arguments }}}"
+        '{{ range $m.ToolCalls }}{"name": "{{ .Function.Name }}", "parameters": {{ json .Function.Arguments }}}'
         "{{ end }}<|eot_id|>"
-        "{{ else if eq $m.Role \"tool\" }}<|start_header_id|>ipython<|end_header_id|>\n\n{{ json $m.Content }}<|eot_id|>"
+        '{{ else if eq $m.Role "tool" }}<|start_header_id|>ipython<|end_header_id|>\n\n{{ json $m.Content }}<|eot_id|>'
         "{{ else }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n{{ $m.Content }}<|eot_id|>{{ end }}"
         "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
@@ -167,7 +178,9 @@ FORMATS = (QWEN3, QWEN25, CHATML, LLAMA31, LLAMA3, GEMMA)
 
 def detect_format(chat_template: str | None) -> ChatFormat:
     if not chat_template:
-        raise UserError("the model has no chat template; an Ollama TEMPLATE cannot be derived (add one to the tokenizer)")
+        raise UserError(
+            "the model has no chat template; an Ollama TEMPLATE cannot be derived (add one to the tokenizer)"
+        )
     for fmt in FORMATS:
         if all(m in chat_template for m in fmt.markers):
             return fmt
@@ -194,25 +207,52 @@ def _quote(s: str) -> str:
 CHECK_CONVERSATIONS = (
     [{"role": "user", "content": "Hi there!"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Sky colour?"}],
-    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "And times 3?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
-     {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another?"}],
+    [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And times 3?"},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another?"},
+    ],
 )
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
-                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
-                   "required": ["city"]}}}
-_CALL = {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}}]}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+_CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}}
+    ],
+}
 # ...and, for a template that renders tools: offered tools, a call, its result, an answer
 TOOL_CONVERSATIONS = (
     [{"role": "user", "content": "Weather in Paris?"}],
     [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Weather in Paris?"}],
     [{"role": "user", "content": "Weather in Paris?"}, _CALL, {"role": "tool", "content": "18 degrees, sunny"}],
-    [{"role": "user", "content": "Weather in Paris?"}, _CALL, {"role": "tool", "content": "18 degrees, sunny"},
-     {"role": "assistant", "content": "It is 18 degrees and sunny."}, {"role": "user", "content": "Thanks!"}],
+    [
+        {"role": "user", "content": "Weather in Paris?"},
+        _CALL,
+        {"role": "tool", "content": "18 degrees, sunny"},
+        {"role": "assistant", "content": "It is 18 degrees and sunny."},
+        {"role": "user", "content": "Thanks!"},
+    ],
 )
 
 
@@ -230,10 +270,19 @@ def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
     """What Ollama hands the template: Role/Content/Thinking/ToolCalls, with SYSTEM injected when none is given."""
     msgs = []
     for m in messages:
-        calls = [{"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
-                 for c in m.get("tool_calls") or []]
-        msgs.append({"Role": m["role"], "Content": m.get("content") or "", "Thinking": m.get("reasoning_content", ""),
-                     "ToolCalls": calls, "ToolName": m.get("name", "")})
+        calls = [
+            {"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
+            for c in m.get("tool_calls") or []
+        ]
+        msgs.append(
+            {
+                "Role": m["role"],
+                "Content": m.get("content") or "",
+                "Thinking": m.get("reasoning_content", ""),
+                "ToolCalls": calls,
+                "ToolName": m.get("name", ""),
+            }
+        )
     if system and not any(m["Role"] == "system" for m in msgs):
         msgs.insert(0, {"Role": "system", "Content": system, "Thinking": "", "ToolCalls": [], "ToolName": ""})
     return msgs
@@ -241,8 +290,13 @@ def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
 
 def template_data(messages: list[dict], system: str | None, tools: list[dict] | None = None) -> dict:
     msgs = ollama_messages(messages, system)
-    return {"Messages": msgs, "Tools": ollama_tools(tools), "Think": False, "IsThinkSet": False,
-            "System": "\n\n".join(m["Content"] for m in msgs if m["Role"] == "system")}
+    return {
+        "Messages": msgs,
+        "Tools": ollama_tools(tools),
+        "Think": False,
+        "IsThinkSet": False,
+        "System": "\n\n".join(m["Content"] for m in msgs if m["Role"] == "system"),
+    }
 
 
 def _canonical_json(text: str) -> str:
@@ -278,8 +332,9 @@ def check_translation(fmt: ChatFormat, render_jinja, system: str | None, bos_tex
     """
     from toolchain.export.go_template import render
 
-    cases = [(c, None) for c in CHECK_CONVERSATIONS] + ([(c, [WEATHER_TOOL]) for c in TOOL_CONVERSATIONS]
-                                                        if fmt.tools else [])
+    cases = [(c, None) for c in CHECK_CONVERSATIONS] + (
+        [(c, [WEATHER_TOOL]) for c in TOOL_CONVERSATIONS] if fmt.tools else []
+    )
     for conv, tools in cases:
         try:
             want = render_jinja(conv, True, tools)
@@ -288,20 +343,24 @@ def check_translation(fmt: ChatFormat, render_jinja, system: str | None, bos_tex
                 continue
             return f"the model's chat template fails on a plain conversation ({str(e).splitlines()[0][:120]})"
         if bos_text and want.startswith(bos_text):
-            want = want[len(bos_text):]
+            want = want[len(bos_text) :]
         try:
             got = render(fmt.go_template, template_data(conv, system, tools))
         except ValueError as e:
             return f"our {fmt.name} Ollama template does not render ({e})"
         if not same_prompt(want, got, tools is not None):
             at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-            return (f"the chat template looks like {fmt.name} but our Ollama translation renders a "
-                    f"{'tool ' if tools else ''}conversation differently from character {at} "
-                    f"(expected {want[at:at + 40]!r}, got {got[at:at + 40]!r})")
+            return (
+                f"the chat template looks like {fmt.name} but our Ollama translation renders a "
+                f"{'tool ' if tools else ''}conversation differently from character {at} "
+                f"(expected {want[at : at + 40]!r}, got {got[at : at + 40]!r})"
+            )
     return None
 
 
-def _go_template(chat_template: str, render_jinja, bos_text: str | None) -> tuple[ChatFormat | None, str | None, str | None]:
+def _go_template(
+    chat_template: str, render_jinja, bos_text: str | None
+) -> tuple[ChatFormat | None, str | None, str | None]:
     """(format, default system prompt, None) for a template we translate and check, else
     (None, None, the reason)."""
     try:
@@ -313,10 +372,16 @@ def _go_template(chat_template: str, render_jinja, bos_text: str | None) -> tupl
     return (None, None, problem) if problem else (fmt, system, None)
 
 
-def render_modelfile(gguf_name: str, chat_template: str | None, context_length: int,
-                     license_text: str | None = None, generation: dict | None = None,
-                     render_jinja=None, bos_text: str | None = None,
-                     extra_stops: tuple[str, ...] = ()) -> tuple[str, str | None]:
+def render_modelfile(
+    gguf_name: str,
+    chat_template: str | None,
+    context_length: int,
+    license_text: str | None = None,
+    generation: dict | None = None,
+    render_jinja=None,
+    bos_text: str | None = None,
+    extra_stops: tuple[str, ...] = (),
+) -> tuple[str, str | None]:
     """(Modelfile text, warning or None). A chat template we cannot translate exactly never
     fails the export: the Modelfile then has no TEMPLATE, Ollama reads the GGUF's embedded
     Jinja template itself, and the warning says why."""
@@ -324,18 +389,30 @@ def render_modelfile(gguf_name: str, chat_template: str | None, context_length: 
     fmt, system = None, None
     if not chat_template:
         # a base model: Ollama sends the raw prompt (no chat turns to translate)
-        lines = ["# Ollama Modelfile (no chat template: plain completion). Create the model with:",
-                 "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""']
+        lines = [
+            "# Ollama Modelfile (no chat template: plain completion). Create the model with:",
+            "#   ollama create NAME -f Modelfile",
+            f"FROM ./{gguf_name}",
+            'TEMPLATE """{{ .Prompt }}"""',
+        ]
     else:
         fmt, system, reason = _go_template(chat_template, render_jinja, bos_text)
         if fmt is None:
-            warning = (f"Modelfile written without TEMPLATE: {reason}; Ollama will use the chat template "
-                       "embedded in the GGUF")
-            lines = ["# Ollama Modelfile (no TEMPLATE: Ollama uses the GGUF's own chat template). Create the model with:",
-                     "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+            warning = (
+                f"Modelfile written without TEMPLATE: {reason}; Ollama will use the chat template embedded in the GGUF"
+            )
+            lines = [
+                "# Ollama Modelfile (no TEMPLATE: Ollama uses the GGUF's own chat template). Create the model with:",
+                "#   ollama create NAME -f Modelfile",
+                f"FROM ./{gguf_name}",
+            ]
         else:
-            lines = [f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
-                     "#   ollama create NAME -f Modelfile", f"FROM ./{gguf_name}", f"TEMPLATE {_quote(fmt.go_template)}"]
+            lines = [
+                f"# Ollama Modelfile ({fmt.name} chat format). Create the model with:",
+                "#   ollama create NAME -f Modelfile",
+                f"FROM ./{gguf_name}",
+                f"TEMPLATE {_quote(fmt.go_template)}",
+            ]
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     known = fmt.stops if fmt else ()
@@ -350,8 +427,9 @@ def render_modelfile(gguf_name: str, chat_template: str | None, context_length: 
     return "\n".join(lines) + "\n", warning
 
 
-def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike,
-                    out_path: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+def write_modelfile(
+    model_dir: str | os.PathLike, gguf_path: str | os.PathLike, out_path: str | os.PathLike | None = None
+) -> tuple[Path, str | None]:
     """Write a Modelfile next to `gguf_path` (or at out_path) for the model in model_dir;
     returns its path and a warning when it had to be written without TEMPLATE."""
     from transformers import AutoTokenizer
@@ -365,13 +443,21 @@ def write_modelfile(model_dir: str | os.PathLike, gguf_path: str | os.PathLike,
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
 
     def render_jinja(messages, add_generation_prompt, tools=None):
-        return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     adds_bos = tok.bos_token is not None and len(tok("a").input_ids) > len(tok("a", add_special_tokens=False).input_ids)
-    text, warning = render_modelfile(gguf_path.name, tok.chat_template, int(config.get("max_position_embeddings", 2048)),
-                                     meta.get("license"), generation, render_jinja=render_jinja,
-                                     bos_text=tok.bos_token if adds_bos else None,
-                                     extra_stops=(tok.eos_token,) if tok.chat_template and tok.eos_token else ())
+    text, warning = render_modelfile(
+        gguf_path.name,
+        tok.chat_template,
+        int(config.get("max_position_embeddings", 2048)),
+        meta.get("license"),
+        generation,
+        render_jinja=render_jinja,
+        bos_text=tok.bos_token if adds_bos else None,
+        extra_stops=(tok.eos_token,) if tok.chat_template and tok.eos_token else (),
+    )
     if warning:
         log.warning("%s", warning)
     return write_text(out_path or gguf_path.parent / "Modelfile", text), warning

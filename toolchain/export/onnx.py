@@ -34,13 +34,13 @@ from pathlib import Path
 
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_dir, sha256_file
+from toolchain.formats import ONNX_DATA_FILE as DATA_FILE
+from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
+from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 from toolchain.models.registry import get_arch
 
 log = logging.getLogger(__name__)
 
-from toolchain.formats import ONNX_DATA_FILE as DATA_FILE
-from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
-from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 OPSET = 18
 
@@ -133,6 +133,7 @@ def model_info(model_dir: Path, config) -> dict:
 def _example_inputs(config, new: int = 3, past: int = 4):
     """>= 2 new tokens and a non-empty past (see the module docstring)."""
     import torch
+
     from toolchain.models.llama import head_dim
 
     gen = torch.Generator().manual_seed(0)  # leave the global RNG alone
@@ -202,22 +203,34 @@ def _export_graph(wrapper, config, path: Path) -> str:
             )
             program.save(str(path), external_data=True)
         return "dynamo"
-    except Exception as dynamo_err:  # noqa: BLE001 - any exporter failure gets the fallback
+    except Exception as dynamo_err:
         log.warning("dynamo export failed (%s); trying the legacy exporter", _first_line(dynamo_err))
         first = dynamo_err
     try:
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+        axes = {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+        }
         for name in inputs[3:]:
             axes[name] = {0: "batch", 2: "past_sequence"}
         for name in outputs[1:]:
             axes[name] = {0: "batch", 2: "total_sequence"}
         with torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(wrapper, _example_inputs(config), str(path), dynamo=False, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, opset_version=OPSET)
+            torch.onnx.export(
+                wrapper,
+                _example_inputs(config),
+                str(path),
+                dynamo=False,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+            )
         _to_external_data(path)
         return "legacy"
-    except Exception as legacy_err:  # noqa: BLE001
+    except Exception as legacy_err:
         raise UserError(
             f"ONNX export of a '{config.model_type}' model failed with both exporters: dynamo: "
             f"{_first_line(first)}; legacy: {_first_line(legacy_err)} (an operator or model feature the "
@@ -234,8 +247,14 @@ def _to_external_data(path: Path) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
 
 
 def _record(out_dir: Path, precision: str, seconds: float, extra: dict | None = None) -> dict:
@@ -265,8 +284,12 @@ def precision_dir(out_dir: str | Path, precision: str) -> Path:
     return out_dir if precision == "fp32" else out_dir.with_name(f"{out_dir.name}-{precision}")
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, precisions: list[str] | tuple[str, ...] = ("fp32",),
-                optimize: bool = True) -> dict:
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    precisions: list[str] | tuple[str, ...] = ("fp32",),
+    optimize: bool = True,
+) -> dict:
     """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json).
 
     fp32 is always written at `out_dir` (the reference the others are made from); each other
@@ -314,8 +337,14 @@ def _optimize_in_place(path: Path) -> dict:
     fusions = optimize_graph(model)
     if any(fusions.values()):
         (path.parent / DATA_FILE).unlink(missing_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
     return fusions
 
 

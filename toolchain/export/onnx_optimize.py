@@ -84,8 +84,13 @@ def fuse_rms_norm(model) -> int:
         # x must feed nothing else inside the pattern except Pow and the scale Mul (it may feed
         # other nodes outside, e.g. the residual Add; those keep reading x)
         fused = helper.make_node(
-            "SimplifiedLayerNormalization", [x, w], [mul_w.output[0]],
-            name=f"{mul_w.name}_rmsnorm", axis=-1, epsilon=float(eps.reshape(-1)[0]), stash_type=1,
+            "SimplifiedLayerNormalization",
+            [x, w],
+            [mul_w.output[0]],
+            name=f"{mul_w.name}_rmsnorm",
+            axis=-1,
+            epsilon=float(eps.reshape(-1)[0]),
+            stash_type=1,
         )
         remove += [pow_node, mean, add_eps, sqrt, recip, scale, mul_w]
         add.append((mul_w, fused))

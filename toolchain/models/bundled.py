@@ -78,8 +78,7 @@ def bundled_path(name: str) -> Path:
 def _assembled(entry: BundledModel) -> Path:
     import importlib
 
-    from toolchain.fileio import atomic_path
-    from toolchain.fileio import cache_dir
+    from toolchain.fileio import atomic_path, cache_dir
 
     target = cache_dir() / "bundled" / entry.filename
     if target.is_file():

@@ -28,13 +28,16 @@ def open_gguf(path: str | os.PathLike):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader fails in many ways (struct, numpy, unicode) on bad bytes
-        raise UserError(f"{path} is truncated or corrupt; it cannot be read as GGUF ({type(e).__name__}: {e}); "
-                        "re-download or re-export it") from None
+        raise UserError(
+            f"{path} is truncated or corrupt; it cannot be read as GGUF ({type(e).__name__}: {e}); "
+            "re-download or re-export it"
+        ) from None
     size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
-        raise UserError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; "
-                        "re-download or re-export it")
+        raise UserError(
+            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-download or re-export it"
+        )
     return reader
 
 
@@ -52,8 +55,10 @@ def check_safetensors(path: str | os.PathLike) -> None:
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a valid safetensors file ({e}); re-download or re-save the model") from None
     if 8 + n + end > size:
-        raise UserError(f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
-                        "re-download or re-save the model")
+        raise UserError(
+            f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
+            "re-download or re-save the model"
+        )
 
 
 def check_model_dir_weights(model_dir: str | os.PathLike) -> None:

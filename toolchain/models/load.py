@@ -228,8 +228,14 @@ def _bnb_config(quantize: str):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
-def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", quantize: str = "none",
-                 adapter_mode: str = "merge", device: str = "cpu") -> LoadedModel:
+def load_teacher(
+    spec: str,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    quantize: str = "none",
+    adapter_mode: str = "merge",
+    device: str = "cpu",
+) -> LoadedModel:
     """Load a teacher: plain (as `load_model`), 8-bit or 4-bit through bitsandbytes (CPU works),
     with a PEFT adapter merged into the weights or attached as a separate LoRA path.
 
@@ -244,8 +250,10 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
     if adapter_mode not in ADAPTER_MODES:
         raise UserError(f"teacher.adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got '{adapter_mode}'")
     if adapter and quantize != "none" and adapter_mode == "merge":
-        raise UserError(f"a LoRA adapter cannot be merged into a {quantize} teacher without rounding it away; "
-                        "set teacher.adapter_mode: attach (QLoRA-style) or teacher.quantize: none")
+        raise UserError(
+            f"a LoRA adapter cannot be merged into a {quantize} teacher without rounding it away; "
+            "set teacher.adapter_mode: attach (QLoRA-style) or teacher.quantize: none"
+        )
     variant = {"dtype": dtype, "quantize": quantize, "adapter_mode": adapter_mode if adapter else None}
     if quantize == "none" and adapter_mode == "merge":
         loaded = load_model(spec, adapter, dtype)
@@ -285,5 +293,6 @@ def load_teacher(spec: str, adapter: str | None = None, dtype: str = "float32", 
 
 def teacher_from_config(t, device: str = "cpu") -> LoadedModel:
     """`load_teacher` from a `TeacherConfig` (fields added later default like older configs)."""
-    return load_teacher(t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"),
-                        device=device)
+    return load_teacher(
+        t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"), device=device
+    )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from toolchain.errors import UserError
-from toolchain.models.arch import ArchSpec
 from toolchain.models import llama
+from toolchain.models.arch import ArchSpec
 
 
 def write_hparams(writer, config) -> None:

@@ -7,8 +7,8 @@ hidden/heads (e.g. 128 vs 64), so key/value lengths are written. NEOX rotary: no
 
 from __future__ import annotations
 
-from toolchain.models.arch import ArchSpec
 from toolchain.models import llama, qwen2
+from toolchain.models.arch import ArchSpec
 
 ARCH = ArchSpec(
     model_type="qwen3",

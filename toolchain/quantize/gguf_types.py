@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import UserError
-from toolchain.formats import PYTHON_TYPES, check_overrides
 from toolchain.fileio import atomic_path
+from toolchain.formats import PYTHON_TYPES, check_overrides
 from toolchain.native_output import captured_native_output
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,20 @@ def _tensor_overrides(llama_cpp, overrides: dict[str, str]):
     return arr
 
 
-def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_name: str, threads: int = 0,
-                       overrides: dict[str, str] | None = None) -> Path:
+def llama_cpp_quantize(
+    src_f16: str | os.PathLike,
+    dst: str | os.PathLike,
+    type_name: str,
+    threads: int = 0,
+    overrides: dict[str, str] | None = None,
+) -> Path:
     """Quantize an F16/F32 GGUF to a K-quant type with llama.cpp; written atomically.
 
     `overrides` ({tensor-name regex: ggml type}) go to llama.cpp's own tensor-type overrides."""
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(
-            f"GGUF type {type_name} needs llama.cpp's quantizer: pip install llama-cpp-python"
-        ) from None
+        raise UserError(f"GGUF type {type_name} needs llama.cpp's quantizer: pip install llama-cpp-python") from None
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}", None)
     if ftype is None:
         raise UserError(f"this llama-cpp-python build does not know GGUF type {type_name}")
@@ -91,7 +94,7 @@ def llama_cpp_quantize(src_f16: str | os.PathLike, dst: str | os.PathLike, type_
         if rc != 0:
             tail = " / ".join(log_lines[-3:])
             raise UserError(f"llama.cpp failed to quantize {src_f16} to {type_name} (return code {rc}): {tail}")
-    fallbacks = [l for l in log_lines if "fallback" in l and "required" in l]
+    fallbacks = [line for line in log_lines if "fallback" in line and "required" in line]
     if fallbacks:
         # e.g. SmolLM2's 576-wide rows are not multiples of 256, so most K-quant tensors fall back
         log.warning("%s: %s", type_name, fallbacks[-1].split(":", 1)[-1].strip())

@@ -37,7 +37,7 @@ def fit_blocks(w: np.ndarray, bits: int, block: int, chunk: int = 8192) -> tuple
     K is padded to whole blocks by repeating each column's last value (the padding is never
     multiplied: MatMulNBits and the block sums stop at K).
     """
-    parts = [_fit_columns(w[:, i:i + chunk], bits, block) for i in range(0, w.shape[1], chunk)]
+    parts = [_fit_columns(w[:, i : i + chunk], bits, block) for i in range(0, w.shape[1], chunk)]
     return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
 
 
@@ -79,8 +79,7 @@ def _fit_columns(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.n
     step = gaps.min(-1)
     step = np.where(np.isfinite(step), step, 1.0)
     q = np.rint((v - srt[..., :1]) / step[..., None])
-    on_grid = ((q.max(-1) <= top)
-               & (np.abs(srt[..., :1] + step[..., None] * q - v).max(-1) <= 1e-3 * step))
+    on_grid = (q.max(-1) <= top) & (np.abs(srt[..., :1] + step[..., None] * q - v).max(-1) <= 1e-3 * step)
     err = ((srt[..., :1] + step[..., None] * q - v) ** 2).sum(-1)
     take = on_grid & (err < best_err)
     best_q[take] = q[take].astype(np.uint8)
@@ -114,22 +113,35 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: i
     return w.reshape(w.shape[0], -1)[:, :k].T
 
 
-def _block_rows(graph, q_name: str, scale: np.ndarray, k: int, ids: str, base: str, out: str, bits: int,
-                block: int) -> list:
+def _block_rows(
+    graph, q_name: str, scale: np.ndarray, k: int, ids: str, base: str, out: str, bits: int, block: int
+) -> list:
     """Nodes reading rows `ids` of the codes `q_name` ([V, nb, bytes], MatMulNBits' layout) as a
     [B, L, K] tensor `out` through GatherBlockQuantized (its initializers are added to `graph`)."""
     from onnx import helper, numpy_helper
 
-    graph.initializer.extend([
-        # GatherBlockQuantized wants scales with the data's rank: [V, nb, 1]
-        numpy_helper.from_array(np.ascontiguousarray(scale.reshape(scale.shape[0], -1, 1)), f"{q_name}_gather_scales"),
-        numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
-    ])
+    graph.initializer.extend(
+        [
+            # GatherBlockQuantized wants scales with the data's rank: [V, nb, 1]
+            numpy_helper.from_array(
+                np.ascontiguousarray(scale.reshape(scale.shape[0], -1, 1)), f"{q_name}_gather_scales"
+            ),
+            numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{q_name}_rows_shape"),
+        ]
+    )
     return [
         # default zero point of uint8 storage is 2^(bits-1), the middle code, as for MatMulNBits
-        helper.make_node("GatherBlockQuantized", [q_name, ids, f"{q_name}_gather_scales"], [f"{base}_blocks"],
-                         name=f"{base}_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                         block_size=block, bits=bits),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [q_name, ids, f"{q_name}_gather_scales"],
+            [f"{base}_blocks"],
+            name=f"{base}_Q{bits}",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=block,
+            bits=bits,
+        ),
         helper.make_node("Reshape", [f"{base}_blocks", f"{q_name}_rows_shape"], [out], name=f"{base}_rows_q"),
     ]
 
@@ -146,8 +158,15 @@ def _digest(w: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
-def rewrite_matmuls(model, bits: int, block: int, accuracy_level: int, exclude: set[str],
-                    include: set[str] | None = None, fitted: dict | None = None) -> int:
+def rewrite_matmuls(
+    model,
+    bits: int,
+    block: int,
+    accuracy_level: int,
+    exclude: set[str],
+    include: set[str] | None = None,
+    fitted: dict | None = None,
+) -> int:
     """Every MatMul with a 2-D constant weight (in `include` if given, not in `exclude`) ->
     MatMulNBits + offset term.
 
@@ -165,8 +184,12 @@ def rewrite_matmuls(model, bits: int, block: int, accuracy_level: int, exclude: 
     new_nodes, drop, count = [], set(), 0
     for node in graph.node:
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if (w_name not in inits or len(inits[w_name].dims) != 2 or node.name in exclude
-                or (include is not None and node.name not in include)):
+        if (
+            w_name not in inits
+            or len(inits[w_name].dims) != 2
+            or node.name in exclude
+            or (include is not None and node.name not in include)
+        ):
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
@@ -176,9 +199,13 @@ def rewrite_matmuls(model, bits: int, block: int, accuracy_level: int, exclude: 
         q_name, s_name, o_name = f"{w_name}_Q{bits}o", f"{w_name}_Q{bits}o_scales", f"{w_name}_Q{bits}o_offsets"
         if fitted is not None:
             fitted[_digest(w)] = (q_name, o_name, bits)
-        graph.initializer.extend([numpy_helper.from_array(pack_codes(codes, bits), q_name),
-                                  numpy_helper.from_array(scale, s_name),
-                                  numpy_helper.from_array(np.ascontiguousarray(offset.T), o_name)])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(pack_codes(codes, bits), q_name),
+                numpy_helper.from_array(scale, s_name),
+                numpy_helper.from_array(np.ascontiguousarray(offset.T), o_name),
+            ]
+        )
         if (x, k) not in sums:
             sum_w = f"block_sum_{k}x{block}"
             if sum_w not in inits:
@@ -188,8 +215,18 @@ def rewrite_matmuls(model, bits: int, block: int, accuracy_level: int, exclude: 
             new_nodes.append(helper.make_node("MatMul", [x, sum_w], [sums[(x, k)]], name=f"{base}_blocksum"))
         kw = {"accuracy_level": accuracy_level} if accuracy_level else {}
         new_nodes += [
-            helper.make_node("MatMulNBits", [x, q_name, s_name], [f"{base}_q"], name=f"{base}_Q{bits}",
-                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, **kw),
+            helper.make_node(
+                "MatMulNBits",
+                [x, q_name, s_name],
+                [f"{base}_q"],
+                name=f"{base}_Q{bits}",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=block,
+                **kw,
+            ),
             helper.make_node("MatMul", [sums[(x, k)], o_name], [f"{base}_offset"], name=f"{base}_offset"),
             helper.make_node("Add", [f"{base}_q", f"{base}_offset"], [node.output[0]], name=f"{base}_add"),
         ]
@@ -222,7 +259,7 @@ def rewrite_embeddings(model, names: list[str], bits: int, block: int, fitted: d
         if len(dims) != 2 or dims[1] % block:
             new_nodes.append(node)
             continue
-        v, k = dims
+        _v, k = dims
         table_t = numpy_helper.to_array(inits[table]).astype(np.float32).T
         base, ids = node.name, node.input[1]
         shared = (fitted or {}).get(_digest(table_t))
@@ -232,17 +269,21 @@ def rewrite_embeddings(model, names: list[str], bits: int, block: int, fitted: d
         else:
             q_name, o_name = f"{table}_Q{bits}o", f"{table}_Q{bits}o_offsets"
             codes, scale, offset = fit_blocks(table_t, bits, block)
-            graph.initializer.extend([numpy_helper.from_array(pack_codes(codes, bits), q_name),
-                                      numpy_helper.from_array(np.ascontiguousarray(offset.T), o_name)])
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(pack_codes(codes, bits), q_name),
+                    numpy_helper.from_array(np.ascontiguousarray(offset.T), o_name),
+                ]
+            )
         graph.initializer.append(
-            numpy_helper.from_array(np.ascontiguousarray(block_sum_matrix(k, block).T), f"{q_name}_expand"))
+            numpy_helper.from_array(np.ascontiguousarray(block_sum_matrix(k, block).T), f"{q_name}_expand")
+        )
         new_nodes += _block_rows(graph, q_name, scale, k, ids, base, f"{base}_q", bits, block)
         new_nodes += [
             # offsets are stored [nb, V] for the head's product; gather columns, then [B, L, nb]
             helper.make_node("Gather", [o_name, ids], [f"{base}_cols"], name=f"{base}_cols", axis=1),
             helper.make_node("Transpose", [f"{base}_cols"], [f"{base}_rows"], name=f"{base}_rows", perm=[1, 2, 0]),
-            helper.make_node("MatMul", [f"{base}_rows", f"{q_name}_expand"], [f"{base}_offset"],
-                             name=f"{base}_expand"),
+            helper.make_node("MatMul", [f"{base}_rows", f"{q_name}_expand"], [f"{base}_offset"], name=f"{base}_expand"),
             helper.make_node("Add", [f"{base}_q", f"{base}_offset"], [node.output[0]], name=f"{base}_add"),
         ]
         uses[table] -= 1
@@ -268,8 +309,9 @@ def gather_from_head(model, gather: str, head: str, bits: int, block: int) -> bo
     k = next(a.i for a in h.attribute if a.name == "K")
     q_name, s_name = h.input[1], h.input[2]
     table = g.input[0]
-    rows = _block_rows(graph, q_name, numpy_helper.to_array(inits[s_name]), k, g.input[1], g.name, g.output[0],
-                       bits, block)
+    rows = _block_rows(
+        graph, q_name, numpy_helper.to_array(inits[s_name]), k, g.input[1], g.name, g.output[0], bits, block
+    )
     new_nodes = []
     for node in graph.node:
         new_nodes += rows if node.name == gather else [node]

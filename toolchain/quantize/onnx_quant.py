@@ -121,9 +121,14 @@ def fold_weight_transposes(model) -> int:
 def _embedding_gathers(model) -> list[str]:
     """Gather nodes that look up `input_ids` in a constant 2-D table (the token embedding)."""
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == "input_ids"
-            and len(dims.get(n.input[0], [])) == 2]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and len(n.input) == 2
+        and n.input[1] == "input_ids"
+        and len(dims.get(n.input[0], [])) == 2
+    ]
 
 
 def quantize_embedding(model, block_size: int = BLOCK_SIZE):
@@ -133,10 +138,12 @@ def quantize_embedding(model, block_size: int = BLOCK_SIZE):
     names = _embedding_gathers(model)
     if not names:
         return model
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=4,
-                                       op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
-    quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=names,
-                                 algo_config=cfg)
+    cfg = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, bits=4, op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),)
+    )
+    quant = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=names, algo_config=cfg
+    )
     # (it warns that it raises the opset to 21 for the int4 type; onnxruntime >= 1.20 runs it)
     return _process_quietly(quant, logging.ERROR)
 
@@ -160,8 +167,14 @@ def _save(model, out_file: Path) -> None:
     data = out_file.name + ".data"
     if (out_file.parent / data).exists():
         (out_file.parent / data).unlink()  # onnx appends to an existing external-data file
-    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(out_file),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data,
+        size_threshold=1024,
+    )
 
 
 def to_fp16(src_file: Path, out_file: Path) -> None:
@@ -174,23 +187,52 @@ def to_fp16(src_file: Path, out_file: Path) -> None:
     _save(model, out_file)
 
 
-def _nbits_pass(model, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
-                exclude: list[str], include: list[str] | None = None):
+def _nbits_pass(
+    model,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    symmetric: bool,
+    exclude: list[str],
+    include: list[str] | None = None,
+):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-                                       bits=bits, op_types_to_quantize=("MatMul",))
-    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level, nodes_to_exclude=exclude, nodes_to_include=include,
-                                 algo_config=cfg)
+    cfg = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        bits=bits,
+        op_types_to_quantize=("MatMul",),
+    )
+    quant = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=exclude,
+        nodes_to_include=include,
+        algo_config=cfg,
+    )
     # the quantizer logs one INFO line per MatMul
     return _process_quietly(quant, logging.WARNING)
 
 
-def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_SIZE,
-             accuracy_level: int = ACCURACY_LEVEL, keep_lm_head: bool = False, head_bits: int | None = None,
-             symmetric: bool = True, quantize_embeddings: bool = True, offsets: bool = False,
-             embed_bits: int = 4, head_offsets: bool = True) -> None:
+def to_nbits(
+    src_file: Path,
+    out_file: Path,
+    bits: int,
+    block_size: int = BLOCK_SIZE,
+    accuracy_level: int = ACCURACY_LEVEL,
+    keep_lm_head: bool = False,
+    head_bits: int | None = None,
+    symmetric: bool = True,
+    quantize_embeddings: bool = True,
+    offsets: bool = False,
+    embed_bits: int = 4,
+    head_offsets: bool = True,
+) -> None:
     """MatMul weights -> MatMulNBits with `bits`; the output projection with `head_bits`
     (default: the same), or left fp32 with `keep_lm_head`; at 4 bits also the token embedding
     unless `quantize_embeddings` is False. `offsets`: blocks get a fitted float offset
@@ -202,15 +244,23 @@ def to_nbits(src_file: Path, out_file: Path, bits: int, block_size: int = BLOCK_
     if not keep_lm_head:
         fold_weight_transposes(model)
     if offsets:
-        model = _offset_pass(model, bits, block_size, accuracy_level, head, keep_lm_head, head_bits or bits,
-                             embed_bits=embed_bits if quantize_embeddings else None, head_offsets=head_offsets)
+        model = _offset_pass(
+            model,
+            bits,
+            block_size,
+            accuracy_level,
+            head,
+            keep_lm_head,
+            head_bits or bits,
+            embed_bits=embed_bits if quantize_embeddings else None,
+            head_offsets=head_offsets,
+        )
         _save(model, out_file)
         return
     head_bits = head_bits or bits
     separate_head = keep_lm_head or head_bits != bits
     # the tie is checked on the fp32 weights, before quantization; only where it is used
-    tied = (_tied_embedding(model, head) if head and not keep_lm_head and quantize_embeddings and bits != 4
-            else None)
+    tied = _tied_embedding(model, head) if head and not keep_lm_head and quantize_embeddings and bits != 4 else None
     model = _nbits_pass(model, bits, block_size, accuracy_level, symmetric, exclude=head if separate_head else [])
     if head and not keep_lm_head and head_bits != bits:
         model = _nbits_pass(model, head_bits, block_size, accuracy_level, symmetric, exclude=[], include=head)
@@ -237,22 +287,36 @@ def _tied_embedding(model, head: list[str]) -> str | None:
     w_name = nodes[head[0]].input[1] if head and head[0] in nodes else None
     for name in _embedding_gathers(model):
         table = nodes[name].input[0]
-        if w_name in inits and list(inits[table].dims) == list(reversed(inits[w_name].dims)):
-            if (numpy_helper.to_array(inits[table]).T == numpy_helper.to_array(inits[w_name])).all():
-                return name
+        if (
+            w_name in inits
+            and list(inits[table].dims) == list(reversed(inits[w_name].dims))
+            and (numpy_helper.to_array(inits[w_name]) == numpy_helper.to_array(inits[table]).T).all()
+        ):
+            return name
     return None
 
 
-def _offset_pass(model, bits: int, block_size: int, accuracy_level: int, head: list[str], keep_lm_head: bool,
-                 head_bits: int, embed_bits: int | None, head_offsets: bool = True):
+def _offset_pass(
+    model,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    head: list[str],
+    keep_lm_head: bool,
+    head_bits: int,
+    embed_bits: int | None,
+    head_offsets: bool = True,
+):
     import onnx
 
     from toolchain.quantize.onnx_offsets import gather_from_head, rewrite_embeddings, rewrite_matmuls
 
     separate_head = keep_lm_head or head_bits != bits or not head_offsets
     fitted: dict = {}  # lets a tied embedding share the head's codes
-    if rewrite_matmuls(model, bits, block_size, accuracy_level, set(head) if separate_head else set(),
-                       fitted=fitted) == 0:
+    if (
+        rewrite_matmuls(model, bits, block_size, accuracy_level, set(head) if separate_head else set(), fitted=fitted)
+        == 0
+    ):
         raise UserError("no MatMul with a constant weight to quantize; is this an exported decoder?")
     if head and separate_head and not keep_lm_head and not head_offsets:
         # (the head's fp32 weight and the table are still there: the pass above left the head out)
@@ -283,8 +347,15 @@ def to_int8_dynamic(src_file: Path, out_file: Path, keep_lm_head: bool = True) -
 
     model = onnx.load(str(src_file), load_external_data=False)
     exclude = _lm_head_nodes(model) if keep_lm_head else []
-    quantize_dynamic(src_file, out_file, op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True)
+    quantize_dynamic(
+        src_file,
+        out_file,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
+        use_external_data_format=True,
+    )
 
 
 def quantize_file(src_file: Path, out_file: Path, precision: str, keep_lm_head: bool = False) -> None:
@@ -292,8 +363,16 @@ def quantize_file(src_file: Path, out_file: Path, precision: str, keep_lm_head: 
     if precision == "fp16":
         to_fp16(src_file, out_file)
     elif precision == "int4":
-        to_nbits(src_file, out_file, 4, keep_lm_head=keep_lm_head, offsets=True, head_bits=INT4_HEAD_BITS,
-                 embed_bits=INT4_HEAD_BITS, head_offsets=False)
+        to_nbits(
+            src_file,
+            out_file,
+            4,
+            keep_lm_head=keep_lm_head,
+            offsets=True,
+            head_bits=INT4_HEAD_BITS,
+            embed_bits=INT4_HEAD_BITS,
+            head_offsets=False,
+        )
     elif precision in BITS:
         to_nbits(src_file, out_file, BITS[precision], keep_lm_head=keep_lm_head)
     else:

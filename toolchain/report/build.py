@@ -45,8 +45,12 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         "name": config.get("name"),
         "teacher": stages.get("teacher", {}),
         # the shipped student is the distilled one (same shape as the initial one)
-        "student": {"params": distill.get("params", student.get("params")), "bytes": distill.get("bytes"),
-                    "layers": len(student.get("kept_layers") or []), "kept_layers": student.get("kept_layers")},
+        "student": {
+            "params": distill.get("params", student.get("params")),
+            "bytes": distill.get("bytes"),
+            "layers": len(student.get("kept_layers") or []),
+            "kept_layers": student.get("kept_layers"),
+        },
         "distill": {k: v for k, v in distill.items() if k not in ("history", "params", "bytes")} if distill else {},
         "exports": exports,
         "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],

@@ -10,7 +10,8 @@ from toolchain.report import plots
 from toolchain.report.markdown import render as render_markdown
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+  padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.6em 0 1.4em;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
@@ -22,7 +23,7 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0 1.5em}
 def _md_to_html(md: str) -> str:
     """The small Markdown subset report.md uses: headings, pipe tables, code fences, paragraphs."""
     out, lines, i = [], md.splitlines(), 0
-    inline = lambda s: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))  # noqa: E731
+    inline = lambda s: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))
     while i < len(lines):
         line = lines[i]
         if line.startswith("#"):
@@ -68,5 +69,7 @@ def render(report: dict) -> str:
     body = _md_to_html(render_markdown(report))
     title = html.escape(str(report.get("name") or "report"))
     plots_section = f"<h2>Plots</h2>\n{figs}" if figs else ""
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
-            f"<body>\n{body}\n{plots_section}\n</body></html>\n")
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
+        f"<body>\n{body}\n{plots_section}\n</body></html>\n"
+    )

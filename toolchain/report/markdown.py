@@ -22,18 +22,27 @@ def _quality(report: dict) -> dict:
     for e in report.get("exports", []):
         p = e.get("parity") or {}
         if e["format"] == "gguf" and p:
-            out[(e["format"], e["quant"])] = f"NMSE {_f(p.get('nmse_max'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+            out[(e["format"], e["quant"])] = (
+                f"NMSE {_f(p.get('nmse_max'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+            )
         elif p:
-            out[(e["format"], e["quant"])] = f"max Δ {_f(p.get('max_abs_diff'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+            out[(e["format"], e["quant"])] = (
+                f"max Δ {_f(p.get('max_abs_diff'), '.1e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+            )
     return out
 
 
 def _bench_table(report: dict, bench: list[dict]) -> list[str]:
     quality = _quality(report)
     first = next((b for b in bench if b.get("decode_tps")), bench[0])
-    lines = [f"prompt {first.get('n_prompt')} tokens, {first.get('n_gen')} generated; median of "
-             f"{(first.get('decode_tps') or {}).get('n') or len((first.get('decode_tps') or {}).get('runs', [])) or '?'} runs after a warm-up, each model in its "
-             "own process pinned to the target's core count. Ceiling = memory bandwidth / bytes read per token.", ""]
+    decode = first.get("decode_tps") or {}
+    n_runs = decode.get("n") or len(decode.get("runs", [])) or "?"
+    lines = [
+        f"prompt {first.get('n_prompt')} tokens, {first.get('n_gen')} generated; median of "
+        f"{n_runs} runs after a warm-up, each model in its "
+        "own process pinned to the target's core count. Ceiling = memory bandwidth / bytes read per token.",
+        "",
+    ]
     rows = []
     for b in bench:
         head = [b.get("runtime"), b.get("quant"), b.get("target"), b.get("threads", "-")]
@@ -45,20 +54,38 @@ def _bench_table(report: dict, bench: list[dict]) -> list[str]:
             rows.append(head + [f"does not fit: needs {_f(need, '.0f')} MB"] + [""] * 9)
             continue
         roof, proj = b.get("roofline") or {}, b.get("projection") or {}
-        rows.append(head + [
-            _f(b["prefill_tps"]["median"], ".0f"),
-            _f((b.get("prefill_short_tps") or {}).get("median"), ".0f"),
-            f"{_f(b['decode_tps']['median'], '.1f')} ± {_f(b['decode_tps'].get('stddev'), '.1f')}",
-            _f(b["ttft_ms"]["median"], ".1f"),
-            _f(b.get("peak_rss_mb"), ".0f"),
-            _mb(b.get("bytes")),
-            quality.get((b.get("format"), b.get("quant")), "-"),
-            f"{_f(roof.get('ceiling_tps'), '.0f')} ({_f(roof.get('efficiency'), '.0%')})" if roof else "-",
-            _f(proj.get("decode_tps"), ".1f") if proj else "-",
-        ])
-    lines += _table(["runtime", "type", "target", "threads", "prefill tok/s", "prefill short", "decode tok/s",
-                     "TTFT ms", "peak RSS MB", "size", "quality vs torch", "ceiling tok/s (efficiency)",
-                     "projected decode"], rows)
+        rows.append(
+            head
+            + [
+                _f(b["prefill_tps"]["median"], ".0f"),
+                _f((b.get("prefill_short_tps") or {}).get("median"), ".0f"),
+                f"{_f(b['decode_tps']['median'], '.1f')} ± {_f(b['decode_tps'].get('stddev'), '.1f')}",
+                _f(b["ttft_ms"]["median"], ".1f"),
+                _f(b.get("peak_rss_mb"), ".0f"),
+                _mb(b.get("bytes")),
+                quality.get((b.get("format"), b.get("quant")), "-"),
+                f"{_f(roof.get('ceiling_tps'), '.0f')} ({_f(roof.get('efficiency'), '.0%')})" if roof else "-",
+                _f(proj.get("decode_tps"), ".1f") if proj else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "runtime",
+            "type",
+            "target",
+            "threads",
+            "prefill tok/s",
+            "prefill short",
+            "decode tok/s",
+            "TTFT ms",
+            "peak RSS MB",
+            "size",
+            "quality vs torch",
+            "ceiling tok/s (efficiency)",
+            "projected decode",
+        ],
+        rows,
+    )
     formulas = {(b.get("projection") or {}).get("formula") for b in bench} - {None}
     for f in sorted(formulas):
         lines += [f"Projection (not a measurement): `{f}`", ""]
@@ -71,36 +98,60 @@ def render(report: dict) -> str:
     lines += [f"toolchain {report.get('toolchain_version')} · {report.get('created')}", ""]
 
     lines += ["## Models", ""]
-    lines += _table(["model", "params", "size (fp32 safetensors)", "layers"], [
-        [f"teacher `{t.get('name', '?')}`", f"{(t.get('params') or 0) / 1e6:.1f} M", _mb(t.get("bytes")), t.get("layers", "-")],
-        ["student", f"{(s.get('params') or 0) / 1e6:.1f} M", _mb(s.get("bytes")),
-         f"{s.get('layers')} (teacher blocks {s.get('kept_layers')})"],
-    ])
+    lines += _table(
+        ["model", "params", "size (fp32 safetensors)", "layers"],
+        [
+            [
+                f"teacher `{t.get('name', '?')}`",
+                f"{(t.get('params') or 0) / 1e6:.1f} M",
+                _mb(t.get("bytes")),
+                t.get("layers", "-"),
+            ],
+            [
+                "student",
+                f"{(s.get('params') or 0) / 1e6:.1f} M",
+                _mb(s.get("bytes")),
+                f"{s.get('layers')} (teacher blocks {s.get('kept_layers')})",
+            ],
+        ],
+    )
 
     if d.get("diverged"):
         best, last = d.get("best") or {}, d.get("last") or {}
         lines += ["## Distillation: stopped, diverged", "", f"{d.get('reason')}.", ""]
-        lines += _table(["", "step", "held-out KL", "held-out CE"], [
-            ["best", str(best.get("step", "-")), _f(best.get("kl")), _f(best.get("ce"))],
-            ["last", str(last.get("step", "-")), _f(last.get("kl")), _f(last.get("ce"))],
-        ])
+        lines += _table(
+            ["", "step", "held-out KL", "held-out CE"],
+            [
+                ["best", str(best.get("step", "-")), _f(best.get("kl")), _f(best.get("ce"))],
+                ["last", str(last.get("step", "-")), _f(last.get("kl")), _f(last.get("ce"))],
+            ],
+        )
         if d.get("best_student"):
             lines += [f"Best student kept in `{d['best_student']}`.", ""]
     elif d:
         b, a = d.get("before", {}), d.get("after", {})
         lines += ["## Distillation (held-out text)", ""]
-        lines += [f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
-                  f"loss = {d.get('alpha')}·CE + {1 - d.get('alpha', 0):.2g}·T²·KL, T = {d.get('temperature')}", ""]
-        lines += _table(["metric", "before", "after"], [
-            ["student CE (nats/token)", _f(b.get("ce")), _f(a.get("ce"))],
-            ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
-            ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
-            ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
-        ])
+        lines += [
+            f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
+            f"loss = {d.get('alpha')}·CE + {1 - d.get('alpha', 0):.2g}·T²·KL, T = {d.get('temperature')}",
+            "",
+        ]
+        lines += _table(
+            ["metric", "before", "after"],
+            [
+                ["student CE (nats/token)", _f(b.get("ce")), _f(a.get("ce"))],
+                ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
+                ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
+                ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
+            ],
+        )
         best = d.get("best") or {}
         if best.get("step") is not None:
-            lines += [f"Lowest held-out KL at step {best['step']} ({_f(best.get('kl'))}); the saved student is "
-                      f"step {d.get('last_step', d.get('steps'))}'s.", ""]
+            lines += [
+                f"Lowest held-out KL at step {best['step']} ({_f(best.get('kl'))}); the saved student is "
+                f"step {d.get('last_step', d.get('steps'))}'s.",
+                "",
+            ]
 
     ex = report.get("exports", [])
     if ex:
@@ -109,14 +160,26 @@ def render(report: dict) -> str:
         for e in ex:
             p = e.get("parity", {})
             if e["format"] == "gguf":
-                parity = (f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
-                          f"greedy {_f(p.get('greedy_agreement'), '.0%')}")
+                parity = (
+                    f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
+                    f"greedy {_f(p.get('greedy_agreement'), '.0%')}"
+                )
             else:
-                parity = f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+                parity = (
+                    f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+                )
                 if "top1_agreement" in p:  # int8/int4 are judged on choices, not absolute logits
                     parity += f", top-1 {_f(p.get('top1_agreement'), '.1%')}, mean KL {_f(p.get('mean_kl'), '.2e')}"
-            rows.append([e["format"], e["quant"], _mb(e.get("bytes")), parity if p else "not verified",
-                         "pass" if p.get("passed") else ("-" if not p else "FAIL"), f"`{e['sha256'][:12]}`"])
+            rows.append(
+                [
+                    e["format"],
+                    e["quant"],
+                    _mb(e.get("bytes")),
+                    parity if p else "not verified",
+                    "pass" if p.get("passed") else ("-" if not p else "FAIL"),
+                    f"`{e['sha256'][:12]}`",
+                ]
+            )
         lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
         sample = next((e.get("sample") for e in ex if e.get("sample")), None)
         if sample:

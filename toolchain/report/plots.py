@@ -35,7 +35,9 @@ def pareto_front(points: list[tuple[float, float, float]]) -> list[int]:
     front = []
     for i, (s, v, q) in enumerate(points):
         dominated = any(
-            s2 <= s and v2 >= v and q2 >= q and (s2, v2, q2) != (s, v, q) for j, (s2, v2, q2) in enumerate(points) if j != i
+            s2 <= s and v2 >= v and q2 >= q and (s2, v2, q2) != (s, v, q)
+            for j, (s2, v2, q2) in enumerate(points)
+            if j != i
         )
         if not dominated:
             front.append(i)
@@ -61,8 +63,17 @@ def size_speed_quality(report: dict, target: str | None = None) -> bytes | None:
     front = set(pareto_front(pts))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", vmin=0, vmax=1,
-                    s=80, edgecolors="black", zorder=3)
+    sc = ax.scatter(
+        [p[0] for p in pts],
+        [p[1] for p in pts],
+        c=[p[2] for p in pts],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=80,
+        edgecolors="black",
+        zorder=3,
+    )
     for i, (b, p) in enumerate(zip(rows, pts)):
         ax.annotate(f"{b['runtime']} {b['quant']}", (p[0], p[1]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if i in front:
@@ -111,16 +122,24 @@ def per_target(report: dict) -> bytes | None:
 
 def roofline(report: dict) -> bytes | None:
     # a target emulated by another target's run shares its measurement: plot each run once
-    rows = [b for b in _ok(report.get("bench", [])) if (b.get("roofline") or {}).get("ceiling_tps")
-            and b.get("measured_for", b["target"]) == b["target"]]
+    rows = [
+        b
+        for b in _ok(report.get("bench", []))
+        if (b.get("roofline") or {}).get("ceiling_tps") and b.get("measured_for", b["target"]) == b["target"]
+    ]
     if not rows:
         return None
     plt = _plt()
     labels = [f"{b['runtime']} {b['quant']}\n{b['target']}" for b in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [b["roofline"]["ceiling_tps"] for b in rows], 0.4, color="lightgray",
-           label="ceiling: bandwidth / bytes per token")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [b["roofline"]["ceiling_tps"] for b in rows],
+        0.4,
+        color="lightgray",
+        label="ceiling: bandwidth / bytes per token",
+    )
     ax.bar([x + 0.2 for x in xs], [b["decode_tps"]["median"] for b in rows], 0.4, color="tab:blue", label="measured")
     for x, b in zip(xs, rows):
         eff = b["roofline"].get("efficiency")

@@ -19,8 +19,14 @@ def open_llama(gguf_path: str | os.PathLike, n_ctx: int = 1024, threads: int = 0
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     try:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                    n_threads=threads or (os.cpu_count() or 1), n_batch=n_ctx)
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            verbose=False,
+            n_threads=threads or (os.cpu_count() or 1),
+            n_batch=n_ctx,
+        )
     except ValueError as e:
         raise VerificationError(f"llama.cpp failed to load {path}: {e}") from None
     try:

@@ -16,7 +16,6 @@ import numpy as np
 import onnxruntime as ort
 
 from toolchain.errors import UserError
-
 from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
 from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 
@@ -28,7 +27,7 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
-def _bad_file(path: Path, e: Exception) -> "UserError":
+def _bad_file(path: Path, e: Exception) -> UserError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return UserError(f"{path} is not a readable ONNX model ({first}); re-export it (toolchain export onnx)")
 

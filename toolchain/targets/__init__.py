@@ -1,4 +1,5 @@
-"""Target profiles (the YAML files beside this module, or ./targets/*.yaml of the user's own): the device a benchmark stands for.
+"""Target profiles: the device a benchmark stands for (the YAML files beside this module, or a
+./targets/<name>.yaml of the user's own, which is found first).
 
 A profile says how many threads to emulate, how much memory a model may take (weights + KV
 cache at `context`), the device's memory bandwidth (for the decode roofline projection), and
@@ -83,8 +84,9 @@ def find_target(spec: str) -> Path:
         cand = base / f"{spec}.yaml"
         if cand.is_file():
             return cand
-    raise UserError(f"unknown target '{spec}'; known: {', '.join(known_targets()) or 'none'} "
-                    "(or give a path to a target YAML)")
+    raise UserError(
+        f"unknown target '{spec}'; known: {', '.join(known_targets()) or 'none'} (or give a path to a target YAML)"
+    )
 
 
 def known_targets() -> list[str]:

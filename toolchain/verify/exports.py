@@ -32,7 +32,9 @@ def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig,
     return ref, chunks
 
 
-def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: VerifyConfig, threads: int = 0) -> list[dict]:
+def verify_exports(
+    model_dir: str | os.PathLike, exports: list[dict], cfg: VerifyConfig, threads: int = 0
+) -> list[dict]:
     """Run the check for each export; collect all results, then fail if any failed.
 
     One torch reference serves every export (each rounding of it computed once)."""
@@ -52,20 +54,43 @@ def verify_exports(model_dir: str | os.PathLike, exports: list[dict], cfg: Verif
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts)
     reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens)
     quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads)
-    limits = {"max_ppl_ratio": cfg.max_ppl_ratio, "max_mean_kld": cfg.max_mean_kld,
-              "min_top1_agreement": cfg.min_top1_agreement}
+    limits = {
+        "max_ppl_ratio": cfg.max_ppl_ratio,
+        "max_mean_kld": cfg.max_mean_kld,
+        "min_top1_agreement": cfg.min_top1_agreement,
+    }
     results, failures = [], []
     for e in exports:
         try:
             if e["format"] == "gguf":
-                r = verify_gguf(model_dir, e["path"], e["quant"], prompts, cfg.greedy_tokens, cfg.max_nmse,
-                                cfg.min_greedy_agreement, threads=threads, tokenizer=tokenizer, reference=reference,
-                                quality_reference=quality_ref, quality_chunks=chunks, quality_limits=limits)
+                r = verify_gguf(
+                    model_dir,
+                    e["path"],
+                    e["quant"],
+                    prompts,
+                    cfg.greedy_tokens,
+                    cfg.max_nmse,
+                    cfg.min_greedy_agreement,
+                    threads=threads,
+                    tokenizer=tokenizer,
+                    reference=reference,
+                    quality_reference=quality_ref,
+                    quality_chunks=chunks,
+                    quality_limits=limits,
+                )
             else:
-                r = verify_onnx(model_dir, os.path.dirname(e["path"]), prompts, cfg.greedy_tokens,
-                                cfg.onnx_max_abs_diff, threads=threads, reference=reference,
-                                fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff, min_top1=cfg.onnx_min_top1,
-                                max_kl=cfg.onnx_max_kl)
+                r = verify_onnx(
+                    model_dir,
+                    os.path.dirname(e["path"]),
+                    prompts,
+                    cfg.greedy_tokens,
+                    cfg.onnx_max_abs_diff,
+                    threads=threads,
+                    reference=reference,
+                    fp16_max_abs_diff=cfg.onnx_fp16_max_abs_diff,
+                    min_top1=cfg.onnx_min_top1,
+                    max_kl=cfg.onnx_max_kl,
+                )
         except VerificationError as err:
             r = {"format": e["format"], "quant": e["quant"], **err.figures, "passed": False}
             failures.append(str(err))

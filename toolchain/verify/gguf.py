@@ -87,17 +87,21 @@ def _llama_logits(llm, ref) -> tuple[np.ndarray, np.ndarray]:
 def describe(result: dict) -> str:
     """Every figure of a GGUF check with its threshold, on one line."""
     t = result.get("thresholds", {})
-    parts = [f"tokenizer parity {result['tokenizer_parity']:.0%} of {result['tokenizer_texts']} texts",
-             f"prompt NMSE max {result['nmse_max']:.3g} (limit {t.get('max_nmse')})",
-             f"decode NMSE max {result['decode_nmse_max']:.3g}" if result.get("decode_nmse_max") is not None else None,
-             f"greedy agreement {result['greedy_agreement']:.3f} over {result['greedy_decisive']} clear positions "
-             f"(limit {t.get('min_greedy_agreement')}); near-ties {result['near_ties']} "
-             f"({result['near_tie_flips']} flipped; margin < 2 x noise {result['logit_noise_p99']:.3g}); "
-             f"first difference at token {result['greedy_prefix_min']}"]
+    parts = [
+        f"tokenizer parity {result['tokenizer_parity']:.0%} of {result['tokenizer_texts']} texts",
+        f"prompt NMSE max {result['nmse_max']:.3g} (limit {t.get('max_nmse')})",
+        f"decode NMSE max {result['decode_nmse_max']:.3g}" if result.get("decode_nmse_max") is not None else None,
+        f"greedy agreement {result['greedy_agreement']:.3f} over {result['greedy_decisive']} clear positions "
+        f"(limit {t.get('min_greedy_agreement')}); near-ties {result['near_ties']} "
+        f"({result['near_tie_flips']} flipped; margin < 2 x noise {result['logit_noise_p99']:.3g}); "
+        f"first difference at token {result['greedy_prefix_min']}",
+    ]
     q = result.get("quality")
     if q:
-        parts.append(f"PPL ratio {q['ppl_ratio']:.4f} (limit {t.get('max_ppl_ratio')}), mean KLD {q['mean_kld']:.4g} "
-                     f"(limit {t.get('max_mean_kld')}), top-1 {q['top1_agreement']:.1%} (limit {t.get('min_top1_agreement')})")
+        parts.append(
+            f"PPL ratio {q['ppl_ratio']:.4f} (limit {t.get('max_ppl_ratio')}), mean KLD {q['mean_kld']:.4g} "
+            f"(limit {t.get('max_mean_kld')}), top-1 {q['top1_agreement']:.1%} (limit {t.get('min_top1_agreement')})"
+        )
     parts.append(f"{result['prompts']} prompts x {result['greedy_tokens']} tokens vs {result['reference']}")
     return "; ".join(p for p in parts if p)
 
@@ -106,8 +110,9 @@ def _failures(result: dict, mismatched: list[str]) -> list[str]:
     t = result["thresholds"]
     out = []
     if mismatched:
-        out.append(f"tokenizer ids differ on {len(mismatched)}/{result['tokenizer_texts']} texts "
-                   f"(first: {mismatched[0]!r})")
+        out.append(
+            f"tokenizer ids differ on {len(mismatched)}/{result['tokenizer_texts']} texts (first: {mismatched[0]!r})"
+        )
     lim = t["max_nmse"]
     if lim is not None and result["nmse_max"] > lim:
         out.append(f"prompt NMSE {result['nmse_max']:.3g} > {lim:g}")
@@ -117,19 +122,33 @@ def _failures(result: dict, mismatched: list[str]) -> list[str]:
     if lim is not None and result["greedy_agreement"] < lim:
         out.append(f"greedy agreement {result['greedy_agreement']:.3f} < {lim:g}")
     q = result.get("quality") or {}
-    for key, fig, worse in (("max_ppl_ratio", "ppl_ratio", float.__gt__), ("max_mean_kld", "mean_kld", float.__gt__),
-                            ("min_top1_agreement", "top1_agreement", float.__lt__)):
+    for key, fig, worse in (
+        ("max_ppl_ratio", "ppl_ratio", float.__gt__),
+        ("max_mean_kld", "mean_kld", float.__gt__),
+        ("min_top1_agreement", "top1_agreement", float.__lt__),
+    ):
         lim = t.get(key)
         if q and lim is not None and worse(float(q[fig]), float(lim)):
             out.append(f"{fig.replace('_', ' ')} {q[fig]:.4g} {'>' if key.startswith('max') else '<'} {lim:g}")
     return out
 
 
-def verify_gguf(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, type_name: str, prompts: list[str],
-                greedy_tokens: int, max_nmse: dict, min_greedy_agreement: dict, threads: int = 0,
-                model=None, tokenizer=None, reference: Reference | None = None,
-                quality_reference=None, quality_chunks: list[list[int]] | None = None,
-                quality_limits: dict | None = None) -> dict:
+def verify_gguf(
+    model_dir: str | os.PathLike,
+    gguf_path: str | os.PathLike,
+    type_name: str,
+    prompts: list[str],
+    greedy_tokens: int,
+    max_nmse: dict,
+    min_greedy_agreement: dict,
+    threads: int = 0,
+    model=None,
+    tokenizer=None,
+    reference: Reference | None = None,
+    quality_reference=None,
+    quality_chunks: list[list[int]] | None = None,
+    quality_limits: dict | None = None,
+) -> dict:
     """Compare one GGUF with the torch model in model_dir; raise VerificationError on failure.
 
     `reference` (a Reference for these prompts) saves recomputing torch for every type;
@@ -176,11 +195,15 @@ def verify_gguf(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, type
         **greedy,
         "greedy_tokens": greedy_tokens,
         "prompts": len(refs),
-        "sample": {"prompt": reference.prompts[0],
-                   "llama_cpp": tokenizer.decode([int(t) for t in choices[0].argmax(-1)]),
-                   "torch": tokenizer.decode(first.greedy)},
-        "thresholds": {"max_nmse": threshold(max_nmse, type_name),
-                       "min_greedy_agreement": threshold(min_greedy_agreement, type_name)},
+        "sample": {
+            "prompt": reference.prompts[0],
+            "llama_cpp": tokenizer.decode([int(t) for t in choices[0].argmax(-1)]),
+            "torch": tokenizer.decode(first.greedy),
+        },
+        "thresholds": {
+            "max_nmse": threshold(max_nmse, type_name),
+            "min_greedy_agreement": threshold(min_greedy_agreement, type_name),
+        },
     }
     if quality_reference is not None and quality_chunks:
         from toolchain.verify.quality import compare, llama_scored
@@ -193,6 +216,7 @@ def verify_gguf(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, type
     failures = _failures(result, mismatched)
     result["passed"] = not failures
     if failures:
-        raise VerificationError(f"{Path(gguf_path).name} FAILED: {'; '.join(failures)}. Figures: {describe(result)}",
-                                result)
+        raise VerificationError(
+            f"{Path(gguf_path).name} FAILED: {'; '.join(failures)}. Figures: {describe(result)}", result
+        )
     return result

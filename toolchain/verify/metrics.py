@@ -14,7 +14,7 @@ def nmse(got: np.ndarray, ref: np.ndarray) -> float:
     """sum((got - ref)^2) / sum(ref^2) over the shared vocabulary (padding may differ)."""
     v = min(got.shape[-1], ref.shape[-1])
     g, r = got[..., :v].astype(np.float64), ref[..., :v].astype(np.float64)
-    d = float(((g - r) ** 2).sum() / max((r ** 2).sum(), 1e-30))
+    d = float(((g - r) ** 2).sum() / max((r**2).sum(), 1e-30))
     return math.inf if math.isnan(d) else d  # a NaN must fail, and max() would drop it
 
 
@@ -69,7 +69,7 @@ def greedy_figures(refs: list[np.ndarray], gots: list[np.ndarray]) -> dict:
     n_dec = int(decisive.sum())
     return {
         "greedy_agreement": 1.0 - float((flip & decisive).sum()) / n_dec if n_dec else 1.0,
-        "greedy_positions": int(len(flip)),
+        "greedy_positions": len(flip),
         "greedy_decisive": n_dec,
         "decisive_flips": int((flip & decisive).sum()),
         "near_ties": int(tie.sum()),

@@ -56,10 +56,12 @@ def _generate_prefix(decoder: OnnxDecoder, ref) -> int:
 def describe(r: dict) -> str:
     """Every figure of an ONNX check with its threshold, on one line."""
     t = ", ".join(f"{k} limit {v:g}" for k, v in r.get("thresholds", {}).items())
-    return (f"max |logit diff| {r['max_abs_diff']:.3g}, top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.3g} "
-            f"(max {r['max_kl']:.3g}), greedy agreement {r['greedy_agreement']:.3f} over {r['greedy_decisive']} "
-            f"clear positions, near-ties {r['near_ties']} ({r['near_tie_flips']} flipped), generate prefix "
-            f"{r['generate_prefix']:.1%} ({t}; {r['prompts']} prompts x {r['greedy_tokens']} tokens vs {r['reference']})")
+    return (
+        f"max |logit diff| {r['max_abs_diff']:.3g}, top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.3g} "
+        f"(max {r['max_kl']:.3g}), greedy agreement {r['greedy_agreement']:.3f} over {r['greedy_decisive']} "
+        f"clear positions, near-ties {r['near_ties']} ({r['near_tie_flips']} flipped), generate prefix "
+        f"{r['generate_prefix']:.1%} ({t}; {r['prompts']} prompts x {r['greedy_tokens']} tokens vs {r['reference']})"
+    )
 
 
 def verify_onnx(
@@ -109,8 +111,15 @@ def verify_onnx(
         kls += k1 + k2
         choices.append(chose)
         prefixes.append(_same_prefix([int(t) for t in chose.argmax(-1)], ref.greedy))
-        per_prompt.append({"n_tokens": len(ref.ids), "max_abs_diff": max(d1, d2), "generate_prefix": prefixes[-1],
-                           "top1_agreement": float(np.mean(t1 + t2)), "mean_kl": float(np.mean(k1 + k2))})
+        per_prompt.append(
+            {
+                "n_tokens": len(ref.ids),
+                "max_abs_diff": max(d1, d2),
+                "generate_prefix": prefixes[-1],
+                "top1_agreement": float(np.mean(t1 + t2)),
+                "mean_kl": float(np.mean(k1 + k2)),
+            }
+        )
 
     result = {
         "format": "onnx",
@@ -129,20 +138,31 @@ def verify_onnx(
         "prompts": len(refs),
         "per_prompt": per_prompt,
     }
-    checks = _checks(result, precision, max_abs_diff, fp16_max_abs_diff,
-                     {**DEFAULT_MIN_TOP1, **(min_top1 or {})}, {**DEFAULT_MAX_KL, **(max_kl or {})})
+    checks = _checks(
+        result,
+        precision,
+        max_abs_diff,
+        fp16_max_abs_diff,
+        {**DEFAULT_MIN_TOP1, **(min_top1 or {})},
+        {**DEFAULT_MAX_KL, **(max_kl or {})},
+    )
     result["thresholds"] = {name: limit for name, (_, _, limit) in checks.items()}
-    failed = [f"{name} {value:.3g} {op} {limit:g}" for name, (value, op, limit) in checks.items()
-              if not (value <= limit if op == ">" else value >= limit)]
+    failed = [
+        f"{name} {value:.3g} {op} {limit:g}"
+        for name, (value, op, limit) in checks.items()
+        if not (value <= limit if op == ">" else value >= limit)
+    ]
     result["passed"] = not failed
     if failed:
-        raise VerificationError(f"ONNX {precision} export FAILED: {', '.join(failed)}. Figures: {describe(result)}",
-                                result)
+        raise VerificationError(
+            f"ONNX {precision} export FAILED: {', '.join(failed)}. Figures: {describe(result)}", result
+        )
     return result
 
 
-def _checks(r: dict, precision: str, max_abs_diff: float, fp16_max_abs_diff: float,
-            min_top1: dict, max_kl: dict) -> dict:
+def _checks(
+    r: dict, precision: str, max_abs_diff: float, fp16_max_abs_diff: float, min_top1: dict, max_kl: dict
+) -> dict:
     """{figure: (value, failing comparison, limit)} for the precision's pass rule; for every
     precision the app's generate loop must reproduce the forced decode's prefix on prompt 1."""
     loop = {"app loop prefix": (r["app_loop_prefix"], "<", r["first_prompt_prefix"])}
@@ -151,7 +171,12 @@ def _checks(r: dict, precision: str, max_abs_diff: float, fp16_max_abs_diff: flo
     if precision == "fp16":
         return {"max |logit diff|": (r["max_abs_diff"], ">", fp16_max_abs_diff), **loop}
     if precision not in min_top1 or precision not in max_kl:
-        raise UserError(f"no verification thresholds for ONNX precision '{precision}' "
-                        "(set verify.onnx_min_top1 and verify.onnx_max_kl for it)")
-    return {"top-1 agreement": (r["top1_agreement"], "<", min_top1[precision]),
-            "mean KL": (r["mean_kl"], ">", max_kl[precision]), **loop}
+        raise UserError(
+            f"no verification thresholds for ONNX precision '{precision}' "
+            "(set verify.onnx_min_top1 and verify.onnx_max_kl for it)"
+        )
+    return {
+        "top-1 agreement": (r["top1_agreement"], "<", min_top1[precision]),
+        "mean KL": (r["mean_kl"], ">", max_kl[precision]),
+        **loop,
+    }

@@ -15,8 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def heldout_chunks(tokenizer, n_tokens: int, ctx: int, add_bos: bool, source: str = "pydoc",
-                   heldout_fraction: float = 0.1, seed: int = 0) -> list[list[int]]:
+def heldout_chunks(
+    tokenizer,
+    n_tokens: int,
+    ctx: int,
+    add_bos: bool,
+    source: str = "pydoc",
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+) -> list[list[int]]:
     from toolchain.data.corpus import load_documents, split_documents
 
     _, held = split_documents(load_documents(source), heldout_fraction, seed)
@@ -28,7 +35,7 @@ def heldout_chunks(tokenizer, n_tokens: int, ctx: int, add_bos: bool, source: st
             break
     chunks = []
     for start in range(0, min(len(ids), n_tokens) - body + 1, body):
-        chunk = ids[start:start + body]
+        chunk = ids[start : start + body]
         chunks.append(([tokenizer.bos_token_id] if add_bos else []) + chunk)
     return chunks
 
@@ -42,6 +49,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Scored:
     """Log-probabilities at the scored positions and the tokens that follow them."""
+
     logprobs: np.ndarray  # [n, vocab] float32
     targets: np.ndarray  # [n]
 
@@ -60,9 +68,9 @@ def llama_scored(gguf_path: str | os.PathLike, chunks: list[list[int]], threads:
             llm.reset()
             llm.eval(chunk)
             pos = _scored_positions(chunk)
-            scores = np.asarray(llm.scores[pos.start:pos.stop], dtype=np.float32)
+            scores = np.asarray(llm.scores[pos.start : pos.stop], dtype=np.float32)
             lps.append(_log_softmax(scores))
-            tg.append(np.asarray(chunk[pos.start + 1:pos.stop + 1]))
+            tg.append(np.asarray(chunk[pos.start + 1 : pos.stop + 1]))
     return Scored(np.concatenate(lps), np.concatenate(tg))
 
 
@@ -74,8 +82,8 @@ def torch_scored(model, chunks: list[list[int]]) -> Scored:
         for chunk in chunks:
             logits = model(torch.tensor([chunk])).logits[0].float().numpy()
             pos = _scored_positions(chunk)
-            lps.append(_log_softmax(logits[pos.start:pos.stop]))
-            tg.append(np.asarray(chunk[pos.start + 1:pos.stop + 1]))
+            lps.append(_log_softmax(logits[pos.start : pos.stop]))
+            tg.append(np.asarray(chunk[pos.start + 1 : pos.stop + 1]))
     return Scored(np.concatenate(lps), np.concatenate(tg))
 
 
@@ -87,8 +95,8 @@ def compare(ref: Scored, got: Scored) -> dict:
     nll = -g[idx, got.targets].astype(np.float64)
     kld = np.empty(len(idx))
     for b in range(0, len(idx), 64):  # float64 rows in blocks: a 262k vocabulary is 2 MB a row
-        rb, gb = r[b:b + 64].astype(np.float64), g[b:b + 64].astype(np.float64)
-        kld[b:b + 64] = (np.exp(rb) * (rb - gb)).sum(axis=-1)
+        rb, gb = r[b : b + 64].astype(np.float64), g[b : b + 64].astype(np.float64)
+        kld[b : b + 64] = (np.exp(rb) * (rb - gb)).sum(axis=-1)
     ppl_ref, ppl = float(np.exp(nll_ref.mean())), float(np.exp(nll.mean()))
     return {
         "ppl": ppl,
@@ -96,7 +104,7 @@ def compare(ref: Scored, got: Scored) -> dict:
         "ppl_ratio": ppl / ppl_ref,
         "mean_kld": float(kld.mean()),
         "top1_agreement": float((r.argmax(-1) == g.argmax(-1)).mean()),
-        "tokens_scored": int(len(idx)),
+        "tokens_scored": len(idx),
     }
 
 

@@ -69,16 +69,26 @@ def _run_batch(model, batch: list[list[int]], greedy_tokens: int) -> list[Prompt
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        logits = model(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits.float()
+        logits = model(
+            input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        ).logits.float()
         prompts = [logits[i, p:].numpy() for i, p in enumerate(pad)]
         last = logits[:, -1]
         tokens, steps = [last.argmax(-1)], []
         for _ in range(greedy_tokens - 1):
             mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=mask.dtype)], dim=-1)
             positions = positions[:, -1:] + 1
-            step = model(tokens[-1][:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True).logits[:, -1].float()
+            step = (
+                model(
+                    tokens[-1][:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
             steps.append(step.numpy())
             tokens.append(step.argmax(-1))
     vocab = logits.shape[-1]
@@ -96,7 +106,7 @@ def _run_prompts(model, prompts: list[list[int]], greedy_tokens: int) -> list[Pr
     size = max(1, min(16, (256 << 20) // (4 * vocab * width)))
     out: list[PromptReference] = []
     for start in range(0, len(prompts), size):
-        out += _run_batch(model, prompts[start:start + size], greedy_tokens)
+        out += _run_batch(model, prompts[start : start + size], greedy_tokens)
     return out
 
 
