@@ -6,14 +6,10 @@ from conftest import GEMMA_CHAT_TEMPLATE
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from toolchain.export import go_template
+from toolchain.export.chat_formats import CHATML, GEMMA, LLAMA3, default_system, detect_format
 from toolchain.export.ollama import (
-    CHATML,
     CHECK_CONVERSATIONS,
-    GEMMA,
-    LLAMA3,
-    _default_system,
     check_translation,
-    detect_format,
     ollama_messages,
     render_modelfile,
     write_modelfile,
@@ -59,7 +55,7 @@ CASES = [
 def test_go_template_renders_the_jinja_prompt(fmt, template, bos, conv):
     assert detect_format(template) is fmt
     messages = CHECK_CONVERSATIONS[conv]
-    system = _default_system(fmt, template)
+    system = default_system(fmt, template)
     render = jinja(template, bos or "")
     want = render(messages, True)
     want = want[len(bos) :] if bos else want  # llama.cpp adds BOS itself (add_bos in the GGUF)
@@ -75,7 +71,7 @@ def test_go_template_renders_the_jinja_prompt(fmt, template, bos, conv):
 def test_lookalike_template_is_refused():
     # ChatML markers, but every turn carries a name line: our translation would drop it
     odd = SMOLLM2_TEMPLATE.replace("+ message['role'] + '\n'", "+ message['role'] + '\nname: x\n'")
-    reason = check_translation(CHATML, jinja(odd, ""), _default_system(CHATML, odd), None)
+    reason = check_translation(CHATML, jinja(odd, ""), default_system(CHATML, odd), None)
     assert reason and "renders a conversation differently" in reason and "name: x" in reason
     dated = LLAMA3_TEMPLATE.replace(
         "{% for message", "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday' }}{% for message"
