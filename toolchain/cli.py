@@ -55,7 +55,7 @@ def _keep_layers(s: str):
         ) from None
 
 
-def _config(args, extra: list[str] = ()):
+def _config(args, extra: list[str] | tuple[str, ...] = ()):
     from toolchain.config import load_config
 
     return load_config(getattr(args, "config", None), list(extra) + list(args.set or []))

@@ -27,7 +27,7 @@ def inspect_gguf(path: Path) -> dict:
             v = v[:200] + f"... ({len(v)} chars)"
         meta[key] = v
     types = collections.Counter(t.tensor_type.name for t in r.tensors)
-    bytes_by_type = collections.Counter()
+    bytes_by_type: collections.Counter[str] = collections.Counter()
     for t in r.tensors:
         bytes_by_type[t.tensor_type.name] += int(t.n_bytes)
     return {

@@ -40,7 +40,8 @@ def _with_layers(model, keep: list[int]):
         # attention modules index the KV cache by their layer number
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
+                # torch types module attributes as Tensor | Module; HF attention keeps layer_idx as an int
+                module.layer_idx = new_idx  # type: ignore[assignment]
     arch.set_decoder_layers(student, new_layers)
     for key in _per_layer_config_lists(student.config):
         setattr(student.config, key, [getattr(student.config, key)[i] for i in keep])

@@ -95,7 +95,7 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[dict]]:
         return meta, tensors
 
 
-def bytes_per_token(tensors: list[dict], input_embedding: str, output: str | None, vocab: int) -> int:
+def bytes_per_token(tensors: list[dict], input_embedding: str | None, output: str | None, vocab: int) -> int:
     """Weight bytes one decode step reads: all tensors, but only one row of an untied input embedding.
 
     `output` is the output matrix's name, or None when embeddings are tied (the input table is

@@ -112,9 +112,10 @@ def _run_worker(job: dict, progress) -> dict:
             stderr=subprocess.PIPE,
             text=True,
         )
+        assert proc.stdin is not None and proc.stderr is not None  # both are pipes
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
-        tail = []
+        tail: list[str] = []
         for line in proc.stderr:
             if line.startswith(PROGRESS):
                 progress("    " + line[len(PROGRESS) :].rstrip())
@@ -216,7 +217,8 @@ def _bench(
 ) -> list[dict]:
     from toolchain.fileio import write_json
 
-    results, n, i, measured = [], len(models) * len(targets), 0, {}
+    measured: dict[str, tuple[str, str]] = {}  # job key -> (target name, worker result JSON); see bench_one
+    results, n, i = [], len(models) * len(targets), 0
     for target in targets:
         for m in models:
             i += 1

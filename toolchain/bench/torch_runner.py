@@ -4,6 +4,8 @@ a KV cache. The only bench module that imports torch, and only when the torch ru
 
 from __future__ import annotations
 
+from typing import Any
+
 from toolchain.bench.stats import run_bench
 
 
@@ -25,9 +27,11 @@ class TorchSession:
         self.torch = torch
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         # the checkpoint's own dtype (fp32 for our students): the baseline the exports are compared with
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(self.device).eval()
-        self._cache = None
-        self._next = None
+        # (Any: transformers' stubs wrap PreTrainedModel.to so that mypy rejects a device argument)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        self.model: Any = model.to(self.device).eval()
+        self._cache: Any = None  # the transformers KV cache of the current sequence
+        self._next: Any = None  # the last position's logits (a tensor) once fed
         self.info = {
             "backends": "CUDA" if device == "cuda" else "CPU",
             "n_batch": None,

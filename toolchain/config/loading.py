@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -101,7 +102,7 @@ def _deepcopy(d):
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def from_dict(data: dict | None, overrides: list[str] = ()) -> Config:
+def from_dict(data: dict | None, overrides: Sequence[str] = ()) -> Config:
     data = dict(data or {})
     for o in overrides:
         data = apply_override(data, o)
@@ -110,8 +111,8 @@ def from_dict(data: dict | None, overrides: list[str] = ()) -> Config:
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    data = {}
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

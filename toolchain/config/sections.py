@@ -11,6 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, cast
 
 from toolchain.errors import UserError
 
@@ -299,6 +300,12 @@ class BenchConfig:
             raise UserError(f"{where}.runs must be >= 3 (a median needs several runs), got {self.runs}")
 
 
+class _Section(Protocol):
+    """What every section dataclass of Config has."""
+
+    def validate(self, where: str) -> None: ...
+
+
 @dataclass
 class Config:
     name: str = "student"
@@ -314,7 +321,7 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
-                value.validate(f"{f.name}")
+                cast(_Section, value).validate(f"{f.name}")
 
 
 # ---------------------------------------------------------------- building from plain data

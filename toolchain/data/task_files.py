@@ -59,9 +59,9 @@ def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        bad_line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UserError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8"
+            f"{path}:{bad_line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8"
         ) from None
     examples = []
     for no, line in enumerate(text.splitlines(), 1):

@@ -95,11 +95,13 @@ def sum_gradients(par: Parallel, params: list[torch.nn.Parameter]) -> None:
     buckets: list[list[torch.Tensor]] = [[]]
     size = 0
     for p in params:
-        if buckets[-1] and size + p.grad.numel() > BUCKET:
+        grad = p.grad
+        assert grad is not None  # every parameter left in `params` was given one above
+        if buckets[-1] and size + grad.numel() > BUCKET:
             buckets.append([])
             size = 0
-        buckets[-1].append(p.grad)
-        size += p.grad.numel()
+        buckets[-1].append(grad)
+        size += grad.numel()
     for bucket in filter(None, buckets):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)

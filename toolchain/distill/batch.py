@@ -40,8 +40,8 @@ class Batch:
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(
-            move(self.input_ids),
-            move(self.labels),
+            self.input_ids.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
             move(self.attention_mask),
             move(self.teacher_topk_ids),
             move(self.teacher_topk_logprobs),

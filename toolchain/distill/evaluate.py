@@ -58,6 +58,7 @@ def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
         confs.append(top_p.exp())
         corrects.append(top_i == labels)
         if b.teacher_topk_ids is not None:
+            assert b.teacher_topk_logprobs is not None  # stored together with teacher_topk_ids
             k = b.teacher_topk_ids.shape[-1]
             sp = SparseTeacher(b.teacher_topk_ids.reshape(-1, k)[keep], b.teacher_topk_logprobs.reshape(-1, k)[keep])
             s_b, t_b = _sparse_buckets(s, sp, 1.0)

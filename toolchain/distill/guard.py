@@ -62,15 +62,26 @@ class DivergenceGuard:
         if self.best_state is not None:
             student.load_state_dict(self.best_state)
 
-    def error(self, reason: str, step: int, figures: dict, history: list, ckpt_path, lr: float, warmup: int):
+    def error(
+        self,
+        reason: str,
+        step: int,
+        figures: dict | None,
+        history: list,
+        ckpt_path,
+        lr: float,
+        warmup: int,
+        main: bool = True,
+    ):
         """The error that stops a diverging run, the student already holding the best weights.
 
-        The last checkpoint holds the diverged weights and optimizer: it is moved aside, so that
-        a rerun (with a lower lr) starts from the initial student instead of resuming into them.
+        The last checkpoint holds the diverged weights and optimizer: process 0 (`main`) moves it
+        aside, so that a rerun (with a lower lr) starts from the initial student instead of
+        resuming into them.
         """
         from toolchain.errors import DivergenceError
 
-        if ckpt_path.is_file():
+        if main and ckpt_path.is_file():
             ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
         last = {"step": step, **{k: figures[k] for k in WATCHED if figures and k in figures}}
         best = self.best or {}

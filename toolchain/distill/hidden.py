@@ -6,6 +6,8 @@ width; it is trained with the student and saved in the checkpoint, never in the 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,7 @@ class HiddenMatcher(torch.nn.Module):
         s_states / t_states: HF `hidden_states` tuples (index 0 = embeddings, j + 1 = block j's output).
         """
         w = mask.reshape(-1).float()
-        total = 0.0
+        total: torch.Tensor | float = 0.0  # a tensor from the first layer on
         for (si, ti), proj in zip(self.layer_map, self.proj):
             s = proj(s_states[si + 1].reshape(len(w), -1).float())
             t = t_states[ti + 1].reshape(len(w), -1).float()
@@ -42,7 +44,8 @@ class HiddenMatcher(torch.nn.Module):
             else:  # cosine
                 d = 1.0 - F.cosine_similarity(s, t, dim=-1)
             total = total + (d * w).sum()
-        return total / (len(self.layer_map) * max(1.0, denom))
+        # layer_map is never empty (the division would fail), so the sum is a tensor
+        return cast(torch.Tensor, total / (len(self.layer_map) * max(1.0, denom)))
 
 
 def layer_map_from_meta(meta: dict, n_student_layers: int) -> list[tuple[int, int]]:

@@ -82,6 +82,7 @@ def teacher_target(teacher, batch: Batch, spec: LossSpec):
         return None
     if batch.teacher_topk_ids is not None:
         ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+        assert lp is not None  # stored together with teacher_topk_ids
         return SparseTeacher(ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1]))
     if teacher is None:
         raise UserError(
@@ -135,6 +136,7 @@ def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hid
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
                 ).hidden_states
     if hidden is not None:
+        assert t_states is not None  # hidden implies want: the teacher ran with its hidden states
         t_states = tuple(t.clone() for t in t_states)
         loss = loss + hidden_weight * hidden(s_states, t_states, batch.labels != IGNORE_INDEX, denom)
     return loss, ce, div
@@ -296,7 +298,17 @@ def distill(
         bar.close()
         guard.restore_best(student)
         place(student, run.home)
-        raise guard.error(reason, step, figures[primary], state.history, ckpt_path, cfg.lr, cfg.warmup_steps)
+        # only process 0 evaluates: the others stop on its verdict, without figures of their own
+        raise guard.error(
+            reason or "process 0's held-out figures diverged",
+            step,
+            figures[primary] if figures is not None else None,
+            state.history,
+            ckpt_path,
+            cfg.lr,
+            cfg.warmup_steps,
+            main=par.main,
+        )
 
     eos = eos_token_ids(student)
 
@@ -343,6 +355,7 @@ def distill(
     if not par.main:
         return {"steps": cfg.steps, "tokens": state.tokens, "rank": par.rank}
     before = state.before
+    assert before is not None and after is not None  # process 0 evaluates (before: here or in the checkpoint)
     return {
         "steps": cfg.steps,
         "tokens": state.tokens,

@@ -20,7 +20,7 @@ def attach_lora(model, cfg: LoraConfig):
         )
     pcfg = peft.LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; any number works (alpha / r)
         target_modules=list(cfg.targets),
         lora_dropout=0.0,
         bias="none",

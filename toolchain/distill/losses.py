@@ -183,7 +183,7 @@ def _chunk_loss_and_grad(
         # Closed form, no autograd graph: d KL(P||Q_T) / d s = (q_T - p) / T; d CE / d s = q - onehot.
         with torch.no_grad():
             div = torch.zeros(len(s32), device=s32.device)
-            grad = None
+            grad: torch.Tensor | None = None
             if teacher is not None:
                 div, q_t, p_t = _softmax_pair_kl(s32[:, :v], teacher.float(), t)
                 if need_grad:  # in place on the two softmax buffers: no further [chunk, V] temporaries
@@ -201,7 +201,7 @@ def _chunk_loss_and_grad(
                 logq = torch.log_softmax(s32, -1)
                 safe = labels.clamp_min(0)
                 ce = -logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-                if need_grad:
+                if need_grad and grad is not None:  # grad is set above whenever need_grad
                     g_ce = logq.exp_()
                     g_ce.scatter_add_(-1, safe.unsqueeze(-1), -torch.ones_like(ce).unsqueeze(-1))
                     grad += g_ce * (spec.alpha * w * scale).unsqueeze(-1)
@@ -248,7 +248,7 @@ class _ChunkedLoss(torch.autograd.Function):
             )
             ce_sum += ce
             div_sum += div
-            if need_grad:
+            if grad is not None and g is not None:  # both are set exactly when need_grad
                 grad[rows] = g
         ctx.save_for_backward(grad)
         t2 = spec.temperature**2

@@ -178,7 +178,7 @@ def write_vocab(writer, tokenizer, model_dir: Path, meta: dict, vocab_size: int)
 def _prepends_space(tokenizer) -> bool:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     parts = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
-    flat = []
+    flat: list[dict] = []
     for p in parts:
         flat.extend(p.get("normalizers") or p.get("pretokenizers") or [p])
     return any(p.get("type") == "Prepend" or p.get("prepend_scheme") in ("always", "first") for p in flat)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Callable
+from typing import Any
 
 _ACTION = re.compile(r"{{(-\s)?\s*(.*?)\s*(\s-)?}}", re.S)
 
@@ -180,7 +182,7 @@ def _slice(a, *bounds):
     return a[slice(*bounds)]
 
 
-_FUNCS = {
+_FUNCS: dict[str, Callable[..., Any]] = {
     "eq": lambda a, *b: any(a == x for x in b),
     "ne": lambda a, b: a != b,
     "lt": lambda a, b: a < b,

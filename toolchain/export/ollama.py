@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from toolchain.errors import UserError
 from toolchain.export.chat_formats import ChatFormat, default_system, detect_format
@@ -28,7 +29,7 @@ def _quote(s: str) -> str:
 
 
 # conversations the translation must reproduce exactly (system / none, multi-turn)
-CHECK_CONVERSATIONS = (
+CHECK_CONVERSATIONS: tuple[list[dict[str, Any]], ...] = (
     [{"role": "user", "content": "Hi there!"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Sky colour?"}],
     [
@@ -43,7 +44,7 @@ CHECK_CONVERSATIONS = (
         {"role": "user", "content": "Another?"},
     ],
 )
-WEATHER_TOOL = {
+WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -58,7 +59,7 @@ WEATHER_TOOL = {
         },
     },
 }
-_CALL = {
+_CALL: dict[str, Any] = {
     "role": "assistant",
     "content": "",
     "tool_calls": [
@@ -66,7 +67,7 @@ _CALL = {
     ],
 }
 # ...and, for a template that renders tools: offered tools, a call, its result, an answer
-TOOL_CONVERSATIONS = (
+TOOL_CONVERSATIONS: tuple[list[dict[str, Any]], ...] = (
     [{"role": "user", "content": "Weather in Paris?"}],
     [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Weather in Paris?"}],
     [{"role": "user", "content": "Weather in Paris?"}, _CALL, {"role": "tool", "content": "18 degrees, sunny"}],

@@ -201,6 +201,7 @@ def _export_graph(wrapper, config, path: Path) -> str:
                 optimize=True,
                 verify=False,
             )
+            assert program is not None  # torch.onnx.export returns an ONNXProgram when dynamo=True
             program.save(str(path), external_data=True)
         return "dynamo"
     except Exception as dynamo_err:

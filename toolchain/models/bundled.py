@@ -66,7 +66,8 @@ def bundled_path(name: str) -> Path:
         return _assembled(entry)
     for f in dist.files or []:
         if Path(str(f)).name == entry.filename:
-            path = Path(dist.locate_file(f))
+            # typeshed returns the abstract SimplePath; an installed (PathDistribution) package gives a pathlib.Path
+            path = Path(dist.locate_file(f))  # type: ignore[arg-type]
             if path.is_file():
                 return path
     raise UserError(
@@ -84,6 +85,7 @@ def _assembled(entry: BundledModel) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    assert entry.assembler is not None  # bundled_path calls this only for a model with an assembler
     try:
         module = importlib.import_module(entry.assembler)
         with atomic_path(target) as tmp:

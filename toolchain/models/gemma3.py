@@ -48,7 +48,7 @@ def layer_is_sliding(config) -> list[bool]:
     cfg = text_config(config)
     types = getattr(cfg, "layer_types", None)
     if types is None:  # older configs: every sliding_window_pattern-th layer is global
-        pattern = getattr(cfg, "sliding_window_pattern", None) or getattr(cfg, "_sliding_window_pattern", 6)
+        pattern = getattr(cfg, "sliding_window_pattern", 0) or getattr(cfg, "_sliding_window_pattern", 6)
         return [(i + 1) % pattern != 0 for i in range(cfg.num_hidden_layers)]
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from toolchain.errors import UserError
 from toolchain.fileio import atomic_dir, cache_dir
@@ -28,8 +29,8 @@ _DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class LoadedModel:
-    model: object
-    tokenizer: object
+    model: Any  # a transformers model (or a peft wrapper of one)
+    tokenizer: Any  # its transformers tokenizer
     path: Path  # HF directory the weights were read from
     meta: dict = field(default_factory=dict)
 
@@ -277,7 +278,7 @@ def load_teacher(
         except ModuleNotFoundError:
             raise UserError(f"teacher.quantize: {quantize} needs bitsandbytes: pip install bitsandbytes") from None
         kwargs.update(quantization_config=_bnb_config(quantize), device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)  # a PeftModel below with an adapter
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = _provenance(model_dir, adapter)
     if adapter:

@@ -22,6 +22,7 @@ gathered offset row expanded over each block); `gather_from_head` lets a tied ta
 from __future__ import annotations
 
 import hashlib
+from typing import Any, cast
 
 import numpy as np
 
@@ -38,7 +39,8 @@ def fit_blocks(w: np.ndarray, bits: int, block: int, chunk: int = 8192) -> tuple
     multiplied: MatMulNBits and the block sums stop at K).
     """
     parts = [_fit_columns(w[:, i : i + chunk], bits, block) for i in range(0, w.shape[1], chunk)]
-    return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
+    # one array per output of _fit_columns: (codes, scale, offset)
+    return cast("tuple[np.ndarray, np.ndarray, np.ndarray]", tuple(np.concatenate(p, axis=0) for p in zip(*parts)))
 
 
 def _fit_columns(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,6 +194,7 @@ def rewrite_matmuls(
         ):
             new_nodes.append(node)
             continue
+        assert w_name is not None  # None is in no graph's initializers
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         k, n = w.shape
         codes, scale, offset = fit_blocks(w, bits, block)
@@ -213,7 +216,7 @@ def rewrite_matmuls(
                 graph.initializer.append(inits[sum_w])
             sums[(x, k)] = f"{x}_blocksum{block}_{bits}"
             new_nodes.append(helper.make_node("MatMul", [x, sum_w], [sums[(x, k)]], name=f"{base}_blocksum"))
-        kw = {"accuracy_level": accuracy_level} if accuracy_level else {}
+        kw: dict[str, Any] = {"accuracy_level": accuracy_level} if accuracy_level else {}
         new_nodes += [
             helper.make_node(
                 "MatMulNBits",
@@ -259,6 +262,7 @@ def rewrite_embeddings(model, names: list[str], bits: int, block: int, fitted: d
         if len(dims) != 2 or dims[1] % block:
             new_nodes.append(node)
             continue
+        assert table is not None  # None is in no graph's initializers
         _v, k = dims
         table_t = numpy_helper.to_array(inits[table]).astype(np.float32).T
         base, ids = node.name, node.input[1]

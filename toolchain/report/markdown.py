@@ -86,7 +86,7 @@ def _bench_table(report: dict, bench: list[dict]) -> list[str]:
         ],
         rows,
     )
-    formulas = {(b.get("projection") or {}).get("formula") for b in bench} - {None}
+    formulas = {f for b in bench if (f := (b.get("projection") or {}).get("formula")) is not None}
     for f in sorted(formulas):
         lines += [f"Projection (not a measurement): `{f}`", ""]
     return lines

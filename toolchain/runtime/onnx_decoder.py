@@ -96,7 +96,7 @@ class OnnxDecoder:
         n = len(ids)
         if n == 0:
             raise ValueError("forward needs at least one token")
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "input_ids": np.asarray([ids], dtype=np.int64),
             # no padding at batch 1: every cached and new position is attended
             "attention_mask": np.ones((1, self.n_past + n), dtype=np.int64),

@@ -21,6 +21,7 @@ What decides `passed` depends on the export's precision (model_info.json):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def describe(r: dict) -> str:
 
 
 def verify_onnx(
-    model_dir: str | Path,
+    model_dir: str | os.PathLike,
     onnx_dir: str | Path,
     prompts: list[str],
     greedy_tokens: int = 32,

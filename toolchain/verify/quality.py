@@ -10,7 +10,7 @@ agrees. The reference is the F16 (or F32) GGUF when one was exported, else the t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +52,8 @@ class Scored:
 
     logprobs: np.ndarray  # [n, vocab] float32
     targets: np.ndarray  # [n]
+    # what the figures were scored with (e.g. "F16 GGUF"), set by whoever picks the reference
+    label: str | None = field(default=None, compare=False, repr=False)
 
 
 def _scored_positions(chunk: list[int]) -> range:

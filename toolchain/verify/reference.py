@@ -100,10 +100,10 @@ def _run_batch(model, batch: list[list[int]], greedy_tokens: int) -> list[Prompt
 
 
 def _run_prompts(model, prompts: list[list[int]], greedy_tokens: int) -> list[PromptReference]:
-    """Every prompt's reference, in batches sized so the logits stay under ~256 MB."""
+    """Every prompt's reference, in batches sized so one batch's logits stay under ~1 GB."""
     vocab = model.config.get_text_config().vocab_size
     width = max(len(ids) for ids in prompts) + greedy_tokens
-    size = max(1, min(16, (256 << 20) // (4 * vocab * width)))
+    size = max(1, min(16, (1 << 30) // (4 * vocab * width)))
     out: list[PromptReference] = []
     for start in range(0, len(prompts), size):
         out += _run_batch(model, prompts[start : start + size], greedy_tokens)
