@@ -1,4 +1,5 @@
 import functools
+import math
 import operator
 
 import pytest
@@ -295,3 +296,19 @@ def test_hidden_state_loss_pulls_mapped_layers_together(setup, tmp_path):
     t_states = (None, None, torch.randn(2, 3, 12))
     m(s_states, t_states, torch.ones(2, 3, dtype=torch.bool), 6.0).backward()
     assert m.proj[0].weight.grad.abs().sum() > 0
+
+
+def test_bf16_precision_trains_close_to_fp32(setup, tmp_path):
+    """distill.precision bf16 (autocast matmuls) follows the fp32 run's losses closely, yet is
+    not the fp32 run (autocast is in effect)."""
+    teacher, sdir, data = setup
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = DistillConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=10, precision=precision)
+        res = distill_student(
+            teacher, sdir, tmp_path / precision, data, cfg, tmp_path / f"w-{precision}", progress=False
+        )
+        losses[precision] = [h["loss"] for h in res["history"]]
+    assert all(math.isfinite(v) for v in losses["bf16"])
+    assert losses["bf16"] != losses["fp32"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.05, losses

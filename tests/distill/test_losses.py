@@ -110,7 +110,8 @@ def test_sparse_tail_is_stable_when_topk_holds_almost_all_mass():
 def test_fused_head_equals_full_logits(kind, alpha, slab):
     """Logits made slab by slab (and the loss chunk by chunk) from hidden states: same loss and
     gradients as full logits; slab 40 leaves a partial chunk at each slab's end."""
-    from toolchain.distill.losses import LossSpec, chunked_loss, fused_head_loss
+    from toolchain.distill.head_loss import fused_head_loss
+    from toolchain.distill.losses import LossSpec, chunked_loss
 
     g = torch.Generator().manual_seed(6)
     h = torch.randn(70, 16, generator=g, requires_grad=True)
@@ -174,3 +175,55 @@ def test_forward_kl_with_masked_teacher_logits_matches_reference():
     (grad_ref,) = torch.autograd.grad(ref, s_ref)
     assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
+
+
+def _reference_divergence(kind: str, t: torch.Tensor, s: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """Each divergence written from its definition on probabilities, in float64."""
+    p_t, p_s = t.double().softmax(-1), s.double().softmax(-1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+
+    return {
+        "forward_kl": lambda: kl(p_t, p_s),
+        "reverse_kl": lambda: kl(p_s, p_t),
+        "jsd": lambda: (
+            beta * kl(p_t, beta * p_t + (1 - beta) * p_s) + (1 - beta) * kl(p_s, beta * p_t + (1 - beta) * p_s)
+        ),
+        "skew_kl": lambda: kl(p_t, skew * p_t + (1 - skew) * p_s),
+        "skew_reverse_kl": lambda: kl(p_s, skew * p_s + (1 - skew) * p_t),
+        "tvd": lambda: 0.5 * (p_t - p_s).abs().sum(-1),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
+def test_every_divergence_equals_its_definition(kind):
+    from toolchain.distill.losses import LossSpec, divergence
+
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(6, 50, generator=g) * 3, torch.randn(6, 50, generator=g) * 3
+    spec = LossSpec(kind=kind, beta=0.3, skew=0.2)
+    got = divergence(s.log_softmax(-1), t.log_softmax(-1), spec)
+    want = _reference_divergence(kind, t, s, beta=0.3, skew=0.2)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5), (got, want)
+    assert (want > 1e-3).all()  # the figures compared are not all ~0
+
+
+def test_bf16_autocast_loss_is_close_to_fp32_and_trains():
+    """distill.precision: bf16 runs the matmuls in bf16; the loss stays fp32 and near the fp32 one."""
+    from toolchain.distill.head_loss import fused_head_loss
+    from toolchain.distill.losses import LossSpec
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g)
+    w = (torch.randn(100, 32, generator=g) * 0.1).requires_grad_(True)
+    t = (torch.randn(64, 40, generator=g), torch.randn(100, 40, generator=g) * 0.1)
+    labels = torch.randint(0, 100, (64,), generator=g)
+    spec = LossSpec(kind="forward_kl", alpha=0.5, temperature=2.0)
+    fp32, _, _ = fused_head_loss(h, w, t, labels, spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _, _ = fused_head_loss(h.bfloat16(), w, t, labels, spec)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16)
+    assert abs(float(bf16) - float(fp32)) < 2e-2 * abs(float(fp32))
+    bf16.backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""Pipeline configuration: dataclasses filled from YAML, with `--set a.b=c` overrides.
+"""The configuration's sections: one dataclass per pipeline section, defaults included.
 
 Unknown keys and wrong types are refused with a message naming the key, what was expected and
 the valid keys, so a typo never silently falls back to a default. Range checks live in each

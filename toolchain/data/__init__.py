@@ -1,1 +1,3 @@
-"""Shared data layer: the files a user names (task pairs, prompts), read and checked without torch."""
+"""Shared data layer: training text and its train/held-out split (corpus), the order batches
+visit it (batch_order), and the files a user names (task_files: pairs, prompts, checked
+without torch)."""

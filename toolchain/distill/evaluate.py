@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from toolchain.devices.placement import model_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
-from toolchain.distill.losses import SparseTeacher, _kl, _sparse_buckets
+from toolchain.distill.losses import SparseTeacher, kl_rows, sparse_buckets
 from toolchain.errors import UserError
 
 ECE_BINS = 15
@@ -61,8 +61,8 @@ def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
             assert b.teacher_topk_logprobs is not None  # stored together with teacher_topk_ids
             k = b.teacher_topk_ids.shape[-1]
             sp = SparseTeacher(b.teacher_topk_ids.reshape(-1, k)[keep], b.teacher_topk_logprobs.reshape(-1, k)[keep])
-            s_b, t_b = _sparse_buckets(s, sp, 1.0)
-            sums["kl"] += float(_kl(t_b, s_b).sum())
+            s_b, t_b = sparse_buckets(s, sp, 1.0)
+            sums["kl"] += float(kl_rows(t_b, s_b).sum())
             t_top = sp.ids.gather(-1, sp.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
             sums["agree"] += float((top_i == t_top).sum())
             teacher_ce_known = False
@@ -75,7 +75,7 @@ def evaluate(student, teacher, heldout, batch_size: int = 1) -> dict:
             t_logp = F.log_softmax(t[:, :v], -1)
             s_v = F.log_softmax(s[:, :v], -1) if v != s.shape[-1] else s_logp
             sums["teacher_ce"] += float(F.nll_loss(t_logp, labels, reduction="sum"))
-            sums["kl"] += float(_kl(t_logp, s_v).sum())
+            sums["kl"] += float(kl_rows(t_logp, s_v).sum())
             sums["agree"] += float((s[:, :v].argmax(-1) == t_logp.argmax(-1)).sum())
         n_tok += len(labels)
     if was_training:

@@ -43,8 +43,9 @@ from toolchain.distill.batch import IGNORE_INDEX, Batch
 from toolchain.distill.evaluate import evaluate
 from toolchain.distill.guard import DivergenceGuard, resolve_eval_every
 from toolchain.distill.head import final_hidden, plain_output_weight
+from toolchain.distill.head_loss import fused_head_loss
 from toolchain.distill.hidden import HiddenMatcher
-from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss, fused_head_loss
+from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss
 from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
 from toolchain.distill.state import CHECKPOINT, TrainState, load_checkpoint, nonfinite_message, save_checkpoint
 from toolchain.distill.tuning import keep_freed_memory

@@ -14,7 +14,7 @@ always uses T=1 logits.
 
 A teacher target is either dense logits [N, V] (online teacher) or a `SparseTeacher` (offline
 cache: top-k ids and their T=1 log-probs). Sparse targets are compared over k+1 "buckets": the
-k stored ids plus one tail bucket holding all other ids (see `_sparse_buckets`).
+k stored ids plus one tail bucket holding all other ids (see `sparse_buckets`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _sparse_buckets(s: torch.Tensor, teacher: SparseTeacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_buckets(s: torch.Tensor, teacher: SparseTeacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probs over k+1 buckets: the teacher's top-k ids, then the tail.
 
     Student (full logits known, so exact at any T): log q_T on the k ids, and its tail
@@ -98,7 +98,7 @@ def _sparse_buckets(s: torch.Tensor, teacher: SparseTeacher, temperature: float)
     return torch.cat([s_top, s_tail], -1), t_all.clamp_min(_NEG)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-row KL(P || Q) from log-probs; log_p is clamped so p = 0 rows contribute 0."""
     log_p = log_p.clamp_min(_NEG)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -108,26 +108,26 @@ def divergence(s_logp: torch.Tensor, t_logp: torch.Tensor, spec: LossSpec) -> to
     """Per-row divergence between teacher and student log-prob rows (same support)."""
     kind = spec.kind
     if kind == "forward_kl":
-        return _kl(t_logp, s_logp)
+        return kl_rows(t_logp, s_logp)
     if kind == "reverse_kl":
-        return _kl(s_logp, t_logp)
+        return kl_rows(s_logp, t_logp)
     if kind == "jsd":
         # TRL's generalized_jsd_loss: beta=0 is forward KL(T||S), beta=1 reverse KL(S||T),
         # else beta * KL(T||M) + (1 - beta) * KL(S||M) with M = beta * T + (1 - beta) * S.
         b = spec.beta
         if b == 0.0:
-            return _kl(t_logp, s_logp)
+            return kl_rows(t_logp, s_logp)
         if b == 1.0:
-            return _kl(s_logp, t_logp)
+            return kl_rows(s_logp, t_logp)
         m = torch.logsumexp(torch.stack([s_logp + math.log(1 - b), t_logp + math.log(b)]), 0)
-        return b * _kl(t_logp, m) + (1 - b) * _kl(s_logp, m)
+        return b * kl_rows(t_logp, m) + (1 - b) * kl_rows(s_logp, m)
     if kind in ("skew_kl", "skew_reverse_kl"):
         a = spec.skew
         p, q = (t_logp, s_logp) if kind == "skew_kl" else (s_logp, t_logp)
         if a == 0.0:
-            return _kl(p, q)
+            return kl_rows(p, q)
         m = torch.logsumexp(torch.stack([p + math.log(a), q + math.log(1 - a)]), 0) if a < 1.0 else p
-        return _kl(p, m)
+        return kl_rows(p, m)
     if kind == "tvd":
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
     raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -162,11 +162,11 @@ def _softmax_pair_kl(s: torch.Tensor, t: torch.Tensor, temperature: float):
     del d
     if not torch.isfinite(div).all():
         log_p = torch.log_softmax(t / temperature, -1)
-        div = _kl(log_p, torch.log_softmax(s / temperature, -1))
+        div = kl_rows(log_p, torch.log_softmax(s / temperature, -1))
     return div, q, p
 
 
-def _chunk_loss_and_grad(
+def chunk_loss_and_grad(
     s: torch.Tensor, teacher, labels: torch.Tensor, spec: LossSpec, scale: float, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed (CE, divergence) over one chunk's loss tokens, and d(scale * loss)/d(student logits)."""
@@ -212,7 +212,7 @@ def _chunk_loss_and_grad(
             div = torch.zeros(len(s32), device=s32.device)
         else:
             if isinstance(teacher, SparseTeacher):
-                s_logp, t_logp = _sparse_buckets(s_leaf, teacher, t)
+                s_logp, t_logp = sparse_buckets(s_leaf, teacher, t)
             else:
                 s_logp = torch.log_softmax(s_leaf[:, :v] / t, -1)
                 t_logp = torch.log_softmax(teacher.float() / t, -1)
@@ -243,7 +243,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for i in range(0, n, chunk):
             rows = slice(i, min(n, i + chunk))
             tch = None if teacher is None else teacher[rows]
-            ce, div, g = _chunk_loss_and_grad(
+            ce, div, g = chunk_loss_and_grad(
                 student_logits[rows].detach(), tch, labels[rows], spec, 1.0 / denom, need_grad
             )
             ce_sum += ce
@@ -331,7 +331,7 @@ def skew_kl(
 def sparse_forward_kl(
     student_logits, topk_ids, topk_logprobs, labels, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
 ):
-    """Forward KL against an offline top-k teacher plus one tail bucket (see `_sparse_buckets`)."""
+    """Forward KL against an offline top-k teacher plus one tail bucket (see `sparse_buckets`)."""
     spec = LossSpec(kind="forward_kl", temperature=temperature, ignore_index=ignore_index)
     return _divergence_mean(student_logits, SparseTeacher(topk_ids, topk_logprobs), labels, spec)
 
@@ -356,79 +356,3 @@ def kd_loss(
     spec = LossSpec(kind=kind, alpha=alpha, temperature=temperature, beta=beta, skew=skew, ignore_index=ignore_index)
     loss, ce, div = chunked_loss(student_logits, teacher_logits, labels, spec)
     return loss, {"ce": float(ce), "kl_t": float(div)}
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """`chunked_loss` with the output layer folded in: logits are made from final hidden states
-    one slab of `slab` tokens at a time, for the student (with grad) and the teacher (without),
-    so no [tokens, vocab] tensor of a larger batch ever exists. Per slab: logits = h @ W^T, the
-    loss gradient g w.r.t. them (computed `chunk` rows at a time, written over the logits),
-    then dL/dh = g @ W and dL/dW += g^T @ h. Same matmuls as the unfused path; what is saved
-    is the memory traffic of several vocab-sized tensors per step.
-    """
-
-    @staticmethod
-    def forward(ctx, s_hidden, s_weight, teacher, labels, spec: LossSpec, denom: float, chunk: int, slab: int):
-        n = s_hidden.shape[0]
-        grad_h = torch.empty_like(s_hidden)
-        grad_w = None  # the first slab writes it (no zero-fill of a vocab-sized buffer), the rest add
-        ce_sum = s_hidden.new_zeros((), dtype=torch.float32)
-        div_sum = ce_sum.clone()
-        # under bf16 autocast the hidden states arrive in bf16: the head matmuls and the loss run
-        # in the weights' dtype (fp32) here, explicitly, rather than autocast choosing per op
-        with torch.autocast(s_hidden.device.type, enabled=False):
-            for i in range(0, n, slab):
-                rows = slice(i, min(n, i + slab))
-                h = s_hidden[rows].to(s_weight.dtype)
-                s_logits = h @ s_weight.t()
-                # the slab's teacher target: its rows of a SparseTeacher, or logits made here
-                t_slab = teacher[rows] if isinstance(teacher, SparseTeacher) else None
-                if teacher is not None and t_slab is None:
-                    t_h, t_w = teacher
-                    t_slab = t_h[rows].to(t_w.dtype) @ t_w.t()
-                lab = labels[rows]
-                # the loss row block by row block; each block's gradient overwrites its own
-                # logits, so the slab's gradient needs no buffer of its own
-                for j in range(0, len(lab), chunk):
-                    sub = slice(j, j + chunk)
-                    tch = None if t_slab is None else t_slab[sub]
-                    ce, div, g = _chunk_loss_and_grad(s_logits[sub], tch, lab[sub], spec, 1.0 / denom, True)
-                    s_logits[sub] = g
-                    ce_sum += ce
-                    div_sum += div
-                del t_slab
-                g = s_logits
-                grad_h[rows] = g @ s_weight
-                if s_weight.requires_grad:
-                    grad_w = g.t() @ h if grad_w is None else grad_w.addmm_(g.t(), h)
-                del g, s_logits
-        ctx.save_for_backward(grad_h, grad_w)
-        total = (spec.alpha * ce_sum + (1 - spec.alpha) * spec.temperature**2 * div_sum) / denom
-        return torch.stack([total, ce_sum / denom, div_sum / denom])
-
-    @staticmethod
-    def backward(ctx, g_out):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = g_out[0]
-        if scale.item() != 1.0:  # (loss.backward() passes 1: hand the buffers over without a copy)
-            grad_h, grad_w = grad_h * scale, None if grad_w is None else grad_w * scale
-        return grad_h, grad_w, None, None, None, None, None, None
-
-
-def fused_head_loss(
-    s_hidden: torch.Tensor,
-    s_weight: torch.Tensor,
-    teacher,
-    labels: torch.Tensor,
-    spec: LossSpec,
-    denom: float | None = None,
-    chunk: int = CHUNK_TOKENS,
-    slab: int = MATMUL_TOKENS,
-):
-    """(total, ce, divergence) like `chunked_loss`, from student final hidden states [N, H] and its
-    output weight [V, H]. teacher: (hidden [N, Ht], weight [V', Ht]), a SparseTeacher, or None."""
-    if denom is None:
-        denom = float((labels != spec.ignore_index).sum())
-    denom = max(1.0, float(denom))
-    out = _FusedHeadLoss.apply(s_hidden, s_weight, teacher, labels, spec, denom, chunk, max(chunk, slab))
-    return out[0], out[1].detach(), out[2].detach()

@@ -1,1 +1,1 @@
-"""Exports: GGUF (+ Ollama Modelfile) and ONNX, and their verification against torch."""
+"""Exports: GGUF (+ Ollama Modelfile) and ONNX decoders. Checking them is the verify stage."""
