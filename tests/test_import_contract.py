@@ -6,7 +6,7 @@ the data flow. Layers, lowest first (see docs/ARCHITECTURE.md):
   shared   targets, data, config, models, runtime, devices (may use base and each other, acyclically)
   stages   student -> distill -> quantize -> export -> verify -> bench -> report, and inspect_model;
            a stage uses base, shared and earlier stages only
-  top      pipeline, cli, __main__
+  top      pipeline, commands, cli, __main__
 """
 
 import ast
@@ -18,7 +18,7 @@ ROOT = Path(toolchain.__file__).parent
 BASE = {"toolchain", "errors", "fileio", "native_output", "formats"}
 SHARED = {"targets", "data", "config", "models", "runtime", "devices"}
 STAGES = ["student", "distill", "quantize", "export", "verify", "bench", "report", "inspect_model"]
-TOP = {"pipeline", "cli", "__main__"}
+TOP = {"pipeline", "commands", "cli", "__main__"}
 
 
 def _modules() -> dict[str, Path]:

@@ -4,6 +4,7 @@ token-weighted mean - and only process 0 writes."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ from toolchain.student import build_student
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
+
+
+def _free_port() -> int:
+    """A port nothing listens on now, so parallel CI jobs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _args(teacher, student, out, accum: int) -> list[str]:
@@ -85,7 +93,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_dir_6, tm
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            "29533",
+            str(_free_port()),
         ]
         + _args(tiny_dir_6, sdir, tmp_path / "two", accum=1)
     )

@@ -71,18 +71,13 @@ def test_model_smaller_than_its_tokenizer_is_refused(plain, tmp_path):
 @pytest.mark.slow
 def test_smollm2_vs_gemma_tokenizers_are_refused(teacher_dir):
     """Two real tokenizers (SmolLM2's 49152-token BPE, Gemma's 262144-token SentencePiece)."""
-    from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from toolchain.models.bundled import bundled_path
 
-    gemma = Path("/tmp/gemma-hf")  # an HF conversion, when one is at hand; else read the GGUF's tokenizer
-    if (gemma / "tokenizer.json").is_file():
-        gtok = AutoTokenizer.from_pretrained(gemma)
-    else:
-        g = bundled_path("gemma3-270m")
-        gtok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    g = bundled_path("gemma3-270m")
+    gtok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
     stok = AutoTokenizer.from_pretrained(teacher_dir)
     assert len(gtok) == 262144 and len(stok) == 49152
     # the tokenizers are compared before any model is touched

@@ -1,0 +1,220 @@
+"""What each `toolchain` subcommand does once its arguments are parsed: build the config the
+same way for every command, call the stage function, print the result."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from toolchain.errors import UserError
+
+_DISTILL_FLAGS = (
+    "loss",
+    "alpha",
+    "temperature",
+    "beta",
+    "steps",
+    "device",
+)  # `toolchain distill --X v` = `--set distill.X=v`
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _config(args, extra: list[str] | tuple[str, ...] = ()):
+    from toolchain.config import load_config
+
+    return load_config(getattr(args, "config", None), list(extra) + list(args.set or []))
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> None:
+    from toolchain.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    run_pipeline(_config(args), Path(args.out), progress=not args.no_progress)
+    _echo(f"done in {time.perf_counter() - t0:.0f} s: {args.out}")
+
+
+def cmd_student(args) -> None:
+    from toolchain.distill.run import calibration_blocks
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import load_model
+    from toolchain.student import build_student
+
+    extra = [f"teacher.model={args.teacher}"] + ([f"student.selection={args.selection}"] if args.selection else [])
+    cfg = _config(args, extra)
+    keep = args.keep_layers if args.keep_layers is not None else cfg.student.keep_layers
+    check_writable_dir(Path(args.out).parent, "output directory")
+    teacher = load_model(cfg.teacher.model, args.adapter, cfg.teacher.dtype)
+    calib = calibration_blocks(teacher.tokenizer, cfg.data, cfg.student.calib_sequences)
+    res = build_student(teacher, args.out, keep, calib, cfg.student.selection)
+    _echo(json.dumps(res))
+
+
+def cmd_distill(args) -> None:
+    from toolchain.devices.placement import resolve_device
+    from toolchain.distill.run import distill_student
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import teacher_from_config
+
+    extra = [f"teacher.model={args.teacher}"] + [
+        f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS if getattr(args, k, None) is not None
+    ]
+    cfg = _config(args, extra)
+    if not (Path(args.student) / "config.json").is_file():
+        raise UserError(f"student directory not found or not an HF model: {args.student}")
+    check_writable_dir(Path(args.out).parent, "output directory")
+    if args.adapter:
+        cfg.teacher.adapter = args.adapter
+    work = Path(args.work or f"{args.out}.work")
+    # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
+    device = str(resolve_device(cfg.distill.device))  # a bitsandbytes teacher is loaded onto it
+    res = distill_student(
+        lambda: teacher_from_config(cfg.teacher, device),
+        args.student,
+        args.out,
+        cfg.data,
+        cfg.distill,
+        work,
+        progress=not args.no_progress,
+        teacher_cfg=cfg.teacher,
+    )
+    if "history" not in res:  # a process other than 0 under accelerate launch / torchrun
+        return
+    res.pop("history")
+    _echo(json.dumps(res, indent=2))
+
+
+def cmd_distill_cache(args) -> None:
+    from toolchain.devices.placement import place, resolve_device
+    from toolchain.distill.modes import prepare_data
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import teacher_from_config
+
+    extra = [f"teacher.model={args.teacher}", "data.mode=cache", f"data.cache_dir={args.out}"]
+    extra += [f"data.cache_k={args.k}"] if args.k is not None else []
+    extra += [f"teacher.adapter={args.adapter}"] if args.adapter else []
+    cfg = _config(args, extra)
+    check_writable_dir(args.out, "cache directory")
+    device = resolve_device(cfg.distill.device)  # the teacher runs over the data there
+    teacher = teacher_from_config(cfg.teacher, str(device))
+    place(teacher.model, device)
+    plan = prepare_data(
+        cfg.data,
+        cfg.distill,
+        teacher.model,
+        teacher.tokenizer,
+        args.out,
+        teacher=teacher,
+        teacher_cfg=cfg.teacher,
+        progress=not args.no_progress,
+    )
+    _echo(json.dumps(plan.info, indent=2))
+
+
+def cmd_export_gguf(args) -> None:
+    from toolchain.export.gguf import export_gguf, gguf_filename
+    from toolchain.export.ollama import write_modelfile
+
+    files = export_gguf(args.model, args.out, _csv(args.types), name=args.name, overrides=_overrides(args.override))
+    if not args.no_modelfile:
+        pick = min(files, key=lambda f: f["bytes"])
+        mf, warning = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
+        if warning:
+            _echo(f"warning: {warning}")
+        _echo(f"Modelfile: {mf}   (then: ollama create NAME -f {mf})")
+    _echo(json.dumps(files, indent=2))
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise UserError(f"--override expects PATTERN=TYPE (e.g. token_embd=Q8_0), got '{item}'")
+        out[pattern] = type_name
+    return out
+
+
+def cmd_export_onnx(args) -> None:
+    from toolchain.export.onnx import export_onnx
+
+    _echo(json.dumps(export_onnx(args.model, args.out, _csv(args.precisions), optimize=not args.no_optimize), indent=2))
+
+
+def cmd_verify(args) -> None:
+    from toolchain.bench.run import describe_model
+    from toolchain.verify.exports import verify_exports
+
+    cfg = _config(args)
+    exports = [describe_model(p) for p in args.exports]
+    not_exports = [e["path"] for e in exports if e["format"] not in ("gguf", "onnx")]
+    if not_exports:
+        raise UserError(
+            f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories"
+        )
+    results = verify_exports(args.model, exports, cfg.verify)
+    if any(r.get("quality") for r in results):
+        from toolchain.verify.quality import format_table
+
+        print(format_table(results, "GGUF quality on held-out text:"), file=sys.stderr)
+    _echo(json.dumps(results, indent=2))
+
+
+def cmd_bench(args) -> None:
+    from toolchain.bench.run import bench_targets, describe_model
+    from toolchain.targets import load_target
+
+    targets = [load_target(t) for t in (args.target or ["cpu"])]
+    models = [describe_model(p) for p in args.models]
+    results = bench_targets(
+        models,
+        targets,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.runs,
+        progress=_echo,
+        out_dir=args.out_dir,
+        short_prompt_tokens=args.short_prompt_tokens,
+    )
+    if args.json:
+        from toolchain.fileio import write_json
+
+        write_json(args.json, results)
+
+
+def cmd_inspect(args) -> None:
+    from toolchain.inspect_model import inspect_path
+
+    _echo(json.dumps(inspect_path(args.path), indent=2, default=str))
+
+
+def cmd_report(args) -> None:
+    from toolchain.fileio import write_text
+    from toolchain.report.markdown import render
+
+    run = Path(args.run_dir)
+    if not (run / "report.json").is_file():
+        raise UserError(f"{run} has no report.json; run `toolchain run` first")
+    report = json.loads((run / "report.json").read_text())
+    md = write_text(run / "report.md", render(report))
+    try:
+        from toolchain.report.html import render as render_html
+
+        write_text(run / "report.html", render_html(report))
+    except ModuleNotFoundError as e:  # device-mode install: no matplotlib
+        print(f"report.html not written ({e.name} is not installed)", file=sys.stderr)
+    _echo(md.read_text())
+
+
+# ---------------------------------------------------------------------------- parser
