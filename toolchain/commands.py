@@ -163,7 +163,7 @@ def cmd_verify(args) -> None:
         raise UserError(
             f"{not_exports[0]}: verify checks .gguf files and ONNX folders against the model, not HF directories"
         )
-    results = verify_exports(args.model, exports, cfg.verify)
+    results = verify_exports(args.model, exports, cfg.verify, data=cfg.data)
     if any(r.get("quality") for r in results):
         from toolchain.verify.quality import format_table
 

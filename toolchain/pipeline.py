@@ -154,7 +154,7 @@ class Run:
     def stage_verify(self) -> dict:
         from toolchain.verify.exports import verify_exports
 
-        results = verify_exports(self.path("student"), self._exports(), self.config.verify)
+        results = verify_exports(self.path("student"), self._exports(), self.config.verify, data=self.config.data)
         for r in results:
             ties = f"{r['near_ties']} near-ties ({r['near_tie_flips']} flipped)"
             if r["format"] == "gguf":

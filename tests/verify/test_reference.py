@@ -38,3 +38,20 @@ def test_batched_reference_equals_one_prompt_at_a_time(fixture, request):
         np.testing.assert_allclose(got.prompt_logits, prompt, atol=2e-4, rtol=0)
         assert got.greedy == tokens, p
         np.testing.assert_allclose(got.step_logits, steps, atol=2e-4, rtol=0)
+
+
+def test_verify_prompts_come_from_the_runs_own_heldout_text():
+    """With data.seed != 0 other documents are held out; verify must follow the run's split, or
+    its "held-out" prompts would partly be training text."""
+    from toolchain.config import DataConfig
+    from toolchain.data.corpus import load_documents, split_documents
+    from toolchain.verify.gguf import verify_prompts
+
+    def held_text(seed: int) -> str:
+        _, held = split_documents(load_documents("pydoc"), DataConfig().heldout_fraction, seed)
+        return " ".join(" ".join(doc.split()) for doc in held)
+
+    prompts = {seed: verify_prompts([], 8, DataConfig(seed=seed)) for seed in (0, 1)}
+    for seed in (0, 1):
+        assert len(prompts[seed]) == 8 and all(p in held_text(seed) for p in prompts[seed]), seed
+    assert not all(p in held_text(0) for p in prompts[1])  # what the seed-0 split would have given

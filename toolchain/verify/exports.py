@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
-from toolchain.config import VerifyConfig
+from toolchain.config import DataConfig, VerifyConfig
 from toolchain.errors import VerificationError
 
 log = logging.getLogger(__name__)
 
 
-def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig, threads: int):
+def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig, threads: int, data: DataConfig):
     """(Scored reference, chunks) for the quality table: the F16 (else F32) GGUF, else torch."""
     from toolchain.verify.quality import heldout_chunks, llama_scored, torch_scored
 
@@ -19,7 +19,9 @@ def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig,
     if not cfg.quality_tokens or not ggufs:
         return None, None
     add_bos = len(tokenizer("a").input_ids) > len(tokenizer("a", add_special_tokens=False).input_ids)
-    chunks = heldout_chunks(tokenizer, cfg.quality_tokens, cfg.quality_ctx, add_bos)
+    chunks = heldout_chunks(
+        tokenizer, cfg.quality_tokens, cfg.quality_ctx, add_bos, data.source, data.heldout_fraction, data.seed
+    )
     if not chunks:
         return None, None
     for t in ("F16", "F32"):
@@ -33,9 +35,16 @@ def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig,
 
 
 def verify_exports(
-    model_dir: str | os.PathLike, exports: list[dict], cfg: VerifyConfig, threads: int = 0
+    model_dir: str | os.PathLike,
+    exports: list[dict],
+    cfg: VerifyConfig,
+    threads: int = 0,
+    data: DataConfig | None = None,
 ) -> list[dict]:
     """Run the check for each export; collect all results, then fail if any failed.
+
+    Prompts are topped up and the quality table is measured on the held-out text of `data` (the
+    run's data settings; default DataConfig()), so nothing checked was trained on.
 
     One torch reference serves every export (each rounding of it computed once)."""
     import torch
@@ -51,9 +60,10 @@ def verify_exports(
     threads = threads or min(4, os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = verify_prompts(cfg.prompts, cfg.min_prompts)
+    data = data or DataConfig()
+    prompts = verify_prompts(cfg.prompts, cfg.min_prompts, data)
     reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens)
-    quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads)
+    quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads, data)
     limits = {
         "max_ppl_ratio": cfg.max_ppl_ratio,
         "max_mean_kld": cfg.max_mean_kld,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.config import DataConfig
 from toolchain.errors import VerificationError
 from toolchain.runtime.llama import open_llama
 from toolchain.verify.metrics import greedy_figures, nmse
@@ -45,13 +46,15 @@ def parity_texts(prompts: list[str]) -> list[str]:
     return list(prompts) + extra
 
 
-def verify_prompts(prompts: list[str], min_prompts: int) -> list[str]:
-    """The configured prompts, topped up to `min_prompts` with held-out text openings."""
+def verify_prompts(prompts: list[str], min_prompts: int, data: DataConfig | None = None) -> list[str]:
+    """The configured prompts, topped up to `min_prompts` with openings of the run's held-out
+    text (`data`'s source, fraction and seed: never text the student trained on)."""
     out = list(prompts)
     if len(out) < min_prompts:
         from toolchain.data.corpus import load_documents, split_documents
 
-        _, held = split_documents(load_documents("pydoc"), 0.1, 0)
+        data = data or DataConfig()
+        _, held = split_documents(load_documents(data.source), data.heldout_fraction, data.seed)
         paragraphs = [" ".join(p.split()) for doc in held for p in doc.split("\n\n")]
         for text in (p for p in paragraphs if len(p) >= 60):
             if len(out) >= min_prompts:
