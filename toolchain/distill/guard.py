@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from toolchain.errors import DivergenceError
+
 WATCHED = ("kl", "ce")
 
 
@@ -79,8 +81,6 @@ class DivergenceGuard:
         aside, so that a rerun (with a lower lr) starts from the initial student instead of
         resuming into them.
         """
-        from toolchain.errors import DivergenceError
-
         if main and ckpt_path.is_file():
             ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
         last = {"step": step, **{k: figures[k] for k in WATCHED if figures and k in figures}}

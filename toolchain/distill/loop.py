@@ -276,6 +276,7 @@ def distill(
     run = _setup(teacher, student, cfg, layer_map)
     ckpt_path = work_dir / CHECKPOINT
     guard = DivergenceGuard(cfg.divergence_ratio)
+    eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
     state = TrainState()
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, student, run.optimizer, run.scheduler, run.hidden, guard, par)
@@ -339,7 +340,6 @@ def distill(
         state.history.append({"step": step + 1, **fig, "lr": run.scheduler.get_last_lr()[0], "seconds": dt})
         bar.set_postfix(loss=f"{fig['loss']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
-        eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
             state.history[-1]["eval"] = evaluate_all()
             student.train()
