@@ -118,7 +118,36 @@ def test_every_command_has_help(capsys, cmd):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
     assert e.value.code == 0
-    assert "usage: toolchain" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: toolchain" in out
+    if cmd not in (["inspect"], ["report"]):
+        assert "--set KEY=VALUE" in out  # every command that has settings takes the config's way
+
+
+def test_flag_defaults_are_the_config_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(config bench.runs; default 5)" in out and "(config bench.prompt_tokens; default 512)" in out
+
+
+def test_a_numeric_teacher_name_stays_a_name(capsys, tmp_path):
+    code, _, err = run(capsys, "student", "--teacher", "2024", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "model not found: '2024'")
+
+
+def test_export_and_bench_take_config_and_set(capsys, tmp_path, tiny_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("export:\n  gguf: [Q8_0]\nbench:\n  runs: 2\n")
+    code, _, err = run(capsys, "export", "gguf", str(tiny_dir), "--out", str(tmp_path / "e"), "--config", str(cfg))
+    assert_one_line_error(code, err, "bench.runs must be >= 3")  # the whole config is validated up front
+    code, _, _ = run(
+        capsys, "export", "gguf", str(tiny_dir), "--out", str(tmp_path / "e"), "--config", str(cfg),
+        "--set", "bench.runs=3", "--set", "export.gguf=[F16]", "--no-modelfile",
+    )  # fmt: skip
+    assert code == 0 and sorted(p.name for p in (tmp_path / "e").glob("*.gguf")) == ["model-F16.gguf"]
+    code, _, err = run(capsys, "bench", str(tmp_path / "e" / "model-F16.gguf"), "--set", "bench.targets=[nowhere]")
+    assert_one_line_error(code, err, "nowhere")
 
 
 def test_distill_from_jsonl_pairs_needs_no_teacher(capsys, tmp_path, tiny_dir):

@@ -56,6 +56,14 @@ def test_keep_layers_int_or_list():
         ("export", "gguf", ["Q9_9"], "not one of"),
         ("teacher", "dtype", "int3", "not one of"),
         ("data", "source", "/no/such/file.txt", "neither 'pydoc' nor an existing"),
+        ("distill", "grad_clip", 0, "must be > 0"),
+        ("distill", "weight_decay", -0.1, "must be >= 0"),
+        ("distill", "seed", -1, "must be >= 0"),
+        ("student", "keep_layers", [0, -1], "start at 0"),
+        ("verify", "max_nmse", {"Q8": 1e-3}, "max_nmse key: 'Q8' is not one of"),
+        ("verify", "onnx_min_top1", {"int4": 1.5}, "fraction between 0 and 1"),
+        ("verify", "max_ppl_ratio", {"Q8_0": 0.5}, "must be >= 1"),
+        ("verify", "quality_ctx", 0, "must be > 0"),
     ],
 )
 def test_range_checks(section, key, value, msg):
@@ -87,3 +95,20 @@ def test_load_config_errors(tmp_path):
     lst.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="mapping"):
         load_config(lst)
+
+
+def test_config_field_reads_type_and_default_from_the_dataclasses():
+    from toolchain.config import config_field
+
+    assert config_field("distill.steps") == (int, 40)
+    assert config_field("bench.targets") == (list[str], ["cpu"])
+    with pytest.raises(KeyError):
+        config_field("distill.stpes")
+
+
+def test_typed_fields_win_over_set_and_stay_as_typed():
+    # a flag's value is assigned as parsed: a teacher named 2024 stays the string '2024'
+    cfg = from_dict({"distill": {"steps": 3}}, ["distill.steps=5"], {"distill.steps": 7, "teacher.model": "2024"})
+    assert cfg.distill.steps == 7 and cfg.teacher.model == "2024"
+    with pytest.raises(UserError, match="distill.steps: expected int"):
+        from_dict({}, [], {"distill.steps": "7"})

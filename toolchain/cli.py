@@ -29,6 +29,9 @@ _FULL_INSTALL_MODULES = {
 }
 
 
+FIELD = commands.FIELD
+
+
 def _keep_layers(s: str):
     try:
         return [int(x) for x in s.split(",")] if "," in s else int(s)
@@ -36,6 +39,35 @@ def _keep_layers(s: str):
         raise argparse.ArgumentTypeError(
             f"expected a number or a comma-separated list of layer indices, got '{s}'"
         ) from None
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+class _PatternTypes(argparse.Action):
+    """Repeated PATTERN=TYPE flags collected into one {pattern: type} dict."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        pattern, sep, type_name = str(value).rpartition("=")
+        if not sep or not pattern or not type_name:
+            parser.error(f"{option_string} expects PATTERN=TYPE (e.g. token_embd=Q8_0), got '{value}'")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), pattern: type_name})
+
+
+_ARG_TYPES = {int: int, float: float, str: str, list[str]: _csv}
+
+
+def _field(p, flag: str, key: str, help: str, **kw) -> None:
+    """A flag that assigns the config field `key`: parsed to the field's type, defaulting to the
+    config (YAML, `--set`, then the dataclass default), never a default of its own."""
+    from toolchain.config import config_field
+
+    tp, default = config_field(key)
+    if "type" not in kw and kw.get("action") is None:
+        kw["type"] = _ARG_TYPES[tp]
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    p.add_argument(flag, dest=FIELD + key, default=None, help=f"{help} (config {key}; default {shown})", **kw)
 
 
 def _add_config_args(p, with_file: bool = True) -> None:
@@ -49,14 +81,12 @@ def _add_config_args(p, with_file: bool = True) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="toolchain", description="Distill, compress and export language models for edge devices."
-    )
-    p.add_argument("--version", action="version", version=f"toolchain {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_teacher(p) -> None:
+    _field(p, "--teacher", "teacher.model", "bundled name (smollm2-135m-instruct), HF directory or .gguf file")
+    _field(p, "--adapter", "teacher.adapter", "PEFT/LoRA adapter directory for the teacher", type=str)
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run the whole pipeline from a config into a run directory (resumable)")
     r.add_argument("config", help="pipeline YAML, e.g. examples/quickstart.yaml")
     r.add_argument("--out", required=True, help="run directory; rerunning with the same one skips finished stages")
@@ -64,113 +94,144 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(r, with_file=False)
     r.set_defaults(func=commands.cmd_run)
 
+
+def _add_student(sub) -> None:
     s = sub.add_parser("student", help="make a depth-pruned student from a teacher, saved as an HF directory")
-    s.add_argument("--teacher", required=True, help="bundled name (smollm2-135m-instruct), HF directory or .gguf file")
-    s.add_argument("--adapter", help="PEFT/LoRA adapter directory merged into the teacher")
-    s.add_argument("--keep-layers", type=_keep_layers, help="number of blocks to keep, or a list like 0,3,7,29")
-    s.add_argument(
-        "--selection", choices=["angular", "stride"], help="rule choosing which blocks to keep (default angular)"
+    _add_teacher(s)
+    _field(
+        s, "--keep-layers", "student.keep_layers", "blocks to keep: a number or a list like 0,3,7,29", type=_keep_layers
     )
+    _field(s, "--selection", "student.selection", "rule choosing which blocks to keep", choices=["angular", "stride"])
     s.add_argument("--out", required=True, help="output HF directory")
     _add_config_args(s)
     s.set_defaults(func=commands.cmd_student)
 
+
+def _add_distill(sub) -> None:
     d = sub.add_parser("distill", help="distill a student directory from a teacher (logit KD), resumable")
-    d.add_argument("--teacher", required=True, help="bundled name, HF directory or .gguf file")
-    d.add_argument("--adapter", help="PEFT/LoRA adapter directory merged into the teacher")
+    _add_teacher(d)
     d.add_argument("--student", required=True, help="student HF directory (e.g. from `toolchain student`)")
     d.add_argument("--out", required=True, help="where the distilled student is saved")
     d.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
     d.add_argument("--no-progress", action="store_true")
-    d.add_argument(
+    _field(
+        d,
         "--loss",
-        help="divergence to the teacher: forward_kl (default), reverse_kl, jsd (generalized, see --beta), "
-        "skew_kl / skew_reverse_kl (see distill.skew), tvd",
+        "distill.loss",
+        "divergence to the teacher: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd",
     )
-    d.add_argument("--alpha", type=float, help="weight of hard-label CE; (1 - alpha) * T^2 goes to the divergence")
-    d.add_argument("--temperature", type=float, help="softmax temperature T of both models in the divergence")
-    d.add_argument("--beta", type=float, help="jsd: teacher weight in the mixture (0 = forward KL, 1 = reverse KL)")
-    d.add_argument("--steps", type=int, help="optimizer steps")
-    d.add_argument(
+    _field(d, "--alpha", "distill.alpha", "weight of hard-label CE; (1 - alpha) * T^2 goes to the divergence")
+    _field(d, "--temperature", "distill.temperature", "softmax temperature T of both models in the divergence")
+    _field(d, "--beta", "distill.beta", "jsd: teacher weight in the mixture (0 = forward KL, 1 = reverse KL)")
+    _field(d, "--steps", "distill.steps", "optimizer steps")
+    _field(
+        d,
         "--device",
-        help="auto (default: the GPU when torch sees one), cpu, cuda or cuda:N; under "
-        "accelerate launch / torchrun each process takes its LOCAL_RANK's GPU",
+        "distill.device",
+        "auto (the GPU when torch sees one), cpu, cuda or cuda:N; under accelerate launch / torchrun "
+        "each process takes its LOCAL_RANK's GPU",
     )
     _add_config_args(d)
     d.set_defaults(func=commands.cmd_distill)
 
+
+def _add_distill_cache(sub) -> None:
     c = sub.add_parser(
         "distill-cache",
         help="run the teacher once and store its top-k log-probs for "
         "data.mode: cache (resumable; refused if teacher or data change)",
     )
-    c.add_argument("--teacher", required=True, help="bundled name, HF directory or .gguf file")
-    c.add_argument("--adapter", help="PEFT/LoRA adapter directory for the teacher")
+    _add_teacher(c)
     c.add_argument(
         "--out", required=True, help="cache directory (then train with --set data.mode=cache --set data.cache_dir=OUT)"
     )
-    c.add_argument("--k", type=int, help="top-k log-probs stored per token (default data.cache_k, 64)")
+    _field(c, "--k", "data.cache_k", "top-k log-probs stored per token")
     c.add_argument("--no-progress", action="store_true")
     _add_config_args(c)
     c.set_defaults(func=commands.cmd_distill_cache)
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="export a model: gguf or onnx")
     esub = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
     g = esub.add_parser("gguf", help="write GGUF files (+ an Ollama Modelfile)")
     g.add_argument("model", help="HF model directory")
     g.add_argument("--out", required=True, help="output directory for model-<TYPE>.gguf files")
-    g.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="comma-separated GGUF types (default F16,Q8_0,Q4_K_M)")
+    _field(g, "--types", "export.gguf", "comma-separated GGUF types")
     g.add_argument("--name", help="model name written into the GGUF metadata")
     g.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
-    g.add_argument(
+    _field(
+        g,
         "--override",
-        action="append",
-        metavar="PATTERN=TYPE",
-        help="per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
+        "export.gguf_overrides",
+        "per-tensor type: GGUF tensor names matching the regex PATTERN get TYPE "
         "(e.g. token_embd=Q8_0 or '^output=F16'); repeatable; not applied to F16/F32 files",
+        action=_PatternTypes,
+        metavar="PATTERN=TYPE",
     )
+    _add_config_args(g)
     g.set_defaults(func=commands.cmd_export_gguf)
     o = esub.add_parser("onnx", help="write an ONNX decoder with KV cache (fp32, and fp16/int8/int4 beside it)")
     o.add_argument("model", help="HF model directory")
     o.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, model_info.json)")
-    o.add_argument(
+    _field(
+        o,
         "--precisions",
-        default="fp32",
-        help="comma-separated: fp32 (always written, at --out), fp16, int8, int4 (each in OUT-<precision>/); "
-        "default fp32",
+        "export.onnx_precisions",
+        "comma-separated: fp32 (always written, at --out), fp16, int8, int4 (each in OUT-<precision>/)",
     )
     o.add_argument("--no-optimize", action="store_true", help="skip the offline graph fusions (RMSNorm)")
+    _add_config_args(o)
     o.set_defaults(func=commands.cmd_export_onnx)
 
+
+def _add_verify(sub) -> None:
     v = sub.add_parser("verify", help="check GGUF/ONNX exports against the torch model (fails on thresholds)")
     v.add_argument("model", help="HF model directory the exports came from")
     v.add_argument("exports", nargs="+", help=".gguf files and/or ONNX folders")
     _add_config_args(v)
     v.set_defaults(func=commands.cmd_verify)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="speed in llama.cpp (GGUF), onnxruntime (ONNX) and torch (HF dir) on targets")
     b.add_argument("models", nargs="+", help=".gguf files, ONNX folders and/or HF model directories")
-    b.add_argument(
+    _field(
+        b,
         "--target",
+        "bench.targets",
+        "target profile (cpu, phone-mid, phone-low, rpi5, cuda, shipped with the package) or a YAML path; repeatable",
         action="append",
-        help="target profile in targets/ (cpu, phone-mid, phone-low, rpi5, cuda) or a YAML path; "
-        "repeatable (default cpu)",
     )
-    b.add_argument("--prompt-tokens", type=int, default=512, help="long prompt for prefill (default 512)")
-    b.add_argument("--short-prompt-tokens", type=int, default=32, help="short prompt for prefill (default 32)")
-    b.add_argument("--gen-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
-    b.add_argument("--runs", type=int, default=5, help="timed runs after a warm-up (default 5)")
+    _field(b, "--prompt-tokens", "bench.prompt_tokens", "long prompt for prefill")
+    _field(b, "--short-prompt-tokens", "bench.short_prompt_tokens", "short prompt for prefill")
+    _field(b, "--gen-tokens", "bench.gen_tokens", "tokens decoded per run")
+    _field(b, "--runs", "bench.runs", "timed runs after a warm-up")
     b.add_argument("--out-dir", help="write one JSON per model and target here")
     b.add_argument("--json", help="also write all results to this JSON file")
+    _add_config_args(b)
     b.set_defaults(func=commands.cmd_bench)
 
+
+def _add_inspect_and_report(sub) -> None:
     i = sub.add_parser("inspect", help="print what a GGUF, ONNX folder, HF directory or run directory holds")
     i.add_argument("path")
     i.set_defaults(func=commands.cmd_inspect)
-
     rep = sub.add_parser("report", help="re-render report.md and report.html from a run directory's report.json")
     rep.add_argument("run_dir")
     rep.set_defaults(func=commands.cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="toolchain", description="Distill, compress and export language models for edge devices."
+    )
+    p.add_argument("--version", action="version", version=f"toolchain {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_student, _add_distill, _add_distill_cache, _add_export, _add_verify, _add_bench):
+        add(sub)
+    _add_inspect_and_report(sub)
     return p
 
 

@@ -10,24 +10,16 @@ from pathlib import Path
 
 from toolchain.errors import UserError
 
-_DISTILL_FLAGS = (
-    "loss",
-    "alpha",
-    "temperature",
-    "beta",
-    "steps",
-    "device",
-)  # `toolchain distill --X v` = `--set distill.X=v`
+FIELD = "field:"  # argparse dest prefix of flags that assign a config field, e.g. field:distill.steps
 
 
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _config(args, extra: list[str] | tuple[str, ...] = ()):
+def _config(args, fixed: dict | None = None):
+    """The command's Config: its YAML (`--config`, or `run`'s file), `--set` overrides, then its
+    flags as typed field assignments and any fields the command itself fixes, validated once."""
     from toolchain.config import load_config
 
-    return load_config(getattr(args, "config", None), list(extra) + list(args.set or []))
+    fields = {k[len(FIELD) :]: v for k, v in vars(args).items() if k.startswith(FIELD) and v is not None}
+    return load_config(getattr(args, "config", None), args.set or [], {**fields, **(fixed or {})})
 
 
 def _echo(msg: str) -> None:
@@ -48,16 +40,14 @@ def cmd_run(args) -> None:
 def cmd_student(args) -> None:
     from toolchain.distill.run import calibration_blocks
     from toolchain.fileio import check_writable_dir
-    from toolchain.models.load import load_model
+    from toolchain.models.load import teacher_from_config
     from toolchain.student import build_student
 
-    extra = [f"teacher.model={args.teacher}"] + ([f"student.selection={args.selection}"] if args.selection else [])
-    cfg = _config(args, extra)
-    keep = args.keep_layers if args.keep_layers is not None else cfg.student.keep_layers
+    cfg = _config(args)
     check_writable_dir(Path(args.out).parent, "output directory")
-    teacher = load_model(cfg.teacher.model, args.adapter, cfg.teacher.dtype)
+    teacher = teacher_from_config(cfg.teacher)
     calib = calibration_blocks(teacher.tokenizer, cfg.data, cfg.student.calib_sequences)
-    res = build_student(teacher, args.out, keep, calib, cfg.student.selection)
+    res = build_student(teacher, args.out, cfg.student.keep_layers, calib, cfg.student.selection)
     _echo(json.dumps(res))
 
 
@@ -67,15 +57,10 @@ def cmd_distill(args) -> None:
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
-    extra = [f"teacher.model={args.teacher}"] + [
-        f"distill.{k}={getattr(args, k)}" for k in _DISTILL_FLAGS if getattr(args, k, None) is not None
-    ]
-    cfg = _config(args, extra)
+    cfg = _config(args)
     if not (Path(args.student) / "config.json").is_file():
         raise UserError(f"student directory not found or not an HF model: {args.student}")
     check_writable_dir(Path(args.out).parent, "output directory")
-    if args.adapter:
-        cfg.teacher.adapter = args.adapter
     work = Path(args.work or f"{args.out}.work")
     # loaded only if data.mode needs it; honours teacher.quantize / adapter_mode
     device = str(resolve_device(cfg.distill.device))  # a bitsandbytes teacher is loaded onto it
@@ -101,10 +86,7 @@ def cmd_distill_cache(args) -> None:
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
 
-    extra = [f"teacher.model={args.teacher}", "data.mode=cache", f"data.cache_dir={args.out}"]
-    extra += [f"data.cache_k={args.k}"] if args.k is not None else []
-    extra += [f"teacher.adapter={args.adapter}"] if args.adapter else []
-    cfg = _config(args, extra)
+    cfg = _config(args, {"data.mode": "cache", "data.cache_dir": args.out})
     check_writable_dir(args.out, "cache directory")
     device = resolve_device(cfg.distill.device)  # the teacher runs over the data there
     teacher = teacher_from_config(cfg.teacher, str(device))
@@ -126,7 +108,8 @@ def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
 
-    files = export_gguf(args.model, args.out, _csv(args.types), name=args.name, overrides=_overrides(args.override))
+    cfg = _config(args).export
+    files = export_gguf(args.model, args.out, cfg.gguf, name=args.name, overrides=cfg.gguf_overrides)
     if not args.no_modelfile:
         pick = min(files, key=lambda f: f["bytes"])
         mf, warning = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
@@ -136,20 +119,11 @@ def cmd_export_gguf(args) -> None:
     _echo(json.dumps(files, indent=2))
 
 
-def _overrides(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        pattern, sep, type_name = item.rpartition("=")
-        if not sep or not pattern or not type_name:
-            raise UserError(f"--override expects PATTERN=TYPE (e.g. token_embd=Q8_0), got '{item}'")
-        out[pattern] = type_name
-    return out
-
-
 def cmd_export_onnx(args) -> None:
     from toolchain.export.onnx import export_onnx
 
-    _echo(json.dumps(export_onnx(args.model, args.out, _csv(args.precisions), optimize=not args.no_optimize), indent=2))
+    cfg = _config(args).export
+    _echo(json.dumps(export_onnx(args.model, args.out, cfg.onnx_precisions, optimize=not args.no_optimize), indent=2))
 
 
 def cmd_verify(args) -> None:
@@ -175,17 +149,18 @@ def cmd_bench(args) -> None:
     from toolchain.bench.run import bench_targets, describe_model
     from toolchain.targets import load_target
 
-    targets = [load_target(t) for t in (args.target or ["cpu"])]
+    cfg = _config(args).bench
+    targets = [load_target(t) for t in cfg.targets]
     models = [describe_model(p) for p in args.models]
     results = bench_targets(
         models,
         targets,
-        args.prompt_tokens,
-        args.gen_tokens,
-        args.runs,
+        cfg.prompt_tokens,
+        cfg.gen_tokens,
+        cfg.runs,
         progress=_echo,
         out_dir=args.out_dir,
-        short_prompt_tokens=args.short_prompt_tokens,
+        short_prompt_tokens=cfg.short_prompt_tokens,
     )
     if args.json:
         from toolchain.fileio import write_json
@@ -215,6 +190,3 @@ def cmd_report(args) -> None:
     except ModuleNotFoundError as e:  # device-mode install: no matplotlib
         print(f"report.html not written ({e.name} is not installed)", file=sys.stderr)
     _echo(md.read_text())
-
-
-# ---------------------------------------------------------------------------- parser

@@ -6,8 +6,31 @@ so config validation and the runtimes can use them without importing a stage.
 from __future__ import annotations
 
 import re
+from typing import TypedDict
 
 from toolchain.errors import UserError
+
+
+class _ArtifactKeys(TypedDict):
+    format: str  # gguf | onnx | hf
+    quant: str  # GGUF type (F16, Q8_0, ...), ONNX precision (fp32, int4, ...) or HF dtype
+    path: str  # the .gguf file, the ONNX folder's model.onnx, or the HF directory
+    bytes: int  # on disk, external ONNX weights included
+
+
+class Artifact(_ArtifactKeys, total=False):
+    """One model file (or ONNX folder) as the stages hand it on: export -> verify -> bench -> report.
+
+    A plain dict underneath, so it goes into report.json as it is; the keys above are always
+    there, these only where the stage that made it knows them."""
+
+    sha256: str  # of the file; for ONNX, of the listing of its files' digests
+    seconds: float  # time the export took
+    files_sha256: dict[str, str]  # ONNX: each file's digest
+    variants: list[Artifact]  # ONNX fp32: the fp16/int8/int4 folders made from it
+    exporter: str
+    fusions: dict[str, int]
+
 
 # labels at this index carry no loss (prompt tokens, padding): torch's cross_entropy default
 IGNORE_INDEX = -100

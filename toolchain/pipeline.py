@@ -15,6 +15,7 @@ from pathlib import Path
 from toolchain.config import Config, dump_yaml, to_dict
 from toolchain.errors import DivergenceError, UserError, VerificationError
 from toolchain.fileio import check_writable_dir, dir_bytes, write_json, write_text
+from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,14 @@ class Run:
             self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
         return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
 
-    def stage_export_onnx(self) -> dict:
+    def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:
             return {}
         from toolchain.export.onnx import export_onnx
 
         return export_onnx(self.path("student"), self.path("export", "onnx"), self.config.export.onnx_precisions)
 
-    def _exports(self) -> list[dict]:
+    def _exports(self) -> list[Artifact]:
         files = list((self.record("export_gguf") or {}).get("files", []))
         onnx = self.record("export_onnx") or {}
         return files + ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))

@@ -10,89 +10,15 @@ also the output layer, so it is read whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import mmap
 import struct
 from pathlib import Path
 
+from toolchain.formats import Artifact
+from toolchain.models.gguf_header import read_gguf_header
+
 # --------------------------------------------------------------------------- GGUF
-
-# GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart)
-_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-class _Cursor:
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str):
-        v = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return v[0] if len(v) == 1 else v
-
-    def string(self) -> str:
-        n = self.take("Q")
-        s = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return s.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype == 8:
-            return self.string()
-        if vtype != 9:
-            return self.take(_GGUF_SCALAR[vtype])
-        etype, count = self.take("I"), self.take("Q")
-        if etype == 8:
-            # vocabularies and merges: step over the strings, keep only the count
-            for _ in range(count):
-                self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
-            return count
-        if etype == 9:
-            for _ in range(count):
-                self.value(9)
-            return count
-        fmt = _GGUF_SCALAR[etype]
-        start = self.pos
-        self.pos += count * struct.calcsize("<" + fmt)
-        # long numeric arrays (token scores, token types) are reduced to their length too
-        return list(struct.unpack_from(f"<{count}{fmt}", self.buf, start)) if count <= 64 else count
-
-
-def read_gguf_header(path: str | Path) -> tuple[dict, list[dict]]:
-    """(metadata, tensors) of a GGUF; string arrays (vocab, merges) are reduced to their length.
-
-    A small reader of the GGUF layout rather than gguf.GGUFReader, which builds numpy views for
-    every vocabulary entry and takes ~4 s per file here; this takes ~0.1 s.
-    """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        c = _Cursor(mm)
-        if bytes(mm[:4]) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        c.pos = 4
-        version = c.take("I")
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        n_tensors, n_kv = c.take("Q"), c.take("Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = c.string()
-            meta[key] = c.value(c.take("I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = c.string()
-            dims = [c.take("Q") for _ in range(c.take("I"))]
-            ttype = GGMLQuantizationType(c.take("I"))
-            c.take("Q")  # data offset
-            n = 1
-            for d in dims:
-                n *= d
-            block, type_size = GGML_QUANT_SIZES[ttype]
-            tensors.append(
-                {"name": name, "shape": dims, "type": ttype.name, "n_elements": n, "n_bytes": n // block * type_size}
-            )
-        return meta, tensors
 
 
 def bytes_per_token(tensors: list[dict], input_embedding: str | None, output: str | None, vocab: int) -> int:
@@ -110,7 +36,8 @@ def bytes_per_token(tensors: list[dict], input_embedding: str | None, output: st
 
 
 def gguf_facts(path: str | Path) -> dict:
-    meta, tensors = read_gguf_header(path)
+    meta, infos = read_gguf_header(path)
+    tensors = [dataclasses.asdict(t) for t in infos]
     arch = meta.get("general.architecture", "llama")
     names = {t["name"] for t in tensors}
     heads = int(meta[f"{arch}.attention.head_count"])
@@ -265,7 +192,7 @@ def hf_facts(path: str | Path) -> dict:
     }
 
 
-def model_facts(model: dict) -> dict:
+def model_facts(model: Artifact) -> dict:
     """Facts for a model entry {"format": gguf|onnx|hf, "path": ...}."""
     fmt = model["format"]
     if fmt == "gguf":

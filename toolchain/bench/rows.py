@@ -13,6 +13,8 @@ import platform
 import statistics
 import time
 
+from toolchain.formats import Artifact
+
 # figures a row has only when the model ran; None otherwise
 FIGURES = (
     "load_s",
@@ -51,7 +53,7 @@ def _params_label(n: int) -> str:
 
 
 def base_row(
-    model: dict,
+    model: Artifact,
     runtime: str,
     target,
     threads: int,

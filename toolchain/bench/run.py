@@ -24,6 +24,7 @@ from toolchain.bench.model_facts import model_facts
 from toolchain.bench.rows import add_measurement, base_row, format_row, out_name
 from toolchain.bench.worker import PROGRESS
 from toolchain.errors import UserError
+from toolchain.formats import Artifact
 from toolchain.targets import Target
 
 RUNTIME_BY_FORMAT = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch"}
@@ -41,7 +42,7 @@ def prompt_text() -> str:
     return topics["for"] + topics["while"] + topics["if"]  # fixed, ~760 tokens with SmolLM2's tokenizer
 
 
-def prompt_ids(models: list[dict], n: int) -> list[int]:
+def prompt_ids(models: list[Artifact], n: int) -> list[int]:
     """The first n token ids of a fixed text, tokenized once for every model in the run."""
     text = prompt_text()
     for m in models:
@@ -64,7 +65,7 @@ def prompt_ids(models: list[dict], n: int) -> list[int]:
     return ids[:n]
 
 
-def describe_model(path: str | os.PathLike) -> dict:
+def describe_model(path: str | os.PathLike) -> Artifact:
     """A model entry {format, quant, path, bytes} for a .gguf file, an ONNX folder or an HF directory."""
     path = Path(path)
     if path.suffix == ".gguf":
@@ -130,7 +131,7 @@ def _run_worker(job: dict, progress) -> dict:
     return json.loads(lines[-1])
 
 
-def _why_not(model: dict, runtime: str, target: Target) -> str | None:
+def _why_not(model: Artifact, runtime: str, target: Target) -> str | None:
     if runtime not in target.runtimes:
         return f"runtime {runtime} is not in target {target.name}'s runtimes ({', '.join(target.runtimes)})"
     if not target.allows_quant(model["quant"]):
@@ -140,7 +141,7 @@ def _why_not(model: dict, runtime: str, target: Target) -> str | None:
 
 
 def bench_one(
-    model: dict,
+    model: Artifact,
     ids: list[int],
     short_ids: list[int],
     gen_tokens: int,
@@ -206,7 +207,7 @@ def bench_one(
 
 
 def _bench(
-    models: list[dict],
+    models: list[Artifact],
     targets: list[Target],
     ids: list[int],
     short_ids: list[int],
@@ -235,7 +236,7 @@ def _bench(
 
 
 def bench_targets(
-    models: list[dict],
+    models: list[Artifact],
     targets: list[Target],
     prompt_tokens: int = 512,
     gen_tokens: int = 128,
@@ -254,7 +255,7 @@ def bench_targets(
 
 
 def bench_models(
-    models: list[dict],
+    models: list[Artifact],
     target: Target,
     prompt_tokens: int = 512,
     gen_tokens: int = 128,

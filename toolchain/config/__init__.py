@@ -4,7 +4,7 @@
 YAML and overrides into a validated `Config`.
 """
 
-from toolchain.config.loading import apply_override, dump_yaml, from_dict, load_config, to_dict
+from toolchain.config.loading import apply_override, assign, config_field, dump_yaml, from_dict, load_config, to_dict
 from toolchain.config.sections import (
     DEFAULT_PROMPTS,
     DISTILL_LOSSES,
@@ -33,7 +33,9 @@ __all__ = [
     "TeacherConfig",
     "VerifyConfig",
     "apply_override",
+    "assign",
     "check_device_spec",
+    "config_field",
     "dump_yaml",
     "from_dict",
     "load_config",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -84,34 +84,65 @@ def apply_override(data: dict, assignment: str) -> dict:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    return assign(data, key.strip(), value, f"--set {key}")
+
+
+def assign(data: dict, key: str, value: Any, where: str = "") -> dict:
+    """A copy of the nested dict `data` with the dotted `key` set to `value` as it is (a typed
+    command-line flag: `--teacher 2024` stays the string '2024')."""
     out = _deepcopy(data)
     node = out
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
         elif not isinstance(nxt, dict):
-            raise UserError(f"--set {key}: '{part}' is a value, not a section")
+            raise UserError(f"{where or key}: '{part}' is a value, not a section")
         node = nxt
     node[parts[-1]] = value
     return out
+
+
+def config_field(key: str) -> tuple[Any, Any]:
+    """(annotation, default) of a dotted config key such as 'distill.steps': what a command-line
+    flag for that key parses to and what it defaults to, read from the dataclasses."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise KeyError(f"no config key {key}")
+        f = fields[part]
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            return tp, default
+        cls = tp
+    raise KeyError(key)
 
 
 def _deepcopy(d):
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def from_dict(data: dict | None, overrides: Sequence[str] = ()) -> Config:
+def from_dict(data: dict | None, overrides: Sequence[str] = (), fields: Mapping[str, Any] | None = None) -> Config:
+    """A validated Config from plain data, then `--set` overrides, then typed field assignments
+    (command-line flags, which win over both)."""
     data = dict(data or {})
     for o in overrides:
         data = apply_override(data, o)
+    for key, value in (fields or {}).items():
+        data = assign(data, key, value)
     config = _build(Config, data, "")
     config.validate()
     return config
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), fields: Mapping[str, Any] | None = None
+) -> Config:
+    """The one way every command builds its configuration: YAML file, `--set`, flags, validated."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -125,7 +156,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raise UserError(
                 f"{path} must hold a mapping of sections (teacher:, student:, ...), not {type(data).__name__}"
             )
-    return from_dict(data, overrides)
+    return from_dict(data, overrides, fields)
 
 
 def to_dict(config: Config) -> dict:

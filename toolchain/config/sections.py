@@ -34,9 +34,11 @@ class TeacherConfig:
     adapter_mode: str = "merge"  # merge the adapter into the weights, or attach it (needed with quantize)
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.dtype", self.dtype, ("float32", "bfloat16"))
-        _choice(f"{where}.quantize", self.quantize, ("none", "8bit", "4bit"))
-        _choice(f"{where}.adapter_mode", self.adapter_mode, ("merge", "attach"))
+        from toolchain.models.load import ADAPTER_MODES, DTYPES, QUANTIZE_MODES
+
+        _choice(f"{where}.dtype", self.dtype, DTYPES)
+        _choice(f"{where}.quantize", self.quantize, QUANTIZE_MODES)
+        _choice(f"{where}.adapter_mode", self.adapter_mode, ADAPTER_MODES)
         if self.adapter and self.quantize != "none" and self.adapter_mode == "merge":
             raise UserError(
                 f"{where}.adapter_mode: merge would round the adapter away in a {self.quantize} teacher; use attach"
@@ -55,6 +57,8 @@ class StudentConfig:
         _choice(f"{where}.selection", self.selection, ("angular", "stride"))
         if isinstance(self.keep_layers, int) and self.keep_layers < 1:
             raise UserError(f"{where}.keep_layers must be >= 1, got {self.keep_layers}")
+        if isinstance(self.keep_layers, list) and any(i < 0 for i in self.keep_layers):
+            raise UserError(f"{where}.keep_layers: layer indices start at 0, got {self.keep_layers}")
         if isinstance(self.keep_layers, list) and len(set(self.keep_layers)) != len(self.keep_layers):
             raise UserError(f"{where}.keep_layers lists a layer twice: {self.keep_layers}")
         _positive(f"{where}.calib_sequences", self.calib_sequences)
@@ -108,6 +112,7 @@ class DataConfig:
             raise UserError(f"{where}.gen_temperature must be >= 0, got {self.gen_temperature}")
         _positive(f"{where}.seq_len", self.seq_len)
         _positive(f"{where}.eval_sequences", self.eval_sequences)
+        _non_negative(f"{where}.seed", self.seed)
         if not 0.0 < self.heldout_fraction < 1.0:
             raise UserError(f"{where}.heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
         if self.source != "pydoc" and not Path(self.source).is_file():
@@ -125,6 +130,7 @@ class LoraConfig:
     def validate(self, where: str) -> None:
         if self.r < 0:
             raise UserError(f"{where}.r must be >= 0 (0 = full training), got {self.r}")
+        _positive(f"{where}.alpha", self.alpha)
         if self.r and not self.targets:
             raise UserError(f"{where}.targets must name at least one module type, e.g. q_proj")
 
@@ -207,9 +213,8 @@ class DistillConfig:
         _positive(f"{where}.temperature", self.temperature)
         _positive(f"{where}.checkpoint_every", self.checkpoint_every)
         _positive(f"{where}.grad_clip", self.grad_clip)  # 0 would clip every update to nothing
-        for name in ("steps", "warmup_steps", "threads"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "threads", "seed", "weight_decay"):
+            _non_negative(f"{where}.{name}", getattr(self, name))
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"{where}.alpha must be between 0 and 1, got {self.alpha}")
         if self.lr <= 0:
@@ -237,8 +242,10 @@ class ExportConfig:
             for q in self.gguf:
                 if q not in ("F16", "F32"):
                     check_overrides(self.gguf_overrides, q)
+        from toolchain.formats import ONNX_PRECISIONS
+
         for q in self.onnx_precisions:
-            _choice(f"{where}.onnx_precisions", q, ["fp32", "fp16", "int8", "int4"])
+            _choice(f"{where}.onnx_precisions", q, ONNX_PRECISIONS)
 
 
 @dataclass
@@ -277,6 +284,37 @@ class VerifyConfig:
                 f"{where}.quality_tokens ({self.quality_tokens}) must be 0 or >= quality_ctx ({self.quality_ctx})"
             )
         _positive(f"{where}.min_prompts", self.min_prompts)
+        _positive(f"{where}.quality_ctx", self.quality_ctx)
+        _non_negative(f"{where}.quality_tokens", self.quality_tokens)
+        _positive(f"{where}.onnx_max_abs_diff", self.onnx_max_abs_diff)
+        _positive(f"{where}.onnx_fp16_max_abs_diff", self.onnx_fp16_max_abs_diff)
+        self._check_threshold_keys(where)
+        self._check_threshold_values(where)
+
+    def _check_threshold_values(self, where: str) -> None:
+        fractions = ("min_greedy_agreement", "min_top1_agreement", "onnx_min_top1")
+        for name in ("max_nmse", "max_mean_kld", "onnx_max_kl", *fractions, "max_ppl_ratio"):
+            for key, value in getattr(self, name).items():
+                if value is None:
+                    continue
+                _non_negative(f"{where}.{name}.{key}", value)
+                if name in fractions and value > 1:
+                    raise UserError(f"{where}.{name}.{key} is a fraction between 0 and 1, got {value}")
+                if name == "max_ppl_ratio" and value < 1:
+                    raise UserError(f"{where}.{name}.{key} must be >= 1 (a ratio to the F16 file), got {value}")
+
+    def _check_threshold_keys(self, where: str) -> None:
+        """A misspelt type in a threshold table would silently fall back to its default."""
+        from toolchain.formats import ONNX_PRECISIONS, SUPPORTED_TYPES
+
+        gguf_keys = (*SUPPORTED_TYPES, "default")
+        for name in ("max_nmse", "min_greedy_agreement", "max_ppl_ratio", "max_mean_kld", "min_top1_agreement"):
+            for key in getattr(self, name):
+                _choice(f"{where}.{name} key", key, gguf_keys)
+        quantized_onnx = [p for p in ONNX_PRECISIONS if p.startswith("int")]
+        for name in ("onnx_min_top1", "onnx_max_kl"):
+            for key in getattr(self, name):
+                _choice(f"{where}.{name} key", key, quantized_onnx)
 
 
 @dataclass
@@ -336,6 +374,11 @@ def _existing_file(key: str, value: str) -> str:
     if not Path(value).expanduser().is_file():
         raise UserError(f"{key}: file not found: {value}")
     return value
+
+
+def _non_negative(key: str, value) -> None:
+    if value < 0:
+        raise UserError(f"{key} must be >= 0, got {value}")
 
 
 def _positive(key: str, value) -> None:

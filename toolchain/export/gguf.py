@@ -18,7 +18,7 @@ from toolchain import __version__
 from toolchain.errors import UserError
 from toolchain.export.gguf_vocab import write_vocab
 from toolchain.fileio import atomic_path, sha256_file
-from toolchain.formats import PYTHON_TYPES, check_overrides, check_type, override_for
+from toolchain.formats import PYTHON_TYPES, Artifact, check_overrides, check_type, override_for
 from toolchain.models.load import read_meta
 from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
@@ -154,7 +154,7 @@ def export_gguf(
     types: list[str],
     name: str | None = None,
     overrides: dict[str, str] | None = None,
-) -> list[dict]:
+) -> list[Artifact]:
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
@@ -185,14 +185,14 @@ def export_gguf(
                 src = tmp_f16
             llama_cpp_quantize(src, path, t, overrides=own)
         records.append(
-            {
-                "format": "gguf",
-                "quant": t,
-                "path": str(path),
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-                "seconds": round(time.perf_counter() - start, 2),
-            }
+            Artifact(
+                format="gguf",
+                quant=t,
+                path=str(path),
+                bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                seconds=round(time.perf_counter() - start, 2),
+            )
         )
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     if tmp_f16 is not None:

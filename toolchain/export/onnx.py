@@ -37,6 +37,7 @@ from toolchain.fileio import atomic_dir, sha256_file
 from toolchain.formats import ONNX_DATA_FILE as DATA_FILE
 from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
 from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
+from toolchain.formats import Artifact
 from toolchain.models.registry import get_arch
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _to_external_data(path: Path) -> None:
     )
 
 
-def _record(out_dir: Path, precision: str, seconds: float, extra: dict | None = None) -> dict:
+def _record(out_dir: Path, precision: str, seconds: float) -> Artifact:
     onnx_path = out_dir / MODEL_FILE
     data_path = out_dir / DATA_FILE
     size = onnx_path.stat().st_size + (data_path.stat().st_size if data_path.is_file() else 0)
@@ -267,16 +268,15 @@ def _record(out_dir: Path, precision: str, seconds: float, extra: dict | None = 
     # digest over that listing.
     files = {p.name: sha256_file(p) for p in (onnx_path, data_path) if p.is_file()}
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
-    return {
-        "format": "onnx",
-        "quant": precision,
-        "path": str(onnx_path),
-        "bytes": size,
-        "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-        "files_sha256": files,
-        "seconds": round(seconds, 2),
-        **(extra or {}),
-    }
+    return Artifact(
+        format="onnx",
+        quant=precision,
+        path=str(onnx_path),
+        bytes=size,
+        sha256=hashlib.sha256(listing.encode()).hexdigest(),
+        files_sha256=files,
+        seconds=round(seconds, 2),
+    )
 
 
 def precision_dir(out_dir: str | Path, precision: str) -> Path:
@@ -290,7 +290,7 @@ def export_onnx(
     out_dir: str | Path,
     precisions: list[str] | tuple[str, ...] = ("fp32",),
     optimize: bool = True,
-) -> dict:
+) -> Artifact:
     """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json).
 
     fp32 is always written at `out_dir` (the reference the others are made from); each other
@@ -324,7 +324,8 @@ def export_onnx(
         info = model_info(model_dir, config)
         info.update(precision="fp32", exporter=exporter, fusions=fusions)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    record = _record(out_dir, "fp32", time.perf_counter() - t0, {"exporter": exporter, "fusions": fusions})
+    record = _record(out_dir, "fp32", time.perf_counter() - t0)
+    record["exporter"], record["fusions"] = exporter, fusions
     record["variants"] = [quantize_export(out_dir, p) for p in precisions if p != "fp32"]
     return record
 
@@ -349,7 +350,7 @@ def _optimize_in_place(path: Path) -> dict:
     return fusions
 
 
-def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = False) -> dict:
+def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = False) -> Artifact:
     """Write `precision_dir(fp32_dir, precision)` from an fp32 export folder, atomically."""
     from toolchain.quantize.onnx_quant import check_precisions, quantize_file
 

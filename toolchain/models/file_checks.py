@@ -15,9 +15,12 @@ from pathlib import Path
 from toolchain.errors import UserError
 
 
-def open_gguf(path: str | os.PathLike):
-    """A gguf.GGUFReader for `path`, or a UserError saying why the file cannot be read."""
-    import gguf
+def check_gguf(path: str | os.PathLike) -> tuple[dict, list]:
+    """(metadata, tensor table) of a GGUF, or a UserError saying why the file cannot be read.
+
+    Reads only the header (~0.1 s), so every route that takes a GGUF can check it up front.
+    """
+    from toolchain.models.gguf_header import read_gguf_header
 
     path = Path(path)
     if not path.is_file():
@@ -26,19 +29,32 @@ def open_gguf(path: str | os.PathLike):
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
     try:
-        reader = gguf.GGUFReader(str(path))
+        meta, tensors = read_gguf_header(path)
+    except (ValueError, OverflowError, MemoryError) as e:
+        raise UserError(
+            f"{path} is truncated or corrupt; it cannot be read as GGUF ({e}); re-download or re-export it"
+        ) from None
+    size = path.stat().st_size
+    end = max((t.data_offset + t.n_bytes for t in tensors), default=0)
+    if end > size:
+        raise UserError(
+            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-download or re-export it"
+        )
+    return meta, tensors
+
+
+def open_gguf(path: str | os.PathLike):
+    """A gguf.GGUFReader for `path` (full metadata values), after `check_gguf` accepted it."""
+    import gguf
+
+    check_gguf(path)
+    try:
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader fails in many ways (struct, numpy, unicode) on bad bytes
         raise UserError(
             f"{path} is truncated or corrupt; it cannot be read as GGUF ({type(e).__name__}: {e}); "
             "re-download or re-export it"
         ) from None
-    size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise UserError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}; re-download or re-export it"
-        )
-    return reader
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ with the model into students and exports as `toolchain.json`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -24,7 +25,9 @@ from toolchain.models.provenance import file_sha256, is_hub_id, model_dir_sha256
 log = logging.getLogger(__name__)
 
 META_FILE = "toolchain.json"
-_DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")
+QUANTIZE_MODES = ("none", "8bit", "4bit")  # bitsandbytes
+ADAPTER_MODES = ("merge", "attach")
 
 
 @dataclass
@@ -42,42 +45,26 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
 
 def gguf_metadata(path: str | os.PathLike, keys: tuple[str, ...]) -> dict:
     """A few scalar metadata fields of a GGUF file (missing keys are left out)."""
-    import gguf
+    from toolchain.models.file_checks import check_gguf
 
-    reader = gguf.GGUFReader(str(path))
-    out = {}
-    for key in keys:
-        f = reader.fields.get(key)
-        if f is not None:
-            out[key] = f.contents()
-    return out
-
-
-def _check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
-    from toolchain.models.file_checks import open_gguf
-
-    open_gguf(path)  # truncated or corrupt: a clear error before transformers reads it
+    meta, _ = check_gguf(path)
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
     """Dequantize a GGUF through transformers and save it as an HF safetensors directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    _check_gguf(gguf_path)
+    fields = gguf_metadata(gguf_path, ("tokenizer.ggml.pre", "general.license", "general.name"))
     d, name = str(gguf_path.parent), gguf_path.name
     log.info("dequantizing %s through transformers (once; cached afterwards)", gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
     # serializable"): rebuild it from its config without the quantization entry.
-    config = AutoConfig.from_pretrained(d, gguf_file=name)
+    config = copy.deepcopy(loaded.config)  # not AutoConfig: that parses the whole file again
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
@@ -85,7 +72,6 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, meta: d
         model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     model.tie_weights()
-    fields = gguf_metadata(gguf_path, ("tokenizer.ggml.pre", "general.license", "general.name"))
     info = {
         "name": fields.get("general.name", gguf_path.stem),
         "license": fields.get("general.license"),
@@ -137,20 +123,32 @@ def resolve_model_dir(spec: str) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; give a GGUF file or an HF model directory")
-        _check_gguf(path)
-        return _cached_gguf_conversion(path)
+        return _cached_gguf_conversion(path)  # checked (header only) when it is converted
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is a directory without config.json; it is not a Hugging Face model directory")
     return path
 
 
-def load_model(spec: str, adapter: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer; a PEFT adapter, if given, is merged into it."""
+def load_model(
+    spec: str,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    quantize: str = "none",
+    adapter_mode: str = "merge",
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer: the one loader every route (teacher, student, verify) takes.
+
+    `quantize` 8bit / 4bit loads the weights through bitsandbytes (CPU works) onto `device` (a
+    quantized model cannot be moved later; an unquantized one loads on the CPU and is moved by
+    whoever runs it). A PEFT adapter is merged into the weights, or attached as a separate LoRA
+    path: attaching keeps the base weights bit-identical to the files, as a quantized base needs
+    (merging LoRA deltas into int8/nf4 weights would round them away).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    _check_variant(adapter, dtype, quantize, adapter_mode)
     model_dir = resolve_model_dir(spec)
     from toolchain.models.registry import get_arch
 
@@ -159,13 +157,34 @@ def load_model(spec: str, adapter: str | None = None, dtype: str = "float32") ->
     from toolchain.models.file_checks import check_model_dir_weights
 
     check_model_dir_weights(model_dir)  # a truncated/corrupt file fails here with a clear message
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if quantize != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ModuleNotFoundError:
+            raise UserError(f"teacher.quantize: {quantize} needs bitsandbytes: pip install bitsandbytes") from None
+        kwargs.update(quantization_config=_bnb_config(quantize), device_map={"": device})
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)  # a PeftModel below when attached
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = _provenance(model_dir, adapter)
     if adapter:
-        model = merge_adapter(model, adapter)
+        model = merge_adapter(model, adapter) if adapter_mode == "merge" else attach_adapter(model, adapter)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta=meta)
+
+
+def _check_variant(adapter: str | None, dtype: str, quantize: str, adapter_mode: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if quantize not in QUANTIZE_MODES:
+        raise UserError(f"teacher.quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
+    if adapter_mode not in ADAPTER_MODES:
+        raise UserError(f"teacher.adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got '{adapter_mode}'")
+    if adapter and quantize != "none" and adapter_mode == "merge":
+        raise UserError(
+            f"a LoRA adapter cannot be merged into a {quantize} teacher without rounding it away; "
+            "set teacher.adapter_mode: attach (QLoRA-style) or teacher.quantize: none"
+        )
 
 
 def _provenance(model_dir: Path, adapter: str | None) -> dict:
@@ -194,6 +213,16 @@ def merge_adapter(model, adapter: str | os.PathLike):
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
+def attach_adapter(model, adapter: str | os.PathLike):
+    """Attach a PEFT (LoRA) adapter beside the frozen base weights (a PeftModel)."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter)
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, meta: dict) -> Path:
     """Save an HF safetensors directory atomically, with tokenizer and provenance."""
     with atomic_dir(out_dir) as tmp:
@@ -215,9 +244,6 @@ def count_params(model) -> int:
 
 # ---------------------------------------------------------------------------- teacher variants
 
-QUANTIZE_MODES = ("none", "8bit", "4bit")
-ADAPTER_MODES = ("merge", "attach")
-
 
 def _bnb_config(quantize: str):
     import torch
@@ -237,63 +263,14 @@ def load_teacher(
     adapter_mode: str = "merge",
     device: str = "cpu",
 ) -> LoadedModel:
-    """Load a teacher: plain (as `load_model`), 8-bit or 4-bit through bitsandbytes (CPU works),
-    with a PEFT adapter merged into the weights or attached as a separate LoRA path.
-
-    Attaching keeps the base weights bit-identical to the files (needed for a quantized base:
-    merging LoRA deltas into int8/nf4 weights would round them away). `meta["variant"]` records
-    what was loaded, so an offline teacher cache can tell two variants of the same files apart.
-    `device` is where a bitsandbytes-quantized teacher is loaded (it cannot be moved later);
-    an unquantized one loads on the CPU and is moved by whoever runs it.
-    """
-    if quantize not in QUANTIZE_MODES:
-        raise UserError(f"teacher.quantize must be one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
-    if adapter_mode not in ADAPTER_MODES:
-        raise UserError(f"teacher.adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got '{adapter_mode}'")
-    if adapter and quantize != "none" and adapter_mode == "merge":
-        raise UserError(
-            f"a LoRA adapter cannot be merged into a {quantize} teacher without rounding it away; "
-            "set teacher.adapter_mode: attach (QLoRA-style) or teacher.quantize: none"
-        )
+    """`load_model`, with `meta["variant"]` recording what was loaded, so an offline teacher cache
+    can tell two variants of the same files apart."""
+    loaded = load_model(spec, adapter, dtype, quantize, adapter_mode, device)
     variant = {"dtype": dtype, "quantize": quantize, "adapter_mode": adapter_mode if adapter else None}
-    if quantize == "none" and adapter_mode == "merge":
-        loaded = load_model(spec, adapter, dtype)
-        loaded.meta = {**loaded.meta, "variant": variant}
-        return loaded
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in _DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
-    model_dir = resolve_model_dir(spec)
-    from toolchain.models.registry import get_arch
-
-    config = json.loads((model_dir / "config.json").read_text())
-    get_arch(config.get("model_type", "?"))
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if quantize != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ModuleNotFoundError:
-            raise UserError(f"teacher.quantize: {quantize} needs bitsandbytes: pip install bitsandbytes") from None
-        kwargs.update(quantization_config=_bnb_config(quantize), device_map={"": device})
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)  # a PeftModel below with an adapter
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meta = _provenance(model_dir, adapter)
-    if adapter:
-        from peft import PeftModel
-
-        a = Path(adapter)
-        if not (a / "adapter_config.json").is_file():
-            raise UserError(f"{a} is not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, a)  # attached: LoRA runs beside the frozen base
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, meta={**meta, "variant": variant})
+    loaded.meta = {**loaded.meta, "variant": variant}
+    return loaded
 
 
 def teacher_from_config(t, device: str = "cpu") -> LoadedModel:
-    """`load_teacher` from a `TeacherConfig` (fields added later default like older configs)."""
-    return load_teacher(
-        t.model, t.adapter, t.dtype, getattr(t, "quantize", "none"), getattr(t, "adapter_mode", "merge"), device=device
-    )
+    """`load_teacher` from a `TeacherConfig`: every command and the pipeline load a teacher here."""
+    return load_teacher(t.model, t.adapter, t.dtype, t.quantize, t.adapter_mode, device=device)

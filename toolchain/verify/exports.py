@@ -7,11 +7,12 @@ import os
 
 from toolchain.config import DataConfig, VerifyConfig
 from toolchain.errors import VerificationError
+from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
 
-def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig, threads: int, data: DataConfig):
+def _quality_reference(model, tokenizer, exports: list[Artifact], cfg: VerifyConfig, threads: int, data: DataConfig):
     """(Scored reference, chunks) for the quality table: the F16 (else F32) GGUF, else torch."""
     from toolchain.verify.quality import heldout_chunks, llama_scored, torch_scored
 
@@ -36,7 +37,7 @@ def _quality_reference(model, tokenizer, exports: list[dict], cfg: VerifyConfig,
 
 def verify_exports(
     model_dir: str | os.PathLike,
-    exports: list[dict],
+    exports: list[Artifact],
     cfg: VerifyConfig,
     threads: int = 0,
     data: DataConfig | None = None,
