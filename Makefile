@@ -8,6 +8,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 OUT     ?= runs/quickstart
+# test processes (pytest-xdist): one per core, at most 4 (the real-model tests take GBs each);
+# a file's tests stay in one process, so its module fixtures are built once
+WORKERS ?= auto
+PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --maxprocesses=4 --dist loadfile
 
 .PHONY: setup demo test test-fast lint compare clean
 
@@ -30,11 +34,11 @@ demo: setup
 	$(BIN)/toolchain run examples/quickstart.yaml --out $(OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # the edit loop: tiny random models only (no real-model end-to-end tests), stop at the first failure
 test-fast: setup
-	$(BIN)/python -m pytest -q -x -m "not slow" tests
+	$(PYTEST) -x -m "not slow" tests
 
 # lint, format and types; CI runs it before the tests
 lint: setup

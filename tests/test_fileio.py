@@ -50,3 +50,25 @@ def test_check_writable_dir(tmp_path):
                 check_writable_dir(ro / "run")
     finally:
         ro.chmod(0o700)
+
+
+def test_exclusive_lock_serialises_processes(tmp_path):
+    """Two processes in the same locked block never interleave (the cache's GGUF conversion)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    code = (
+        "import sys, time\n"
+        "from toolchain.fileio import exclusive_lock\n"
+        f"with exclusive_lock({str(tmp_path / 'x.lock')!r}):\n"
+        f"    open({str(log)!r}, 'a').write(sys.argv[1] + '-in\\n')\n"
+        "    time.sleep(0.4)\n"
+        f"    open({str(log)!r}, 'a').write(sys.argv[1] + '-out\\n')\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, name]) for name in ("a", "b")]
+    assert [p.wait() for p in procs] == [0, 0]
+    lines = log.read_text().split()
+    assert sorted(lines) == ["a-in", "a-out", "b-in", "b-out"]
+    first = lines[0][0]
+    assert lines[:2] == [f"{first}-in", f"{first}-out"]  # the second entered only after the first left

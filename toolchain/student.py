@@ -69,8 +69,10 @@ def _angular_distances(model, calib: torch.Tensor) -> list[float]:
 
     hidden_states holds the embeddings, then each block's output, the last one after the
     final norm; the last block is never a candidate, so its (normed) entry is not compared.
+    The decoder body is run without the LM head: its logits are not needed, and with a 262k
+    vocabulary (Gemma 3) they cost more than all the blocks.
     """
-    hs = model(calib, output_hidden_states=True, use_cache=False).hidden_states
+    hs = model.get_decoder()(calib, output_hidden_states=True, use_cache=False).hidden_states
     n = len(hs) - 1
     dists = []
     for i in range(n - 1):

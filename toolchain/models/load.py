@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.errors import UserError
-from toolchain.fileio import atomic_dir, cache_dir
+from toolchain.fileio import atomic_dir, cache_dir, exclusive_lock
 from toolchain.models.bundled import BUNDLED, bundled_path
 from toolchain.models.provenance import file_sha256, is_hub_id, model_dir_sha256, public_meta, public_name
 
@@ -105,7 +105,9 @@ def _cached_gguf_conversion(gguf_path: Path, meta: dict | None = None) -> Path:
     key = _content_key(gguf_path.resolve(), st.st_size, st.st_mtime_ns)
     out = cache_dir() / "gguf-hf" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
-        gguf_to_hf(gguf_path, out, meta)
+        with exclusive_lock(out.with_name(out.name + ".lock")):  # another process may be converting it
+            if not (out / "config.json").is_file():
+                gguf_to_hf(gguf_path, out, meta)
     return out
 
 
