@@ -92,12 +92,8 @@ def _bench_table(report: dict, bench: list[dict]) -> list[str]:
     return lines
 
 
-def render(report: dict) -> str:
-    t, s, d = report.get("teacher", {}), report.get("student", {}), report.get("distill", {})
-    lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
-    lines += [f"toolchain {report.get('toolchain_version')} · {report.get('created')}", ""]
-
-    lines += ["## Models", ""]
+def _models_section(t: dict, s: dict) -> list[str]:
+    lines = ["## Models", ""]
     lines += _table(
         ["model", "params", "size (fp32 safetensors)", "layers"],
         [
@@ -115,75 +111,102 @@ def render(report: dict) -> str:
             ],
         ],
     )
+    return lines
 
-    if d.get("diverged"):
-        best, last = d.get("best") or {}, d.get("last") or {}
-        lines += ["## Distillation: stopped, diverged", "", f"{d.get('reason')}.", ""]
-        lines += _table(
-            ["", "step", "held-out KL", "held-out CE"],
-            [
-                ["best", str(best.get("step", "-")), _f(best.get("kl")), _f(best.get("ce"))],
-                ["last", str(last.get("step", "-")), _f(last.get("kl")), _f(last.get("ce"))],
-            ],
-        )
-        if d.get("best_student"):
-            lines += [f"Best student kept in `{d['best_student']}`.", ""]
-    elif d:
-        b, a = d.get("before", {}), d.get("after", {})
-        lines += ["## Distillation (held-out text)", ""]
+
+def _diverged_section(d: dict) -> list[str]:
+    best, last = d.get("best") or {}, d.get("last") or {}
+    lines = ["## Distillation: stopped, diverged", "", f"{d.get('reason')}.", ""]
+    lines += _table(
+        ["", "step", "held-out KL", "held-out CE"],
+        [
+            ["best", str(best.get("step", "-")), _f(best.get("kl")), _f(best.get("ce"))],
+            ["last", str(last.get("step", "-")), _f(last.get("kl")), _f(last.get("ce"))],
+        ],
+    )
+    if d.get("best_student"):
+        lines += [f"Best student kept in `{d['best_student']}`.", ""]
+    return lines
+
+
+def _distilled_section(d: dict) -> list[str]:
+    b, a = d.get("before", {}), d.get("after", {})
+    lines = ["## Distillation (held-out text)", ""]
+    lines += [
+        f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
+        f"loss = {d.get('alpha')}·CE + {1 - d.get('alpha', 0):.2g}·T²·KL, T = {d.get('temperature')}",
+        "",
+    ]
+    lines += _table(
+        ["metric", "before", "after"],
+        [
+            ["student CE (nats/token)", _f(b.get("ce")), _f(a.get("ce"))],
+            ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
+            ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
+            ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
+        ],
+    )
+    best = d.get("best") or {}
+    if best.get("step") is not None:
         lines += [
-            f"{d.get('steps')} steps, {d.get('tokens')} tokens, {_f(d.get('tokens_per_s'), '.0f')} tokens/s; "
-            f"loss = {d.get('alpha')}·CE + {1 - d.get('alpha', 0):.2g}·T²·KL, T = {d.get('temperature')}",
+            f"Lowest held-out KL at step {best['step']} ({_f(best.get('kl'))}); the saved student is "
+            f"step {d.get('last_step', d.get('steps'))}'s.",
             "",
         ]
-        lines += _table(
-            ["metric", "before", "after"],
-            [
-                ["student CE (nats/token)", _f(b.get("ce")), _f(a.get("ce"))],
-                ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
-                ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
-                ["teacher CE (reference)", _f(d.get("teacher_ce")), _f(d.get("teacher_ce"))],
-            ],
+    return lines
+
+
+def _distill_section(d: dict) -> list[str]:
+    if d.get("diverged"):
+        return _diverged_section(d)
+    return _distilled_section(d) if d else []
+
+
+def _export_parity(e: dict) -> str:
+    p = e.get("parity", {})
+    if e["format"] == "gguf":
+        return (
+            f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
+            f"greedy {_f(p.get('greedy_agreement'), '.0%')}"
         )
-        best = d.get("best") or {}
-        if best.get("step") is not None:
-            lines += [
-                f"Lowest held-out KL at step {best['step']} ({_f(best.get('kl'))}); the saved student is "
-                f"step {d.get('last_step', d.get('steps'))}'s.",
-                "",
+    parity = f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
+    if "top1_agreement" in p:  # int8/int4 are judged on choices, not absolute logits
+        parity += f", top-1 {_f(p.get('top1_agreement'), '.1%')}, mean KL {_f(p.get('mean_kl'), '.2e')}"
+    return parity
+
+
+def _exports_section(ex: list[dict]) -> list[str]:
+    lines = ["## Exports and parity with the torch model", ""]
+    rows = []
+    for e in ex:
+        p = e.get("parity", {})
+        rows.append(
+            [
+                e["format"],
+                e["quant"],
+                _mb(e.get("bytes")),
+                _export_parity(e) if p else "not verified",
+                "pass" if p.get("passed") else ("-" if not p else "FAIL"),
+                f"`{e['sha256'][:12]}`",
             ]
+        )
+    lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
+    sample = next((e.get("sample") for e in ex if e.get("sample")), None)
+    if sample:
+        lines += ["Sample (greedy, llama.cpp):", "", "```", sample["prompt"] + sample["llama_cpp"], "```", ""]
+    return lines
+
+
+def render(report: dict) -> str:
+    t, s, d = report.get("teacher", {}), report.get("student", {}), report.get("distill", {})
+    lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
+    lines += [f"toolchain {report.get('toolchain_version')} · {report.get('created')}", ""]
+    lines += _models_section(t, s)
+    lines += _distill_section(d)
 
     ex = report.get("exports", [])
     if ex:
-        lines += ["## Exports and parity with the torch model", ""]
-        rows = []
-        for e in ex:
-            p = e.get("parity", {})
-            if e["format"] == "gguf":
-                parity = (
-                    f"tokenizer {_f(p.get('tokenizer_parity'), '.0%')}, logit NMSE {_f(p.get('nmse_max'), '.2e')}, "
-                    f"greedy {_f(p.get('greedy_agreement'), '.0%')}"
-                )
-            else:
-                parity = (
-                    f"max abs Δlogit {_f(p.get('max_abs_diff'), '.2e')}, greedy {_f(p.get('greedy_agreement'), '.0%')}"
-                )
-                if "top1_agreement" in p:  # int8/int4 are judged on choices, not absolute logits
-                    parity += f", top-1 {_f(p.get('top1_agreement'), '.1%')}, mean KL {_f(p.get('mean_kl'), '.2e')}"
-            rows.append(
-                [
-                    e["format"],
-                    e["quant"],
-                    _mb(e.get("bytes")),
-                    parity if p else "not verified",
-                    "pass" if p.get("passed") else ("-" if not p else "FAIL"),
-                    f"`{e['sha256'][:12]}`",
-                ]
-            )
-        lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
-        sample = next((e.get("sample") for e in ex if e.get("sample")), None)
-        if sample:
-            lines += ["Sample (greedy, llama.cpp):", "", "```", sample["prompt"] + sample["llama_cpp"], "```", ""]
+        lines += _exports_section(ex)
 
     bench = report.get("bench", [])
     if bench:

@@ -17,6 +17,7 @@ A failure raises VerificationError whose message carries every figure and thresh
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from toolchain.config import DataConfig
 from toolchain.errors import VerificationError
 from toolchain.runtime.llama import open_llama
 from toolchain.verify.metrics import greedy_figures, nmse
-from toolchain.verify.reference import LABELS, Reference, rounding_for
+from toolchain.verify.reference import LABELS, PromptReference, Reference, rounding_for
 
 
 def threshold(table: dict, type_name: str):
@@ -136,6 +137,114 @@ def _failures(result: dict, mismatched: list[str]) -> list[str]:
     return out
 
 
+@dataclass
+class _LlamaRun:
+    """What llama.cpp made of the parity texts and of the reference prompts."""
+
+    texts: list[str]
+    mismatched: list[str]
+    prompt_nmse: list[float]
+    step_nmse: list[float]
+    choices: list[np.ndarray]
+
+
+def _torch_reference(
+    model_dir: str | os.PathLike,
+    prompts: list[str],
+    greedy_tokens: int,
+    model,
+    tokenizer,
+    reference: Reference | None,
+):
+    """The tokenizer and a Reference for these prompts, loading or computing only what is missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if reference is None or not reference.matches(prompts, greedy_tokens):
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        reference = Reference(model, tokenizer, prompts, greedy_tokens)
+    return tokenizer, reference
+
+
+def _run_llama(
+    gguf_path: str | os.PathLike,
+    tokenizer,
+    prompts: list[str],
+    refs: list[PromptReference],
+    greedy_tokens: int,
+    threads: int,
+) -> _LlamaRun:
+    texts = parity_texts(prompts)
+    longest = max(len(tokenizer(t).input_ids) for t in texts)
+    n_ctx = max(512, longest + greedy_tokens + 8)
+    with open_llama(gguf_path, n_ctx=n_ctx, threads=threads) as llm:
+        mismatched = _tokenizer_mismatches(llm, tokenizer, texts)
+        prompt_nmse, step_nmse, choices = [], [], []
+        for ref in refs:
+            prompt, chose = _llama_logits(llm, ref)
+            prompt_nmse.append(nmse(prompt, ref.prompt_logits))
+            if len(ref.step_logits):
+                step_nmse.append(nmse(chose[1:], ref.step_logits))
+            choices.append(chose)
+    return _LlamaRun(texts, mismatched, prompt_nmse, step_nmse, choices)
+
+
+def _result(
+    run: _LlamaRun,
+    refs: list[PromptReference],
+    reference: Reference,
+    tokenizer,
+    gguf_path: str | os.PathLike,
+    type_name: str,
+    rounding: str,
+    greedy_tokens: int,
+    thresholds: dict,
+) -> dict:
+    step_nmse = run.step_nmse
+    return {
+        "format": "gguf",
+        "quant": type_name,
+        "path": str(gguf_path),
+        "reference": LABELS[rounding],
+        "tokenizer_parity": 1.0 - len(run.mismatched) / len(run.texts),
+        "tokenizer_texts": len(run.texts),
+        "nmse_mean": float(np.mean(run.prompt_nmse)),
+        "nmse_max": float(np.max(run.prompt_nmse)),
+        "decode_nmse_mean": float(np.mean(step_nmse)) if step_nmse else None,
+        "decode_nmse_max": float(np.max(step_nmse)) if step_nmse else None,
+        **greedy_figures([r.choice_logits for r in refs], run.choices),
+        "greedy_tokens": greedy_tokens,
+        "prompts": len(refs),
+        "sample": {
+            "prompt": reference.prompts[0],
+            "llama_cpp": tokenizer.decode([int(t) for t in run.choices[0].argmax(-1)]),
+            "torch": tokenizer.decode(refs[0].greedy),
+        },
+        "thresholds": thresholds,
+    }
+
+
+def _add_quality(
+    result: dict,
+    gguf_path: str | os.PathLike,
+    type_name: str,
+    threads: int,
+    quality_reference,
+    quality_chunks: list[list[int]],
+    quality_limits: dict | None,
+) -> None:
+    from toolchain.verify.quality import compare, llama_scored
+
+    q = compare(quality_reference, llama_scored(gguf_path, quality_chunks, threads))
+    q["reference"] = getattr(quality_reference, "label", None)
+    result["quality"] = q
+    for key in ("max_ppl_ratio", "max_mean_kld", "min_top1_agreement"):
+        result["thresholds"][key] = threshold((quality_limits or {}).get(key) or {}, type_name)
+
+
 def verify_gguf(
     model_dir: str | os.PathLike,
     gguf_path: str | os.PathLike,
@@ -159,64 +268,18 @@ def verify_gguf(
     against `quality_limits` ({"max_ppl_ratio": {...}, "max_mean_kld": {...},
     "min_top1_agreement": {...}}, each per type with a "default").
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if reference is None or not reference.matches(prompts, greedy_tokens):
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        reference = Reference(model, tokenizer, prompts, greedy_tokens)
+    tokenizer, reference = _torch_reference(model_dir, prompts, greedy_tokens, model, tokenizer, reference)
     rounding = rounding_for("gguf", type_name)
     refs = reference.get(rounding)
-    texts = parity_texts(prompts)
-    longest = max(len(tokenizer(t).input_ids) for t in texts)
-    n_ctx = max(512, longest + greedy_tokens + 8)
-    with open_llama(gguf_path, n_ctx=n_ctx, threads=threads) as llm:
-        mismatched = _tokenizer_mismatches(llm, tokenizer, texts)
-        prompt_nmse, step_nmse, choices = [], [], []
-        for ref in refs:
-            prompt, chose = _llama_logits(llm, ref)
-            prompt_nmse.append(nmse(prompt, ref.prompt_logits))
-            if len(ref.step_logits):
-                step_nmse.append(nmse(chose[1:], ref.step_logits))
-            choices.append(chose)
-    greedy = greedy_figures([r.choice_logits for r in refs], choices)
-    first = refs[0]
-    result = {
-        "format": "gguf",
-        "quant": type_name,
-        "path": str(gguf_path),
-        "reference": LABELS[rounding],
-        "tokenizer_parity": 1.0 - len(mismatched) / len(texts),
-        "tokenizer_texts": len(texts),
-        "nmse_mean": float(np.mean(prompt_nmse)),
-        "nmse_max": float(np.max(prompt_nmse)),
-        "decode_nmse_mean": float(np.mean(step_nmse)) if step_nmse else None,
-        "decode_nmse_max": float(np.max(step_nmse)) if step_nmse else None,
-        **greedy,
-        "greedy_tokens": greedy_tokens,
-        "prompts": len(refs),
-        "sample": {
-            "prompt": reference.prompts[0],
-            "llama_cpp": tokenizer.decode([int(t) for t in choices[0].argmax(-1)]),
-            "torch": tokenizer.decode(first.greedy),
-        },
-        "thresholds": {
-            "max_nmse": threshold(max_nmse, type_name),
-            "min_greedy_agreement": threshold(min_greedy_agreement, type_name),
-        },
+    run = _run_llama(gguf_path, tokenizer, prompts, refs, greedy_tokens, threads)
+    thresholds = {
+        "max_nmse": threshold(max_nmse, type_name),
+        "min_greedy_agreement": threshold(min_greedy_agreement, type_name),
     }
+    result = _result(run, refs, reference, tokenizer, gguf_path, type_name, rounding, greedy_tokens, thresholds)
     if quality_reference is not None and quality_chunks:
-        from toolchain.verify.quality import compare, llama_scored
-
-        q = compare(quality_reference, llama_scored(gguf_path, quality_chunks, threads))
-        q["reference"] = getattr(quality_reference, "label", None)
-        result["quality"] = q
-        for key in ("max_ppl_ratio", "max_mean_kld", "min_top1_agreement"):
-            result["thresholds"][key] = threshold((quality_limits or {}).get(key) or {}, type_name)
-    failures = _failures(result, mismatched)
+        _add_quality(result, gguf_path, type_name, threads, quality_reference, quality_chunks, quality_limits)
+    failures = _failures(result, run.mismatched)
     result["passed"] = not failures
     if failures:
         raise VerificationError(

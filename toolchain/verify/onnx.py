@@ -22,6 +22,7 @@ What decides `passed` depends on the export's precision (model_info.json):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from toolchain.errors import UserError, VerificationError
 from toolchain.runtime.onnx_decoder import OnnxDecoder
 from toolchain.verify.metrics import compare_rows, greedy_figures
-from toolchain.verify.reference import LABELS, Reference, rounding_for
+from toolchain.verify.reference import LABELS, PromptReference, Reference, rounding_for
 
 DEFAULT_MIN_TOP1 = {"int8": 0.95, "int4": 0.90}
 DEFAULT_MAX_KL = {"int8": 0.05, "int4": 0.25}
@@ -65,6 +66,94 @@ def describe(r: dict) -> str:
     )
 
 
+def _torch_reference(
+    model_dir: str | os.PathLike, prompts: list[str], greedy_tokens: int, model, tokenizer, reference: Reference | None
+) -> Reference:
+    """`reference` if it is for these prompts, else one computed from `model_dir` (loading only what is missing)."""
+    if reference is not None and reference.matches(prompts, greedy_tokens):
+        return reference
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return Reference(model, tokenizer, prompts, greedy_tokens)
+
+
+@dataclass
+class _Comparison:
+    """The export's figures against torch, pooled over every prompt and kept per prompt."""
+
+    worst: float = 0.0
+    top1: list[bool] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    choices: list[np.ndarray] = field(default_factory=list)
+    prefixes: list[int] = field(default_factory=list)
+    per_prompt: list[dict] = field(default_factory=list)
+
+
+def _compare(decoder: OnnxDecoder, refs: list[PromptReference]) -> _Comparison:
+    c = _Comparison()
+    for ref in refs:
+        prompt, chose = _onnx_logits(decoder, ref)
+        d1, t1, k1 = compare_rows(prompt, ref.prompt_logits)
+        d2, t2, k2 = compare_rows(chose[1:], ref.step_logits) if len(ref.step_logits) else (0.0, [], [])
+        c.worst = max(c.worst, d1, d2)
+        c.top1 += t1 + t2
+        c.kls += k1 + k2
+        c.choices.append(chose)
+        c.prefixes.append(_same_prefix([int(t) for t in chose.argmax(-1)], ref.greedy))
+        c.per_prompt.append(
+            {
+                "n_tokens": len(ref.ids),
+                "max_abs_diff": max(d1, d2),
+                "generate_prefix": c.prefixes[-1],
+                "top1_agreement": float(np.mean(t1 + t2)),
+                "mean_kl": float(np.mean(k1 + k2)),
+            }
+        )
+    return c
+
+
+def _result(
+    c: _Comparison, decoder: OnnxDecoder, refs: list[PromptReference], precision: str, rounding: str, greedy_tokens: int
+) -> dict:
+    return {
+        "format": "onnx",
+        "quant": precision,
+        "reference": LABELS[rounding],
+        "max_abs_diff": c.worst,
+        "top1_agreement": float(np.mean(c.top1)),
+        "mean_kl": float(np.mean(c.kls)),
+        "max_kl": float(np.max(c.kls)),
+        "positions": len(c.top1),
+        **greedy_figures([r.choice_logits for r in refs], c.choices),
+        "generate_prefix": float(np.mean([p / greedy_tokens for p in c.prefixes])),
+        "app_loop_prefix": _generate_prefix(decoder, refs[0]) / greedy_tokens,
+        "first_prompt_prefix": c.prefixes[0] / greedy_tokens,
+        "greedy_tokens": greedy_tokens,
+        "prompts": len(refs),
+        "per_prompt": c.per_prompt,
+    }
+
+
+def _judge(result: dict, precision: str, checks: dict) -> None:
+    """Record the thresholds and the verdict in `result`; raise VerificationError if a check fails."""
+    result["thresholds"] = {name: limit for name, (_, _, limit) in checks.items()}
+    failed = [
+        f"{name} {value:.3g} {op} {limit:g}"
+        for name, (value, op, limit) in checks.items()
+        if not (value <= limit if op == ">" else value >= limit)
+    ]
+    result["passed"] = not failed
+    if failed:
+        raise VerificationError(
+            f"ONNX {precision} export FAILED: {', '.join(failed)}. Figures: {describe(result)}", result
+        )
+
+
 def verify_onnx(
     model_dir: str | os.PathLike,
     onnx_dir: str | Path,
@@ -88,57 +177,12 @@ def verify_onnx(
         raise UserError("verify_onnx needs at least one prompt")
     if greedy_tokens < 1:
         raise UserError(f"greedy_tokens must be >= 1, got {greedy_tokens}")
-    if reference is None or not reference.matches(prompts, greedy_tokens):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        reference = Reference(model, tokenizer, prompts, greedy_tokens)
+    reference = _torch_reference(model_dir, prompts, greedy_tokens, model, tokenizer, reference)
     decoder = OnnxDecoder(onnx_dir, threads=threads)
     precision = decoder.info.get("precision", "fp32")
     rounding = rounding_for("onnx", precision)
     refs = reference.get(rounding)
-
-    worst, top1, kls, choices, prefixes, per_prompt = 0.0, [], [], [], [], []
-    for ref in refs:
-        prompt, chose = _onnx_logits(decoder, ref)
-        d1, t1, k1 = compare_rows(prompt, ref.prompt_logits)
-        d2, t2, k2 = compare_rows(chose[1:], ref.step_logits) if len(ref.step_logits) else (0.0, [], [])
-        worst = max(worst, d1, d2)
-        top1 += t1 + t2
-        kls += k1 + k2
-        choices.append(chose)
-        prefixes.append(_same_prefix([int(t) for t in chose.argmax(-1)], ref.greedy))
-        per_prompt.append(
-            {
-                "n_tokens": len(ref.ids),
-                "max_abs_diff": max(d1, d2),
-                "generate_prefix": prefixes[-1],
-                "top1_agreement": float(np.mean(t1 + t2)),
-                "mean_kl": float(np.mean(k1 + k2)),
-            }
-        )
-
-    result = {
-        "format": "onnx",
-        "quant": precision,
-        "reference": LABELS[rounding],
-        "max_abs_diff": worst,
-        "top1_agreement": float(np.mean(top1)),
-        "mean_kl": float(np.mean(kls)),
-        "max_kl": float(np.max(kls)),
-        "positions": len(top1),
-        **greedy_figures([r.choice_logits for r in refs], choices),
-        "generate_prefix": float(np.mean([p / greedy_tokens for p in prefixes])),
-        "app_loop_prefix": _generate_prefix(decoder, refs[0]) / greedy_tokens,
-        "first_prompt_prefix": prefixes[0] / greedy_tokens,
-        "greedy_tokens": greedy_tokens,
-        "prompts": len(refs),
-        "per_prompt": per_prompt,
-    }
+    result = _result(_compare(decoder, refs), decoder, refs, precision, rounding, greedy_tokens)
     checks = _checks(
         result,
         precision,
@@ -147,17 +191,7 @@ def verify_onnx(
         {**DEFAULT_MIN_TOP1, **(min_top1 or {})},
         {**DEFAULT_MAX_KL, **(max_kl or {})},
     )
-    result["thresholds"] = {name: limit for name, (_, _, limit) in checks.items()}
-    failed = [
-        f"{name} {value:.3g} {op} {limit:g}"
-        for name, (value, op, limit) in checks.items()
-        if not (value <= limit if op == ">" else value >= limit)
-    ]
-    result["passed"] = not failed
-    if failed:
-        raise VerificationError(
-            f"ONNX {precision} export FAILED: {', '.join(failed)}. Figures: {describe(result)}", result
-        )
+    _judge(result, precision, checks)
     return result
 
 
