@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,6 +143,110 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+@dataclass
+class _Layout:
+    """What a build stores, fixed by the blocks and the teacher before any shard is written."""
+
+    k: int
+    vocab: int  # the rows the top-k is taken over: the tokenizer's, not the embedding padding
+    id_dtype: torch.dtype
+    shard_blocks: int
+    n_shards: int
+
+
+def _cache_vocab(teacher, tokenizer, k: int, n: int) -> int:
+    """The vocabulary size the cache covers, once k and the block count are known to be usable."""
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    vocab = min(rows, len(tokenizer))
+    if not 0 < k <= vocab:
+        raise UserError(f"cache top-k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if n == 0:
+        raise UserError("no training blocks to cache; use more text or a smaller data.seq_len")
+    return vocab
+
+
+def _begin_build(out: Path, fp: dict) -> dict | None:
+    """The manifest when the cache in `out` is complete already; else None, with the build in
+    progress recorded (a fresh one) or checked against this run (an interrupted one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        check_fingerprint(manifest["fingerprint"], fp, out)
+        log.info("teacher cache %s is complete already", out)
+        return manifest
+    state = out / BUILD_STATE
+    if state.is_file():
+        check_fingerprint(json.loads(state.read_text())["fingerprint"], fp, out)
+    else:
+        write_json(state, {"fingerprint": fp})
+    return None
+
+
+def _write_shard(teacher, part: torch.Tensor, layout: _Layout, batch_size: int, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    vals, ids = [], []
+    for i in range(0, len(part), batch_size):
+        v, j = teacher_topk(teacher, part[i : i + batch_size, :-1], layout.k, layout.vocab)
+        vals.append(v.half())
+        ids.append(j.to(layout.id_dtype))
+    tensors = {
+        "tokens": part.to(layout.id_dtype).contiguous(),
+        "topk_ids": torch.cat(ids).contiguous(),
+        "topk_logprobs": torch.cat(vals).contiguous(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _write_shards(
+    teacher,
+    blocks: torch.Tensor,
+    out: Path,
+    layout: _Layout,
+    batch_size: int,
+    progress: bool,
+    stop_after_shards: int | None,
+) -> None:
+    """Every shard not on disk yet, in order."""
+    from tqdm.auto import tqdm
+
+    built = 0
+    bar = tqdm(total=layout.n_shards, desc="teacher cache", unit="shard", disable=not progress)
+    for s in range(layout.n_shards):
+        bar.update(1)
+        path = out / _shard_name(s)
+        if path.is_file():
+            continue  # written whole by an earlier, interrupted build
+        if stop_after_shards is not None and built >= stop_after_shards:
+            raise KeyboardInterrupt(f"stopped after {built} shards (test hook)")
+        part = blocks[s * layout.shard_blocks : (s + 1) * layout.shard_blocks]
+        _write_shard(teacher, part, layout, batch_size, path)
+        built += 1
+    bar.close()
+
+
+def _manifest(fp: dict, out: Path, blocks: torch.Tensor, layout: _Layout, seconds: float) -> dict:
+    n, width = blocks.shape
+    seq_len = width - 1
+    shard_bytes = sum((out / _shard_name(s)).stat().st_size for s in range(layout.n_shards))
+    return {
+        "fingerprint": fp,
+        "blocks": n,
+        "seq_len": seq_len,
+        "k": layout.k,
+        "vocab": layout.vocab,
+        "shard_blocks": layout.shard_blocks,
+        "shards": [_shard_name(s) for s in range(layout.n_shards)],
+        "id_dtype": str(layout.id_dtype).removeprefix("torch."),
+        "logprob_dtype": "float16",
+        "bytes": shard_bytes,
+        # per position a loss is computed on (n * seq_len), the input token included
+        "bytes_per_token": shard_bytes / (n * seq_len),
+        "build_seconds": round(seconds, 2),  # this invocation only (resumed builds: the remainder)
+    }
+
+
 def build_cache(
     teacher,
     tokenizer,
@@ -160,80 +265,19 @@ def build_cache(
     `bytes_per_token` and `build_seconds`). Rerunning after an interruption keeps the shards
     already written; `stop_after_shards` exists so tests can interrupt a build deterministically.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     n, width = blocks.shape
-    seq_len = width - 1
-    rows = teacher.get_output_embeddings().weight.shape[0]
-    vocab = min(rows, len(tokenizer))
-    if not 0 < k <= vocab:
-        raise UserError(f"cache top-k must be between 1 and the vocabulary size {vocab}, got {k}")
-    if n == 0:
-        raise UserError("no training blocks to cache; use more text or a smaller data.seq_len")
-    fp = fingerprint(teacher_id, vocab_digest(tokenizer), data_digest(blocks), k, seq_len)
-
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
-        check_fingerprint(manifest["fingerprint"], fp, out)
-        log.info("teacher cache %s is complete already", out)
+    vocab = _cache_vocab(teacher, tokenizer, k, n)
+    fp = fingerprint(teacher_id, vocab_digest(tokenizer), data_digest(blocks), k, width - 1)
+    if (manifest := _begin_build(out, fp)) is not None:
         return manifest
-    state = out / BUILD_STATE
-    if state.is_file():
-        check_fingerprint(json.loads(state.read_text())["fingerprint"], fp, out)
-    else:
-        write_json(state, {"fingerprint": fp})
-
-    id_dtype = _id_dtype(vocab)
-    n_shards = (n + shard_blocks - 1) // shard_blocks
+    layout = _Layout(k, vocab, _id_dtype(vocab), shard_blocks, (n + shard_blocks - 1) // shard_blocks)
     teacher.eval()
     t0 = time.perf_counter()
-    built = 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_shards, desc="teacher cache", unit="shard", disable=not progress)
-    for s in range(n_shards):
-        bar.update(1)
-        path = out / _shard_name(s)
-        if path.is_file():
-            continue  # written whole by an earlier, interrupted build
-        if stop_after_shards is not None and built >= stop_after_shards:
-            raise KeyboardInterrupt(f"stopped after {built} shards (test hook)")
-        part = blocks[s * shard_blocks : (s + 1) * shard_blocks]
-        vals, ids = [], []
-        for i in range(0, len(part), batch_size):
-            v, j = teacher_topk(teacher, part[i : i + batch_size, :-1], k, vocab)
-            vals.append(v.half())
-            ids.append(j.to(id_dtype))
-        tensors = {
-            "tokens": part.to(id_dtype).contiguous(),
-            "topk_ids": torch.cat(ids).contiguous(),
-            "topk_logprobs": torch.cat(vals).contiguous(),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
-        built += 1
-    bar.close()
-    seconds = time.perf_counter() - t0
-    shard_bytes = sum((out / _shard_name(s)).stat().st_size for s in range(n_shards))
-    manifest = {
-        "fingerprint": fp,
-        "blocks": n,
-        "seq_len": seq_len,
-        "k": k,
-        "vocab": vocab,
-        "shard_blocks": shard_blocks,
-        "shards": [_shard_name(s) for s in range(n_shards)],
-        "id_dtype": str(id_dtype).removeprefix("torch."),
-        "logprob_dtype": "float16",
-        "bytes": shard_bytes,
-        # per position a loss is computed on (n * seq_len), the input token included
-        "bytes_per_token": shard_bytes / (n * seq_len),
-        "build_seconds": round(seconds, 2),  # this invocation only (resumed builds: the remainder)
-    }
+    _write_shards(teacher, blocks, out, layout, batch_size, progress, stop_after_shards)
+    manifest = _manifest(fp, out, blocks, layout, time.perf_counter() - t0)
     write_json(out / MANIFEST, manifest)
-    state.unlink(missing_ok=True)
+    (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
 
 

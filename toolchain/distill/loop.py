@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,20 +38,18 @@ from toolchain.devices.parallel import (
 )
 from toolchain.devices.placement import model_device, place, resolve_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
-from toolchain.distill.evaluate import evaluate
 from toolchain.distill.guard import DivergenceGuard, resolve_eval_every
 from toolchain.distill.head import final_hidden, plain_output_weight
 from toolchain.distill.head_loss import fused_head_loss
 from toolchain.distill.hidden import HiddenMatcher
 from toolchain.distill.losses import LossSpec, SparseTeacher, chunked_loss
-from toolchain.distill.onpolicy import eos_token_ids, is_on_policy, on_policy_batch
+from toolchain.distill.onpolicy import eos_token_ids
+from toolchain.distill.session import BatchFn, RunSetup, Session, Throughput
 from toolchain.distill.state import CHECKPOINT, TrainState, load_checkpoint, nonfinite_message, save_checkpoint
 from toolchain.distill.tuning import keep_freed_memory
 from toolchain.errors import UserError
 
 log = logging.getLogger(__name__)
-
-BatchFn = Callable[[int], Batch]
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -172,21 +168,7 @@ def check_requirements(teacher, cfg: DistillConfig) -> None:
         )
 
 
-@dataclass
-class _Setup:
-    """The run's fixed parts, built once: where it runs, what trains, how."""
-
-    device: torch.device
-    home: torch.device  # where the caller gets the student back (saving, LoRA merge)
-    spec: LossSpec
-    hidden: HiddenMatcher | None
-    params: list
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    autocast: torch.autocast
-
-
-def _setup(teacher, student, cfg: DistillConfig, layer_map) -> _Setup:
+def _setup(teacher, student, cfg: DistillConfig, layer_map) -> RunSetup:
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -219,10 +201,10 @@ def _setup(teacher, student, cfg: DistillConfig, layer_map) -> _Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps))
     # bf16 autocast runs the matmuls in bf16 (AVX-512 BF16 / AMX CPUs, CUDA); losses stay fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    return _Setup(device, home, loss_spec(cfg), hidden, params, optimizer, scheduler, autocast)
+    return RunSetup(device, home, loss_spec(cfg), hidden, params, optimizer, scheduler, autocast)
 
 
-def _train_step(student, teacher, batches: list[Batch], run: _Setup, cfg: DistillConfig, par: Parallel) -> dict:
+def _train_step(student, teacher, batches: list[Batch], run: RunSetup, cfg: DistillConfig, par: Parallel) -> dict:
     """One optimizer step over the step's micro-batches; the step's figures (not yet applied
     when the loss or gradient norm is not finite: the caller stops)."""
     # token-weighted over the whole step (all processes): each micro-batch is divided by the
@@ -246,6 +228,102 @@ def _train_step(student, teacher, batches: list[Batch], run: _Setup, cfg: Distil
         run.optimizer.step()
         run.scheduler.step()
     return figures
+
+
+def _start_session(
+    teacher,
+    student,
+    batch_fn: BatchFn,
+    heldout,
+    cfg: DistillConfig,
+    work_dir: Path,
+    run: RunSetup,
+    par: Parallel,
+    progress: bool,
+) -> Session:
+    """The loop's shared parts, its state fresh or resumed from the checkpoint in work_dir."""
+    ckpt_path = work_dir / CHECKPOINT
+    guard = DivergenceGuard(cfg.divergence_ratio)
+    eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
+    state = TrainState()
+    if ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, student, run.optimizer, run.scheduler, run.hidden, guard, par)
+        log.info("resuming distillation from step %d (%s)", state.step, ckpt_path)
+    eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
+    # the same weights everywhere (the processes stay equal: they apply the same summed gradients)
+    broadcast_parameters(par, student)
+    if run.hidden is not None:
+        broadcast_parameters(par, run.hidden)
+    eos = eos_token_ids(student)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", disable=not (progress and par.main), unit="step")
+    return Session(teacher, student, batch_fn, eval_sets, cfg, par, run, ckpt_path, guard, eval_every, state, eos, bar)
+
+
+def _train_steps(session: Session) -> Throughput:
+    """The steps from the state's step to cfg.steps, with their evaluations and checkpoints."""
+    cfg, par, state = session.cfg, session.par, session.state
+    session.student.train()
+    start_step, steady = state.step, Throughput()
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        batches = [session.next_batch(micro_batch_index(par, step, cfg.grad_accum, k)) for k in range(cfg.grad_accum)]
+        fig = _train_step(session.student, session.teacher, batches, session.run, cfg, par)
+        if not (math.isfinite(fig["loss"]) and math.isfinite(fig["grad_norm"])):
+            session.bar.close()
+            raise UserError(nonfinite_message(fig["loss"], fig["grad_norm"], step + 1, session.ckpt_path, cfg))
+        dt = time.perf_counter() - t0
+        step_tokens = int(all_sum(par, sum(_n_tokens(b) for b in batches)))
+        state.step, state.train_seconds, state.tokens = step + 1, state.train_seconds + dt, state.tokens + step_tokens
+        if step > start_step:  # the first step pays one-off allocation costs
+            steady.tokens += step_tokens
+            steady.seconds += dt
+        state.history.append({"step": step + 1, **fig, "lr": session.run.scheduler.get_last_lr()[0], "seconds": dt})
+        session.bar.set_postfix(loss=f"{fig['loss']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+        session.bar.update(1)
+        _evaluate_and_checkpoint(session, step + 1)
+    return steady
+
+
+def _evaluate_and_checkpoint(session: Session, done: int) -> None:
+    """After `done` steps: the periodic evaluation (not after the last step: the final one
+    follows), then the periodic or final checkpoint."""
+    cfg, state = session.cfg, session.state
+    if session.eval_every and done % session.eval_every == 0 and done < cfg.steps:
+        state.history[-1]["eval"] = session.evaluate_all()
+        session.student.train()
+        log.info("step %d held-out %s", done, state.history[-1]["eval"])
+        session.stop_if_diverged(done, state.history[-1]["eval"])
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        run, student = session.run, session.student
+        save_checkpoint(
+            session.ckpt_path, state, student, run.optimizer, run.scheduler, run.hidden, session.guard, session.par
+        )
+
+
+def _figures(session: Session, after: dict | None, steady: Throughput) -> dict:
+    """The report's figures (on processes other than 0: the counts only)."""
+    cfg, state, primary = session.cfg, session.state, session.primary
+    if not session.par.main:
+        return {"steps": cfg.steps, "tokens": state.tokens, "rank": session.par.rank}
+    before = state.before
+    assert before is not None and after is not None  # process 0 evaluates (before: here or in the checkpoint)
+    return {
+        "steps": cfg.steps,
+        "tokens": state.tokens,
+        "seconds": round(state.train_seconds, 2),
+        "tokens_per_s": (steady.tokens / steady.seconds) if steady.seconds else None,
+        "loss": cfg.loss,
+        "alpha": cfg.alpha,
+        "temperature": cfg.temperature,
+        "before": before[primary],
+        "after": after[primary],
+        "teacher_ce": after[primary].get("teacher_ce"),
+        "eval_sets": {name: {"before": before[name], "after": after[name]} for name in session.eval_sets},
+        "history": state.history,
+        # the saved student is the last step's; `best` says where held-out KL was lowest
+        "best": session.guard.best,
+        "last_step": cfg.steps,
+    }
 
 
 def distill(
@@ -274,103 +352,15 @@ def distill(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _setup(teacher, student, cfg, layer_map)
-    ckpt_path = work_dir / CHECKPOINT
-    guard = DivergenceGuard(cfg.divergence_ratio)
-    eval_every = resolve_eval_every(cfg.eval_every, cfg.steps)
-    state = TrainState()
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, student, run.optimizer, run.scheduler, run.hidden, guard, par)
-        log.info("resuming distillation from step %d (%s)", state.step, ckpt_path)
-    eval_sets = heldout if isinstance(heldout, dict) else {"heldout": heldout}
-    primary = next(iter(eval_sets))
-    # the same weights everywhere (the processes stay equal: they apply the same summed gradients)
-    broadcast_parameters(par, student)
-    if run.hidden is not None:
-        broadcast_parameters(par, run.hidden)
-
-    def evaluate_all() -> dict | None:
-        # the processes hold equal weights, so process 0 evaluates for all of them
-        return {name: evaluate(student, teacher, data) for name, data in eval_sets.items()} if par.main else None
-
-    def stop_if_diverged(step: int, figures: dict | None) -> None:
-        """Stop (on every process) when the guard sees the held-out figures running away."""
-        reason = guard.observe(step, figures[primary], student) if figures is not None else None
-        if not all_sum(par, 1.0 if reason else 0.0):
-            return
-        bar.close()
-        guard.restore_best(student)
-        place(student, run.home)
-        # only process 0 evaluates: the others stop on its verdict, without figures of their own
-        raise guard.error(
-            reason or "process 0's held-out figures diverged",
-            step,
-            figures[primary] if figures is not None else None,
-            state.history,
-            ckpt_path,
-            cfg.lr,
-            cfg.warmup_steps,
-            main=par.main,
-        )
-
-    eos = eos_token_ids(student)
-
-    def next_batch(m: int) -> Batch:
-        b = batch_fn(m).to(run.device)
-        return on_policy_batch(student, b, cfg, m, eos) if is_on_policy(cfg, m) else b
-
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", disable=not (progress and par.main), unit="step")
-    if state.before is None:
-        state.before = evaluate_all()
-        stop_if_diverged(0, state.before)
-    student.train()
-    start_step, steady_tokens, steady_seconds = state.step, 0, 0.0
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        batches = [next_batch(micro_batch_index(par, step, cfg.grad_accum, k)) for k in range(cfg.grad_accum)]
-        fig = _train_step(student, teacher, batches, run, cfg, par)
-        if not (math.isfinite(fig["loss"]) and math.isfinite(fig["grad_norm"])):
-            bar.close()
-            raise UserError(nonfinite_message(fig["loss"], fig["grad_norm"], step + 1, ckpt_path, cfg))
-        dt = time.perf_counter() - t0
-        step_tokens = int(all_sum(par, sum(_n_tokens(b) for b in batches)))
-        state.step, state.train_seconds, state.tokens = step + 1, state.train_seconds + dt, state.tokens + step_tokens
-        if step > start_step:  # the first step pays one-off allocation costs
-            steady_tokens += step_tokens
-            steady_seconds += dt
-        state.history.append({"step": step + 1, **fig, "lr": run.scheduler.get_last_lr()[0], "seconds": dt})
-        bar.set_postfix(loss=f"{fig['loss']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
-        bar.update(1)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
-            state.history[-1]["eval"] = evaluate_all()
-            student.train()
-            log.info("step %d held-out %s", step + 1, state.history[-1]["eval"])
-            stop_if_diverged(step + 1, state.history[-1]["eval"])
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_path, state, student, run.optimizer, run.scheduler, run.hidden, guard, par)
-    bar.close()
+    session = _start_session(teacher, student, batch_fn, heldout, cfg, work_dir, run, par, progress)
+    if session.state.before is None:
+        session.state.before = session.evaluate_all()
+        session.stop_if_diverged(0, session.state.before)
+    steady = _train_steps(session)
+    session.bar.close()
     student.eval()
-    after = evaluate_all()
-    stop_if_diverged(cfg.steps, after)
+    after = session.evaluate_all()
+    session.stop_if_diverged(cfg.steps, after)
     place(student, run.home)
     barrier(par)
-    if not par.main:
-        return {"steps": cfg.steps, "tokens": state.tokens, "rank": par.rank}
-    before = state.before
-    assert before is not None and after is not None  # process 0 evaluates (before: here or in the checkpoint)
-    return {
-        "steps": cfg.steps,
-        "tokens": state.tokens,
-        "seconds": round(state.train_seconds, 2),
-        "tokens_per_s": (steady_tokens / steady_seconds) if steady_seconds else None,
-        "loss": cfg.loss,
-        "alpha": cfg.alpha,
-        "temperature": cfg.temperature,
-        "before": before[primary],
-        "after": after[primary],
-        "teacher_ce": after[primary].get("teacher_ce"),
-        "eval_sets": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
-        "history": state.history,
-        # the saved student is the last step's; `best` says where held-out KL was lowest
-        "best": guard.best,
-        "last_step": cfg.steps,
-    }
+    return _figures(session, after, steady)

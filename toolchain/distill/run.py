@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.data.corpus import load_documents, pack, train_and_heldout
@@ -12,7 +14,100 @@ from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.loop import distill
 from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.errors import DivergenceError, UserError
-from toolchain.models.load import count_params, load_model, read_meta, save_model
+from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolchain.devices.parallel import Parallel
+    from toolchain.distill.modes import DataPlan
+
+
+def _placed_teacher(teacher, device: torch.device):
+    """The teacher placed on the training device when it is loaded: a LoadedModel as is, a
+    loading function wrapped so that prepare_data and the loop share its one load."""
+    from toolchain.devices.placement import place
+
+    def placed(loaded):
+        place(loaded.model, device)  # the teacher cache and generations run there too
+        return loaded
+
+    if callable(teacher):
+        load = teacher
+        return functools.cache(lambda: placed(load()))
+    if teacher is not None:
+        placed(teacher)
+    return teacher
+
+
+def _prepare_data(
+    teacher,
+    student: LoadedModel,
+    data: DataConfig,
+    cfg: DistillConfig,
+    work_dir: str | os.PathLike,
+    teacher_cfg: TeacherConfig | None,
+    progress: bool,
+    par: Parallel,
+) -> DataPlan:
+    from toolchain.devices.parallel import barrier
+    from toolchain.distill.modes import prepare_data
+
+    # process 0 prepares first (teacher caches and generations are written once), the others
+    # then find them ready
+    if not par.main:
+        barrier(par)
+    plan = prepare_data(
+        data,
+        cfg,
+        student.model,
+        student.tokenizer,
+        work_dir,
+        teacher=teacher,
+        teacher_cfg=teacher_cfg,
+        progress=progress and par.main,
+    )
+    if par.main:
+        barrier(par)
+    return plan
+
+
+def _eval_sets(plan: DataPlan, data: DataConfig, cfg: DistillConfig, tokenizer) -> dict:
+    """The held-out set, then each extra eval file's first eval_sequences blocks."""
+    evals = {"heldout": plan.heldout}
+    for path in cfg.eval_sets:
+        if not plan.needs_teacher:
+            raise UserError("distill.eval_sets needs the online teacher (data.mode: text)")
+        blocks = pack(tokenizer, load_documents(path), data.seq_len + 1, data.eval_sequences)
+        if len(blocks) == 0:
+            raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
+        evals[Path(path).stem] = blocks
+    return evals
+
+
+@dataclass
+class _Output:
+    """How the trained student is saved: LoRA merged in first, its meta saying how it was made."""
+
+    student: LoadedModel
+    model: Any  # what trains: student.model, or its LoRA wrapper
+    cfg: DistillConfig
+    meta: dict
+
+    def save(self, to: str | os.PathLike) -> None:
+        lora = self.cfg.lora
+        if lora.r:
+            self.student.model = merge_lora(self.model)
+            self.meta["lora"] = {"r": lora.r, "alpha": lora.alpha, "targets": list(lora.targets), "merged": True}
+        save_model(self.student.model, self.student.tokenizer, to, self.meta)
+
+    def save_best(self, e: DivergenceError, work_dir: str | os.PathLike) -> DivergenceError:
+        """Save the best weights a diverged run handed back; the error that says where they are."""
+        best_dir = Path(work_dir) / "best-student"
+        self.meta["distilled_steps"] = e.figures["best"].get("step")
+        self.save(best_dir)
+        e.figures["best_student"] = str(best_dir)
+        return DivergenceError(f"{e}; the best student is kept in {best_dir}", e.figures)
 
 
 def distill_student(
@@ -31,58 +126,20 @@ def distill_student(
     whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
     Under a multi-process launcher only process 0 saves and returns the full figures.
     """
-    from toolchain.devices.parallel import barrier, from_env
-    from toolchain.devices.placement import place, resolve_device
-    from toolchain.distill.modes import prepare_data
+    from toolchain.devices.parallel import from_env
+    from toolchain.devices.placement import resolve_device
 
     par = from_env()
-    device = resolve_device(cfg.device)
-
-    def placed(loaded):
-        place(loaded.model, device)  # the teacher cache and generations run there too
-        return loaded
-
-    if callable(teacher):
-        load = teacher
-        teacher = functools.cache(lambda: placed(load()))  # prepare_data and the loop share one load
-    elif teacher is not None:
-        placed(teacher)
+    teacher = _placed_teacher(teacher, resolve_device(cfg.device))
     student = load_model(str(student_dir))
-    # process 0 prepares first (teacher caches and generations are written once), the others
-    # then find them ready
-    if not par.main:
-        barrier(par)
-    plan = prepare_data(
-        data,
-        cfg,
-        student.model,
-        student.tokenizer,
-        work_dir,
-        teacher=teacher,
-        teacher_cfg=teacher_cfg,
-        progress=progress and par.main,
-    )
-    if par.main:
-        barrier(par)
+    plan = _prepare_data(teacher, student, data, cfg, work_dir, teacher_cfg, progress, par)
     t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
-    evals = {"heldout": plan.heldout}
-    for path in cfg.eval_sets:  # each extra eval file: its first eval_sequences blocks
-        if not plan.needs_teacher:
-            raise UserError("distill.eval_sets needs the online teacher (data.mode: text)")
-        blocks = pack(student.tokenizer, load_documents(path), data.seq_len + 1, data.eval_sequences)
-        if len(blocks) == 0:
-            raise UserError(f"distill.eval_sets: '{path}' holds fewer than {data.seq_len + 1} tokens")
-        evals[Path(path).stem] = blocks
-    meta = {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
-
-    def save(to) -> None:
-        if cfg.lora.r:
-            student.model = merge_lora(model)
-            meta["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets), "merged": True}
-        save_model(student.model, student.tokenizer, to, meta)
-
+    evals = _eval_sets(plan, data, cfg, student.tokenizer)
+    output = _Output(
+        student, model, cfg, {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
+    )
     try:
         result = distill(
             t.model if t is not None else None,
@@ -97,15 +154,11 @@ def distill_student(
         )
     except DivergenceError as e:
         if par.main and e.figures.get("kept_best_weights"):
-            best_dir = Path(work_dir) / "best-student"
-            meta["distilled_steps"] = e.figures["best"].get("step")
-            save(best_dir)
-            e.figures["best_student"] = str(best_dir)
-            raise DivergenceError(f"{e}; the best student is kept in {best_dir}", e.figures) from None
+            raise output.save_best(e, work_dir) from None
         raise
     if not par.main:
         return result
-    save(out_dir)
+    output.save(out_dir)
     result["params"] = count_params(student.model)
     result.update(plan.info)
     return result
