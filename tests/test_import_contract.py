@@ -4,7 +4,8 @@ the data flow. Layers, lowest first (see docs/ARCHITECTURE.md):
 
   base     errors, fileio, native_output, formats, the package root
   shared   targets, data, config, models, runtime, devices (may use base and each other, acyclically)
-  stages   student -> distill -> quantize -> export -> verify -> bench -> report, and inspect_model;
+  stages   finetune -> student -> distill -> quantize -> export -> verify -> eval -> bench -> report,
+           and inspect_model;
            a stage uses base, shared and earlier stages only
   top      pipeline, commands, cli, __main__
 """
@@ -17,7 +18,7 @@ import toolchain
 ROOT = Path(toolchain.__file__).parent
 BASE = {"toolchain", "errors", "fileio", "native_output", "formats"}
 SHARED = {"targets", "data", "config", "models", "runtime", "devices"}
-STAGES = ["student", "distill", "quantize", "export", "verify", "bench", "report", "inspect_model"]
+STAGES = ["finetune", "student", "distill", "quantize", "export", "verify", "eval", "bench", "report", "inspect_model"]
 TOP = {"pipeline", "commands", "cli", "__main__"}
 
 

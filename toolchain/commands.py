@@ -127,7 +127,7 @@ def cmd_export_onnx(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from toolchain.bench.run import describe_model
+    from toolchain.models.artifacts import describe_model
     from toolchain.verify.exports import verify_exports
 
     cfg = _config(args)

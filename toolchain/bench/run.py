@@ -25,6 +25,7 @@ from toolchain.bench.rows import add_measurement, base_row, format_row, out_name
 from toolchain.bench.worker import PROGRESS
 from toolchain.errors import UserError
 from toolchain.formats import Artifact
+from toolchain.models.artifacts import describe_model  # noqa: F401 (callers import it from here too)
 from toolchain.targets import Target
 
 RUNTIME_BY_FORMAT = {"gguf": "llama_cpp", "onnx": "onnxruntime", "hf": "torch"}
@@ -63,31 +64,6 @@ def prompt_ids(models: list[Artifact], n: int) -> list[int]:
     if len(ids) < n:
         raise UserError(f"bench prompt has only {len(ids)} tokens; ask for at most that many")
     return ids[:n]
-
-
-def describe_model(path: str | os.PathLike) -> Artifact:
-    """A model entry {format, quant, path, bytes} for a .gguf file, an ONNX folder or an HF directory."""
-    path = Path(path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {path}")
-        quant = path.stem.split("model-")[-1] if path.stem.startswith("model-") else "unknown"
-        return {"format": "gguf", "quant": quant, "path": str(path), "bytes": path.stat().st_size}
-    if path.suffix == ".onnx" or (path / "model.onnx").is_file():
-        f = path / "model.onnx" if path.is_dir() else path
-        size = sum(p.stat().st_size for p in f.parent.glob(f.name + "*"))  # + external weights
-        info = f.parent / "model_info.json"  # fp16/int8/int4 exports say so there
-        quant = json.loads(info.read_text()).get("precision", "fp32") if info.is_file() else "fp32"
-        return {"format": "onnx", "quant": quant, "path": str(f), "bytes": size}
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        dtype = json.loads((path / "config.json").read_text()).get("dtype") or "fp32"
-        quant = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
-        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        return {"format": "hf", "quant": quant, "path": str(path), "bytes": size}
-    raise UserError(
-        f"{path}: expected a .gguf file or an ONNX folder (holding model.onnx), "
-        "or an HF model directory (config.json + *.safetensors)"
-    )
 
 
 def missing_runtime(runtime: str) -> str | None:

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
+from toolchain.config.checks import choice as _choice
+from toolchain.config.checks import existing_file as _existing_file
+from toolchain.config.checks import non_negative as _non_negative
+from toolchain.config.checks import positive as _positive
+from toolchain.config.task import FinetuneConfig, LoraConfig, TaskConfig
 from toolchain.errors import UserError
 
 DEFAULT_PROMPTS = [
@@ -117,22 +122,6 @@ class DataConfig:
             raise UserError(f"{where}.heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
         if self.source != "pydoc" and not Path(self.source).is_file():
             raise UserError(f"{where}.source: '{self.source}' is neither 'pydoc' nor an existing text file")
-
-
-@dataclass
-class LoraConfig:
-    r: int = 0  # LoRA rank; 0 = train the whole student
-    alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / r)
-    targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
-    def validate(self, where: str) -> None:
-        if self.r < 0:
-            raise UserError(f"{where}.r must be >= 0 (0 = full training), got {self.r}")
-        _positive(f"{where}.alpha", self.alpha)
-        if self.r and not self.targets:
-            raise UserError(f"{where}.targets must name at least one module type, e.g. q_proj")
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -354,33 +343,11 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self, where: str = "config") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 cast(_Section, value).validate(f"{f.name}")
-
-
-# ---------------------------------------------------------------- building from plain data
-
-
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise UserError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
-
-
-def _existing_file(key: str, value: str) -> str:
-    if not Path(value).expanduser().is_file():
-        raise UserError(f"{key}: file not found: {value}")
-    return value
-
-
-def _non_negative(key: str, value) -> None:
-    if value < 0:
-        raise UserError(f"{key} must be >= 0, got {value}")
-
-
-def _positive(key: str, value) -> None:
-    if value <= 0:
-        raise UserError(f"{key} must be > 0, got {value}")

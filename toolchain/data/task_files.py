@@ -20,7 +20,8 @@ _ROLES = ("system", "user", "assistant")
 # ---------------------------------------------------------------------------- reading JSONL
 
 
-def _messages_from(obj, where: str) -> list[dict]:
+def messages_from(obj, where: str) -> list[dict]:
+    """The chat of one JSONL object: its `messages`, or its `prompt` and `response` as two turns."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
@@ -51,11 +52,11 @@ def _messages_from(obj, where: str) -> list[dict]:
     return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
 
 
-def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
-    """Read a JSONL of prompt/response pairs (or chat messages) into chat message lists."""
+def read_jsonl_objects(path: str | os.PathLike, what: str = "sequence data file") -> list[tuple[int, object]]:
+    """(line number, parsed JSON) for every non-blank line of a UTF-8 JSONL file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"sequence data file not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -63,15 +64,20 @@ def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
         raise UserError(
             f"{path}:{bad_line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8"
         ) from None
-    examples = []
+    out = []
     for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((no, json.loads(line)))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_messages_from(obj, f"{path}:{no}"))
+    return out
+
+
+def read_pairs(path: str | os.PathLike) -> list[list[dict]]:
+    """Read a JSONL of prompt/response pairs (or chat messages) into chat message lists."""
+    examples = [messages_from(obj, f"{path}:{no}") for no, obj in read_jsonl_objects(path)]
     if not examples:
         raise UserError(f'{path} holds no examples; it needs one JSON object per line with "prompt" and "response"')
     return examples

@@ -33,3 +33,15 @@ def open_llama(gguf_path: str | os.PathLike, n_ctx: int = 1024, threads: int = 0
         yield llm
     finally:
         llm.close()
+
+
+def last_logits(llm):
+    """Logits after the last token fed to `llm` (a numpy view), also when it was opened with
+    logits_all=False: llama-cpp-python then keeps no `scores` rows, but llama.cpp has the last one."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),))

@@ -1,0 +1,99 @@
+"""Greedy answers to chat prompts from torch, llama.cpp (GGUF) and onnxruntime (ONNX), token for token alike.
+
+Every runtime gets the same token ids: the prompt rendered with the model's own chat template
+(Hugging Face tokenizer, generation prompt added) and tokenized once. Decoding is greedy and
+stops at the model's stop tokens (its EOS and end-of-turn tokens), so the runtimes differ only in
+their arithmetic, and one grader scores them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+# end-of-turn markers of the chat templates we know, used as stop tokens where the vocabulary has them
+_END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>")
+
+
+def stop_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> list[int]:
+    """The model's stop tokens: generation_config's EOS ids, the tokenizer's EOS, end-of-turn markers."""
+    ids: set[int] = set()
+    gen = Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen is not None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def decode_answer(tokenizer, ids: list[int], stops: list[int]) -> str:
+    """The answer text: up to the first stop token, special tokens dropped, stripped."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int]) -> list[list[int]]:
+    import torch
+
+    from toolchain.devices.placement import model_device
+
+    dev = model_device(model)
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], device=dev)
+            y = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+            out.append(y[0, len(ids) :].tolist())
+    return out
+
+
+def llama_generate(
+    gguf_path: str | os.PathLike, prompts: list[list[int]], max_new_tokens: int, stops: list[int], threads: int = 0
+) -> list[list[int]]:
+    from toolchain.runtime.llama import last_logits, open_llama
+
+    n_ctx = max(256, max(map(len, prompts)) + max_new_tokens + 8)
+    out = []
+    with open_llama(gguf_path, n_ctx=n_ctx, threads=threads, logits_all=False) as llm:
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids)
+            new: list[int] = []
+            while len(new) < max_new_tokens:
+                tok = int(np.argmax(last_logits(llm)))
+                new.append(tok)
+                if tok in stops:
+                    break
+                llm.eval([tok])
+            out.append(new)
+    return out
+
+
+def onnx_generate(
+    folder: str | os.PathLike, prompts: list[list[int]], max_new_tokens: int, stops: list[int], threads: int = 0
+) -> list[list[int]]:
+    from toolchain.runtime.onnx_decoder import OnnxDecoder
+
+    dec = OnnxDecoder(Path(folder), threads=threads)
+    return [dec.generate(ids, max_new_tokens, greedy=True, stop_ids=stops) for ids in prompts]
