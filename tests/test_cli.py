@@ -104,6 +104,8 @@ def test_export_and_inspect_commands(capsys, tmp_path, tiny_dir):
     "cmd",
     [
         ["run"],
+        ["finetune"],
+        ["eval"],
         ["student"],
         ["distill"],
         ["export", "gguf"],
@@ -237,3 +239,32 @@ def test_corrupt_onnx_is_one_line(command, capsys, tmp_path, tiny_dir):
     }[command]
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, r"is not a readable ONNX model")
+
+
+def test_task_commands_refuse_bad_task_input(capsys, tmp_path, tiny_dir):
+    code, _, err = run(capsys, "finetune", "--teacher", str(tiny_dir), "--out", str(tmp_path / "ft"))
+    assert_one_line_error(code, err, "finetune needs the task's examples: --task")
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--task", str(tmp_path / "none.jsonl"))
+    assert_one_line_error(code, err, "task.path: file not found")
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "a", "response": "spam"}\n{"prompt": "b"}\n')
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--task", str(task))
+    assert_one_line_error(code, err, r"t.jsonl:2: missing key 'response'")
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--task", str(task), "--set", "task.grader.kind=label")
+    assert_one_line_error(code, err, "the label grader needs its label set")
+
+
+def test_eval_command_scores_each_model(capsys, tmp_path, tiny_dir):
+    import json
+
+    task = tmp_path / "t.jsonl"
+    rows = [{"prompt": f"question {i}", "response": "yes" if i % 2 else "no", "bucket": "ab"[i % 2]} for i in range(12)]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", str(tiny_dir), "--task", str(task), "--max-new-tokens", "4", "--json", str(tmp_path / "e.json")]
+    code, out, err = run(capsys, *argv, "--set", "task.min_eval_per_bucket=1")
+    assert code == 0 and "task accuracy on the eval split" in err
+    scores = json.loads(out)
+    (only,) = scores.values()
+    assert set(only["buckets"]) == {"a", "b"} and 0.0 <= only["macro"] <= 1.0
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert len(next(iter(saved.values()))["answers"]) == sum(b["n"] for b in only["buckets"].values())

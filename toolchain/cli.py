@@ -95,6 +95,36 @@ def _add_run(sub) -> None:
     r.set_defaults(func=commands.cmd_run)
 
 
+def _add_finetune(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune the teacher on a task's train split (LoRA, QLoRA or full), merged")
+    _add_teacher(f)
+    _field(f, "--task", "task.path", "task JSONL: messages or prompt/response, optional bucket and answer", type=str)
+    _field(
+        f,
+        "--method",
+        "finetune.method",
+        "lora, qlora (4-bit base, bitsandbytes) or full",
+        choices=["lora", "qlora", "full"],
+    )
+    _field(f, "--steps", "finetune.steps", "optimizer steps")
+    _field(f, "--lr", "finetune.lr", "peak learning rate")
+    f.add_argument("--out", required=True, help="output HF directory (the fine-tuned teacher)")
+    f.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
+    _add_config_args(f)
+    f.set_defaults(func=commands.cmd_finetune)
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="task accuracy per bucket of HF dirs (torch), .gguf (llama.cpp) and ONNX folders")
+    e.add_argument("models", nargs="+", help="HF model directories, .gguf files and/or ONNX folders")
+    _field(e, "--task", "task.path", "task JSONL; its eval split (by task.seed) is what is scored", type=str)
+    e.add_argument("--tokenizer", help="HF directory whose tokenizer and chat template a .gguf is prompted with")
+    _field(e, "--max-new-tokens", "task.max_new_tokens", "answer length")
+    e.add_argument("--json", help="also write every answer and score to this JSON file")
+    _add_config_args(e)
+    e.set_defaults(func=commands.cmd_eval)
+
+
 def _add_student(sub) -> None:
     s = sub.add_parser("student", help="make a depth-pruned student from a teacher, saved as an HF directory")
     _add_teacher(s)
@@ -229,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"toolchain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_student, _add_distill, _add_distill_cache, _add_export, _add_verify, _add_bench):
+    adders = [_add_run, _add_finetune, _add_student, _add_distill, _add_distill_cache, _add_export, _add_verify]
+    for add in [*adders, _add_eval, _add_bench]:
         add(sub)
     _add_inspect_and_report(sub)
     return p

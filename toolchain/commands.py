@@ -37,6 +37,43 @@ def cmd_run(args) -> None:
     _echo(f"done in {time.perf_counter() - t0:.0f} s: {args.out}")
 
 
+def cmd_finetune(args) -> None:
+    from toolchain.fileio import check_writable_dir
+    from toolchain.finetune.run import finetune_teacher
+
+    cfg = _config(args)
+    if cfg.task.path is None:
+        raise UserError("finetune needs the task's examples: --task FILE.jsonl (or task.path in --config)")
+    check_writable_dir(Path(args.out).parent, "output directory")
+    splits = cfg.task.splits()
+    res = finetune_teacher(cfg.teacher, splits.train, args.out, cfg.finetune, args.work, echo=_echo)
+    _echo(json.dumps(res, indent=2))
+
+
+def cmd_eval(args) -> None:
+    from toolchain.eval.run import evaluate_model
+    from toolchain.eval.score import format_table
+    from toolchain.models.artifacts import describe_model
+
+    cfg = _config(args)
+    if cfg.task.path is None:
+        raise UserError("eval needs the task's examples: --task FILE.jsonl (or task.path in --config)")
+    models = [describe_model(p) for p in args.models]
+    examples = cfg.task.splits().eval
+    results = {}
+    for m in models:
+        name = f"{Path(m['path']).parent.name if m['format'] == 'onnx' else Path(m['path']).name} ({m['quant']})"
+        results[name] = evaluate_model(m, examples, cfg.task, tokenizer_dir=args.tokenizer)
+    print(
+        format_table({k: v["score"] for k, v in results.items()}, "task accuracy on the eval split:"), file=sys.stderr
+    )
+    if args.json:
+        from toolchain.fileio import write_json
+
+        write_json(args.json, results)
+    _echo(json.dumps({k: v["score"] for k, v in results.items()}, indent=2))
+
+
 def cmd_student(args) -> None:
     from toolchain.distill.run import calibration_blocks
     from toolchain.fileio import check_writable_dir

@@ -12,9 +12,9 @@ from toolchain.config import DataConfig, DistillConfig, TeacherConfig
 from toolchain.data.corpus import load_documents, pack, train_and_heldout
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.loop import distill
-from toolchain.distill.lora import attach_lora, merge_lora
 from toolchain.errors import DivergenceError, UserError
 from toolchain.models.load import LoadedModel, count_params, load_model, read_meta, save_model
+from toolchain.models.lora import attach_lora, merge_lora
 
 if TYPE_CHECKING:
     import torch

@@ -1,5 +1,6 @@
-"""LoRA student: train low-rank adapters instead of every weight, then merge them into the
-saved student, so what ships is a plain HF model (no peft at inference)."""
+"""LoRA: train low-rank adapters instead of every weight (a student in distill, the teacher in
+finetune), then merge them into the saved model, so what ships is a plain HF model (no peft at
+inference)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from toolchain.config import LoraConfig
 from toolchain.errors import UserError
 
 
-def attach_lora(model, cfg: LoraConfig):
+def attach_lora(model, cfg: LoraConfig, where: str = "distill.lora"):
     """The model wrapped with fresh LoRA adapters on `cfg.targets`; other weights frozen."""
     import peft
 
@@ -15,7 +16,7 @@ def attach_lora(model, cfg: LoraConfig):
     missing = [t for t in cfg.targets if t not in names]
     if missing:
         raise UserError(
-            f"distill.lora.targets {missing} are not module names of this student; "
+            f"{where}.targets {missing} are not module names of this model; "
             f"choose among e.g. {sorted(n for n in names if n.endswith('proj'))}"
         )
     pcfg = peft.LoraConfig(
