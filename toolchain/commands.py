@@ -110,6 +110,7 @@ def cmd_distill(args) -> None:
         work,
         progress=not args.no_progress,
         teacher_cfg=cfg.teacher,
+        task=cfg.task,
     )
     if "history" not in res:  # a process other than 0 under accelerate launch / torchrun
         return

@@ -103,6 +103,7 @@ class Run:
             self.path("work", "distill"),
             self.progress,
             teacher_cfg=self.config.teacher,
+            task=self.config.task,
         )
 
     def stage_distill(self) -> dict:

@@ -153,3 +153,48 @@ def test_distill_cache_cli_builds_and_refuses_other_settings(tiny_dir_6, tmp_pat
     assert info["cache_k"] == 8 and info["train_blocks"] == 6 and (tmp_path / "c" / "train" / "manifest.json").is_file()
     assert main(args + ["--k", "16"]) == 2
     assert "stores another top-k" in capsys.readouterr().err
+
+
+def _task_file(tmp_path, n=24):
+    rows = []
+    for i in range(n):
+        label = "spam" if i % 2 else "ham"
+        rows.append({"prompt": f"Is this spam? message {i}", "response": label, "bucket": label})
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("targets,logits", [("gold", False), ("teacher", True), ("teacher", False)])
+def test_task_mode_trains_on_the_train_split_only(tiny_dir, tiny_dir_6, tmp_path, targets, logits):
+    from toolchain.distill.modes import prepare_data
+    from toolchain.models.load import load_model
+
+    grader = {"kind": "label", "labels": ["spam", "ham"]}
+    cfg = from_dict(
+        {
+            "task": {"path": str(_task_file(tmp_path)), "grader": grader, "min_eval_per_bucket": 1},
+            "data": {"mode": "task", "task_targets": targets, "teacher_logits": logits, "gen_temperature": 0},
+            "distill": {"batch_size": 2},
+        }
+    )
+    teacher, student = load_model(str(tiny_dir_6)), load_model(str(tiny_dir))
+    plan = prepare_data(
+        cfg.data, cfg.distill, student.model, student.tokenizer, tmp_path, teacher=teacher, task=cfg.task
+    )
+    splits = cfg.task.splits()
+    assert plan.info["train_examples"] == len(splits.train) and plan.info["heldout_examples"] == len(splits.calib)
+    assert plan.needs_teacher is (targets == "teacher" and logits)
+    batch = plan.batch_fn(0)
+    assert (batch.teacher_topk_ids is None) is plan.needs_teacher  # white-box: logits from the teacher online
+    if targets == "teacher":  # the teacher's greedy answers to the train prompts, not the gold ones
+        gen = [json.loads(line) for line in (tmp_path / "task-generations.jsonl").read_text().splitlines()]
+        train_prompts = {e.prompt[0]["content"] for e in splits.train}
+        assert {g["prompt"] for g in gen} == train_prompts
+        eval_prompts = {e.prompt[0]["content"] for e in splits.eval}
+        assert not train_prompts & eval_prompts
+
+
+def test_task_mode_needs_a_task():
+    with pytest.raises(UserError, match="data.mode: task trains on the task's examples: set task.path"):
+        from_dict({"data": {"mode": "task"}})

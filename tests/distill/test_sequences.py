@@ -136,3 +136,30 @@ def test_read_prompts(tmp_path):
     assert S.read_prompts(_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])) == ["x"]
     with pytest.raises(UserError, match=r"p2\.jsonl:1"):
         S.read_prompts(_jsonl(tmp_path / "p2.jsonl", [{"q": "x"}]))
+
+
+def test_head_over_answer_rows_only_gives_the_same_loss_and_gradient(tiny, tiny_dir_6, monkeypatch):
+    """The output layer runs only where a label is; the loss and its gradient are those of every row."""
+    from toolchain.distill import loop
+    from toolchain.distill.losses import LossSpec
+
+    teacher = load_model(str(tiny_dir_6)).model
+    examples = [
+        [{"role": "user", "content": f"Question number {i} about lists?"}, {"role": "assistant", "content": "yes"}]
+        for i in range(4)
+    ]
+    batch = S.encode_pairs(tiny.tokenizer, examples, 64).batch(range(4), one_hot_targets=False)
+    spec = LossSpec(alpha=0.5, temperature=2.0)
+    denom = float((batch.labels != IGNORE_INDEX).sum())
+
+    def loss_and_grad():
+        tiny.model.zero_grad()
+        loss, _, _ = loop.batch_loss(tiny.model, teacher, batch, spec, denom)
+        loss.backward()
+        return loss.detach(), tiny.model.model.layers[0].mlp.down_proj.weight.grad.clone()
+
+    only_answers = loss_and_grad()
+    monkeypatch.setattr(loop, "_scored_rows", lambda s_h, target, labels: (s_h, target, labels))
+    every_row = loss_and_grad()
+    torch.testing.assert_close(only_answers[0], every_row[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(only_answers[1], every_row[1], rtol=1e-4, atol=1e-7)

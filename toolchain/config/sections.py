@@ -87,9 +87,17 @@ class DataConfig:
     gen_max_new_tokens: int = 128  # sequences mode: teacher generation length
     gen_temperature: float = 0.7  # sequences mode: sampling temperature (0 = greedy)
     max_train_blocks: int | None = None  # use only the first N training blocks (e.g. steps x batch: what a cache needs)
+    # task mode (the `task` section's train split): train on the teacher's answers to its prompts
+    # ("teacher": sequence-level KD, `gen_samples` each, greedy at gen_temperature 0) or on the
+    # gold answers ("gold": SFT, the baseline distillation is measured against)
+    task_targets: str = "teacher"
+    teacher_logits: bool = True  # task/teacher: also match the teacher's logits on them (white-box; one vocabulary)
+    gen_samples: int = 1
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.mode", self.mode, ("text", "cache", "sequences"))
+        _choice(f"{where}.mode", self.mode, ("text", "cache", "sequences", "task"))
+        _choice(f"{where}.task_targets", self.task_targets, ("teacher", "gold"))
+        _positive(f"{where}.gen_samples", self.gen_samples)
         if not 1 <= self.cache_k <= 65536:
             raise UserError(f"{where}.cache_k must be between 1 and 65536, got {self.cache_k}")
         if self.mode == "sequences":
@@ -351,3 +359,7 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 cast(_Section, value).validate(f"{f.name}")
+        needs_task = {"data.mode: task": self.data.mode == "task", "finetune.enabled": self.finetune.enabled}
+        for what, needed in needs_task.items():
+            if needed and self.task.path is None:
+                raise UserError(f"{what} trains on the task's examples: set task.path to its JSONL")

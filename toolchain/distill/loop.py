@@ -91,6 +91,23 @@ def teacher_target(teacher, batch: Batch, spec: LossSpec):
     return logits.reshape(-1, logits.shape[-1]).clone()  # clone: leave inference mode for autograd's sake
 
 
+def _scored_rows(s_h: torch.Tensor, target, labels: torch.Tensor):
+    """Only the positions that carry a loss (answer tokens of chat sequences; all of packed text).
+
+    A task example is mostly prompt: its answer may be 2 tokens of 120. The output layer is a
+    vocabulary-sized matmul per position, so it runs only where a label is; the other positions
+    add nothing to the loss or its gradient either way.
+    """
+    keep = labels != IGNORE_INDEX
+    if bool(keep.all()):
+        return s_h, target, labels
+    if isinstance(target, tuple):  # the online teacher's (final hidden states, head weight)
+        target = (target[0][keep], target[1])
+    elif target is not None:  # a SparseTeacher
+        target = target[keep]
+    return s_h[keep], target, labels[keep]
+
+
 def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hidden=None, hidden_weight: float = 1.0):
     """Token-weighted loss of one micro-batch, divided by `denom` (the step's loss tokens).
 
@@ -121,7 +138,8 @@ def batch_loss(student, teacher, batch: Batch, spec: LossSpec, denom: float, hid
             target = teacher_target(teacher, batch, spec)
         s_out = final_hidden(student, batch, want)
         s_h, s_states = s_out if want else (s_out, None)
-        loss, ce, div = fused_head_loss(s_h, s_w, target, labels, spec, denom=denom)
+        s_h, target, kept = _scored_rows(s_h, target, labels)
+        loss, ce, div = fused_head_loss(s_h, s_w, target, kept, spec, denom=denom)
     else:
         target = teacher_target(teacher, batch, spec)
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=want)

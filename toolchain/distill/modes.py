@@ -7,6 +7,11 @@
 - sequences: black-box KD on (prompt, response) pairs from a user's JSONL or from teacher
   generations; the response tokens are one-hot targets, so no teacher model is needed in the
   loop and the teacher may have any tokenizer.
+- task: the `task` section's train split. Targets are the teacher's own answers to its prompts
+  (sequence-level KD; with `teacher_logits`, white-box KD on those sequences too: the loop runs
+  the teacher and matches its distribution on every answer token) or the gold answers (SFT, the
+  baseline). The calibration split is the held-out set the divergence guard watches; the eval
+  split is never seen here.
 
 `prepare_data` is what the stage function (`run.py`) calls; it loads the teacher only when the
 mode needs it (`teacher` may be a zero-argument function that loads it).
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolchain.config import DataConfig, DistillConfig, TeacherConfig
+from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
 from toolchain.errors import UserError
 
 
@@ -67,6 +72,7 @@ def prepare_data(
     teacher=None,
     teacher_cfg: TeacherConfig | None = None,
     progress: bool = False,
+    task: TaskConfig | None = None,
 ) -> DataPlan:
     """Build the batch source for `data.mode`. `teacher`: a LoadedModel, or a function returning one."""
     from toolchain.data.corpus import check_enough_blocks, train_and_heldout
@@ -74,6 +80,10 @@ def prepare_data(
     work_dir = Path(work_dir)
     if data.mode == "sequences":
         return _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg)
+    if data.mode == "task":
+        if task is None or task.path is None:
+            raise UserError("data.mode: task trains on the task's examples: set task.path to its JSONL")
+        return _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task)
     train, held = train_and_heldout(
         student_tok,
         data.source,
@@ -96,7 +106,7 @@ def prepare_data(
         return DataPlan(packed_batches(train, cfg.batch_size, cfg.seed), held, True, info)
     if data.mode == "cache":
         return _cache(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, train, held, info, progress)
-    raise UserError(f"data.mode: '{data.mode}' is not one of text, cache, sequences")
+    raise UserError(f"data.mode: '{data.mode}' is not one of text, cache, sequences, task")
 
 
 def _cache(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, train, held, info, progress) -> DataPlan:
@@ -182,3 +192,48 @@ def _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg) -> DataPl
     }
     fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed)
     return DataPlan(fn, held.batches(4), False, info)
+
+
+def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task: TaskConfig) -> DataPlan:
+    from toolchain.distill import sequences as S
+    from toolchain.distill.vocab import shared_vocab_size
+
+    splits = task.splits()
+    white_box = data.task_targets == "teacher" and data.teacher_logits
+    if data.task_targets == "gold":
+        train_ex = [e.messages for e in splits.train]
+        source = f"{task.path} (gold answers)"
+    else:
+        t = _resolve(teacher)
+        if t is None:
+            raise UserError("data.task_targets: teacher needs the teacher to answer the task's prompts")
+        tid = teacher_id_for(teacher_cfg) if teacher_cfg is not None else loaded_teacher_id(t)
+        out = (Path(data.cache_dir) if data.cache_dir else work_dir) / "task-generations.jsonl"
+        train_ex = S.generate_responses(
+            t.model,
+            t.tokenizer,
+            [e.prompt for e in splits.train],
+            out,
+            tid,
+            max_new_tokens=data.gen_max_new_tokens,
+            temperature=data.gen_temperature,
+            seed=data.seed,
+            samples=data.gen_samples,
+        )
+        source = str(out)
+        if white_box:
+            shared_vocab_size(t.model, t.tokenizer, student, student_tok)
+    train = S.encode_pairs(student_tok, train_ex, data.seq_len)
+    held = S.encode_pairs(student_tok, [e.messages for e in splits.calib], data.seq_len)
+    info = {
+        "mode": "task",
+        "targets": data.task_targets,
+        "teacher_logits": white_box,
+        "source": source,
+        "train_examples": len(train),
+        "heldout_examples": len(held),
+        "dropped_too_long": train.dropped + held.dropped,
+        "truncated": train.truncated + held.truncated,
+    }
+    fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed, one_hot_targets=not white_box)
+    return DataPlan(fn, held.batches(4, one_hot_targets=not white_box), white_box, info)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.config import DataConfig, DistillConfig, TeacherConfig
+from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
 from toolchain.data.corpus import load_documents, pack, train_and_heldout
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.loop import distill
@@ -49,6 +49,7 @@ def _prepare_data(
     teacher_cfg: TeacherConfig | None,
     progress: bool,
     par: Parallel,
+    task: TaskConfig | None = None,
 ) -> DataPlan:
     from toolchain.devices.parallel import barrier
     from toolchain.distill.modes import prepare_data
@@ -66,6 +67,7 @@ def _prepare_data(
         teacher=teacher,
         teacher_cfg=teacher_cfg,
         progress=progress and par.main,
+        task=task,
     )
     if par.main:
         barrier(par)
@@ -119,6 +121,7 @@ def distill_student(
     work_dir: str | os.PathLike,
     progress: bool = True,
     teacher_cfg: TeacherConfig | None = None,
+    task: TaskConfig | None = None,
 ) -> dict:
     """Train the student in student_dir towards the teacher; save it to out_dir (atomically).
 
@@ -132,7 +135,7 @@ def distill_student(
     par = from_env()
     teacher = _placed_teacher(teacher, resolve_device(cfg.device))
     student = load_model(str(student_dir))
-    plan = _prepare_data(teacher, student, data, cfg, work_dir, teacher_cfg, progress, par)
+    plan = _prepare_data(teacher, student, data, cfg, work_dir, teacher_cfg, progress, par, task)
     t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from toolchain.data.chat_encoding import encode_example
+from toolchain.data.chat_encoding import encode_example, stop_token_ids
 from toolchain.data.task_files import read_pairs, read_prompts  # noqa: F401 (public here too)
 from toolchain.devices.placement import model_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
@@ -37,7 +37,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-@torch.no_grad()
 def generate_pairs(
     teacher,
     tokenizer,
@@ -50,11 +49,32 @@ def generate_pairs(
     seed: int = 0,
     batch_size: int = 8,
 ) -> list[list[dict]]:
-    """Sample one teacher response per prompt (chat template applied), cached as JSONL.
+    """Sample one teacher response per prompt (a user turn each), cached as JSONL: `generate_responses`."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    return generate_responses(
+        teacher, tokenizer, chats, out_path, teacher_id, max_new_tokens, temperature, top_p, seed, batch_size
+    )
+
+
+@torch.no_grad()
+def generate_responses(
+    teacher,
+    tokenizer,
+    prompts: list[list[dict]],
+    out_path: str | os.PathLike,
+    teacher_id: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 8,
+    samples: int = 1,
+) -> list[list[dict]]:
+    """The teacher's answers to chat prompts (`samples` each; greedy at temperature 0), cached as JSONL.
 
     The file is reused when its sidecar `<file>.meta.json` shows it was made by the same teacher,
     prompts and sampling settings; otherwise it is regenerated. The output is plain
-    prompt/response JSONL, so it can be read, edited and reused like a user's own file.
+    prompt/response (or messages) JSONL, so it can be read, edited and reused like a user's own file.
     """
     if not prompts:
         raise UserError("no prompts to generate teacher responses from")
@@ -67,43 +87,54 @@ def generate_pairs(
         "seed": seed,
         "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest(),
     }
+    if samples != 1:
+        settings["samples"] = samples
     meta_path = out_path.with_name(out_path.name + ".meta.json")
     if out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == settings:
         log.info("reusing teacher generations %s", out_path)
         return read_pairs(out_path)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = (max_new_tokens, temperature, top_p)
     rows = []
     teacher.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in chunk
-        ]
-        enc = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        width = max(map(len, enc))
-        # left padding for generation, so every prompt ends where decoding starts
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-        torch.manual_seed(seed * 1_000_003 + i)  # per chunk, so a chunk's samples do not depend on the batch before
-        dev = model_device(teacher)
-        out = teacher.generate(
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for p, seq in zip(chunk, out[:, width:].cpu()):
-            rows.append({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True).strip()})
+    for k in range(samples):
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            # per chunk and sample, so a chunk's samples do not depend on the batches before it
+            torch.manual_seed(seed * 1_000_003 + i + k * 7_919)
+            for chat, answer in zip(chunk, _answer_batch(teacher, tokenizer, chunk, *sampling)):
+                rows.append(_row(chat, answer))
     _write_jsonl(out_path, rows)
     with atomic_path(meta_path) as tmp:
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}] for r in rows]
+    return read_pairs(out_path)
+
+
+def _row(chat: list[dict], answer: str) -> dict:
+    if len(chat) == 1 and chat[0]["role"] == "user":
+        return {"prompt": chat[0]["content"], "response": answer}
+    return {"messages": [*chat, {"role": "assistant", "content": answer}]}
+
+
+def _answer_batch(teacher, tokenizer, chats: list[list[dict]], max_new_tokens: int, temperature: float, top_p: float):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    enc = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(map(len, enc))
+    # left padding for generation, so every prompt ends where decoding starts
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    dev = model_device(teacher)
+    out = teacher.generate(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        pad_token_id=pad,
+        eos_token_id=stop_token_ids(tokenizer),
+    )
+    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out[:, width:].cpu()]
 
 
 # ---------------------------------------------------------------------------- encoding

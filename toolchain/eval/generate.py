@@ -8,28 +8,12 @@ their arithmetic, and one grader scores them all.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-# end-of-turn markers of the chat templates we know, used as stop tokens where the vocabulary has them
-_END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>")
-
-
-def stop_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> list[int]:
-    """The model's stop tokens: generation_config's EOS ids, the tokenizer's EOS, end-of-turn markers."""
-    ids: set[int] = set()
-    gen = Path(model_dir) / "generation_config.json" if model_dir else None
-    if gen is not None and gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
-    return sorted(ids)
+from toolchain.data.chat_encoding import stop_token_ids as stop_ids  # noqa: F401 (used by eval.run)
 
 
 def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
