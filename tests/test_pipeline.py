@@ -6,7 +6,7 @@ import pytest
 
 from toolchain.config import from_dict
 from toolchain.errors import UserError
-from toolchain.pipeline import run_pipeline
+from toolchain.pipeline import STAGES, run_pipeline
 
 
 def tiny_config(teacher_dir, **over):
@@ -84,7 +84,7 @@ def test_rerun_skips_finished_stages(run_dir, tiny_dir_6):
     before = (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns
     lines = []
     run_pipeline(tiny_config(tiny_dir_6), run_dir, progress=False, echo=lines.append)
-    assert sum("skipped" in line for line in lines) == 7
+    assert sum("skipped" in line for line in lines) == len(STAGES)  # finetune and eval did nothing, and are done
     assert (run_dir / "export" / "model-F16.gguf").stat().st_mtime_ns == before
 
 
@@ -99,3 +99,33 @@ def test_failed_verification_fails_the_run(tiny_dir_6, tmp_path):
         run_pipeline(cfg, tmp_path, progress=False, echo=lambda m: None)
     assert not (tmp_path / "stages" / "verify.json").exists()
     assert json.loads((tmp_path / "logs" / "verify_failed.json").read_text())["results"][0]["passed"] is False
+
+
+def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_dir_6, tmp_path):
+    rows = [{"prompt": f"Is message {i} spam?", "response": "spam" if i % 2 else "ham", "bucket": "ab"[i % 3 == 0]}
+            for i in range(40)]  # fmt: skip
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(
+        tiny_dir_6,
+        task={"path": str(task), "grader": {"kind": "label", "labels": ["spam", "ham"]}, "min_eval_per_bucket": 1,
+              "max_new_tokens": 3},
+        finetune={"enabled": True, "method": "lora", "steps": 4, "batch_size": 4, "lr": 1e-2, "seq_len": 64},
+        data={"mode": "task", "seq_len": 64, "gen_temperature": 0, "gen_max_new_tokens": 3},
+        export={"gguf": ["F16"], "onnx": False},
+        bench={"targets": ["cpu"], "torch_baseline": False},
+    )  # fmt: skip
+    out = tmp_path / "run"
+    run_pipeline(cfg, out, progress=False, echo=lambda m: None)
+    r = json.loads((out / "report.json").read_text())
+    assert r["finetune"]["method"] == "lora" and (out / "work" / "teacher-finetuned" / "config.json").is_file()
+    assert r["teacher"]["finetuned"] and r["distill"]["mode"] == "task" and r["distill"]["targets"] == "teacher"
+    models = r["task"]["models"]
+    assert list(models) == ["base teacher", "teacher", "student, before", "student", "student gguf F16"]
+    assert models["student gguf F16"]["format"] == "gguf" and models["base teacher"]["format"] == "hf"
+    n_eval = len(cfg.task.splits().eval)
+    assert all(sum(b["n"] for b in m["score"]["buckets"].values()) == n_eval for m in models.values())
+    assert set(r["task"]["retention"]) == {"student, before", "student", "student gguf F16"}
+    md = (out / "report.md").read_text()
+    assert "## Task accuracy" in md and "Retention of the teacher's accuracy" in md
+    assert {"finetune", "eval"} <= set(r["stage_seconds"])

@@ -63,7 +63,7 @@ def test_installed_wheel_benches_on_a_shipped_target(installed, tiny_dir, tmp_pa
             "--target",
             "cpu",
             "--runs",
-            "1",
+            "3",
             "--prompt-tokens",
             "16",
             "--short-prompt-tokens",

@@ -19,7 +19,7 @@ from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench")
+STAGES = ("finetune", "teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "eval", "bench")
 
 
 class Run:
@@ -36,11 +36,19 @@ class Run:
         return json.loads(p.read_text()) if p.is_file() else None
 
     @property
+    def teacher_config(self):
+        """The teacher every stage after `finetune` starts from: the fine-tuned one when it ran."""
+        import dataclasses
+
+        tuned = (self.record("finetune") or {}).get("path")
+        return dataclasses.replace(self.config.teacher, model=tuned, adapter=None) if tuned else self.config.teacher
+
+    @property
     def teacher(self):
         if self._teacher is None:
             from toolchain.models.load import load_model
 
-            t = self.config.teacher
+            t = self.teacher_config
             self.echo(f"loading teacher {t.model}" + (f" + adapter {t.adapter}" if t.adapter else ""))
             self._teacher = load_model(t.model, t.adapter, t.dtype)
         return self._teacher
@@ -52,7 +60,7 @@ class Run:
         The student is still made from the plain teacher (`self.teacher`): its blocks are copied,
         and quantized or LoRA-wrapped blocks are not something to copy into a student.
         """
-        t = self.config.teacher
+        t = self.teacher_config
         if t.quantize == "none" and (t.adapter_mode == "merge" or not t.adapter):
             return self.teacher
         if getattr(self, "_distill_teacher", None) is None:
@@ -65,6 +73,17 @@ class Run:
         return self._distill_teacher
 
     # ------------------------------------------------------------------ stages
+    def stage_finetune(self) -> dict:
+        if not self.config.finetune.enabled:
+            return {}
+        from toolchain.finetune.run import finetune_teacher
+
+        splits = self.config.task.splits()
+        out, work = self.path("work", "teacher-finetuned"), self.path("work", "finetune")
+        res = finetune_teacher(self.config.teacher, splits.train, out, self.config.finetune, work, echo=self.echo)
+        self.echo(f"  answer loss {res['loss_first10']:.3f} -> {res['loss_last10']:.3f} over {res['steps']} steps")
+        return res
+
     def stage_teacher(self) -> dict:
         from toolchain.models.load import count_params
 
@@ -78,6 +97,7 @@ class Run:
             "bytes": params * 4,
             "layers": t.model.config.num_hidden_layers,
             "adapter": self.config.teacher.adapter,
+            "finetuned": bool((self.record("finetune") or {}).get("path")),
         }
 
     def stage_student(self) -> dict:
@@ -85,7 +105,14 @@ class Run:
         from toolchain.student import build_student
 
         s, d = self.config.student, self.config.data
-        calib = calibration_blocks(self.teacher.tokenizer, d, s.calib_sequences)
+        if self.config.task.path:  # the layers the task's own inputs use
+            from toolchain.student import task_calibration
+
+            calib = task_calibration(
+                self.teacher.tokenizer, self.config.task.splits().calib, d.seq_len, s.calib_sequences
+            )
+        else:
+            calib = calibration_blocks(self.teacher.tokenizer, d, s.calib_sequences)
         res = build_student(self.teacher, self.path("work", "student-init"), s.keep_layers, calib, s.selection)
         self.echo(f"student keeps layers {res['kept_layers']} ({res['params'] / 1e6:.1f} M params)")
         return res
@@ -102,7 +129,7 @@ class Run:
             self.config.distill,
             self.path("work", "distill"),
             self.progress,
-            teacher_cfg=self.config.teacher,
+            teacher_cfg=self.teacher_config,
             task=self.config.task,
         )
 
@@ -175,6 +202,36 @@ class Run:
             self.echo(format_table(results, "  GGUF quality on held-out text:"))
         return {"results": results}
 
+    def stage_eval(self) -> dict:
+        if not self.config.task.path:
+            return {}
+        from toolchain.eval.run import evaluate_models
+
+        res = evaluate_models(self._eval_models(), self.config.task.splits().eval, self.config.task, echo=self.echo)
+        from toolchain.eval.score import format_table
+
+        self.echo(format_table({k: v["score"] for k, v in res["models"].items()}, "  task accuracy (eval split):"))
+        return res
+
+    def _eval_models(self) -> dict:
+        """name -> (Artifact, tokenizer directory): teachers and students in torch, exports as shipped."""
+        from toolchain.models.artifacts import describe_model
+
+        student = self.path("student")
+        models = {}
+        if (self.record("finetune") or {}).get("path"):
+            from toolchain.models.load import resolve_model_dir
+
+            base = resolve_model_dir(self.config.teacher.model)
+            models["base teacher"] = (describe_model(base), base)
+        tdir = self.teacher.path
+        models["teacher"] = (describe_model(tdir), tdir)
+        models["student, before"] = (describe_model(self.path("work", "student-init")), student)
+        models["student"] = (describe_model(student), student)
+        for e in self._exports():
+            models[f"student {e['format']} {e['quant']}"] = (e, student)
+        return models
+
     def stage_bench(self) -> dict:
         from toolchain.bench.run import bench_targets, describe_model
         from toolchain.targets import load_target
@@ -231,10 +288,12 @@ class Run:
                 write_json(self.path("logs", f"{stage}_failed.json"), e.figures)
                 self.write_report(seconds, {stage: _failed_figures(stage, e.figures)})
                 raise
-            seconds[stage] = round(time.perf_counter() - t0, 1)
+            if result:  # a stage the config turns off returns {}: recorded, but no time of its own
+                seconds[stage] = round(time.perf_counter() - t0, 1)
             write_json(self.path("stages", f"{stage}.json"), result)
             write_json(seconds_file, seconds)
-            self.echo(f"[{stage}] {seconds[stage]:.1f} s")
+            if result:
+                self.echo(f"[{stage}] {seconds[stage]:.1f} s")
         report = self.write_report(seconds)
         self.echo(f"report: {self.path('report.md')}  ({sum(seconds.values()):.0f} s in stages)")
         return report

@@ -116,6 +116,22 @@ def make_student(teacher: LoadedModel, keep_layers: int | list[int], calib: torc
     return student, keep
 
 
+def task_calibration(tokenizer, examples, seq_len: int, n: int) -> torch.Tensor:
+    """Calibration blocks from task examples: their rendered chats packed into n rows of seq_len
+    tokens, so the layers kept are the ones the task's inputs use (fewer rows when short of text)."""
+    from toolchain.data.chat_encoding import encode_example
+
+    stream: list[int] = []
+    for e in examples:
+        stream += encode_example(tokenizer, e.messages)[0]
+        if len(stream) >= n * seq_len:
+            break
+    rows = max(1, min(n, len(stream) // seq_len))
+    if len(stream) < seq_len:
+        raise UserError(f"the task's calibration examples hold {len(stream)} tokens; student selection needs {seq_len}")
+    return torch.tensor(stream[: rows * seq_len]).view(rows, seq_len)
+
+
 def build_student(
     teacher: LoadedModel,
     out_dir: str | os.PathLike,

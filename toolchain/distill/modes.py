@@ -200,8 +200,9 @@ def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task:
 
     splits = task.splits()
     white_box = data.task_targets == "teacher" and data.teacher_logits
+    train = _examples_used(splits.train, cfg)
     if data.task_targets == "gold":
-        train_ex = [e.messages for e in splits.train]
+        train_ex = [e.messages for e in train]
         source = f"{task.path} (gold answers)"
     else:
         t = _resolve(teacher)
@@ -212,7 +213,7 @@ def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task:
         train_ex = S.generate_responses(
             t.model,
             t.tokenizer,
-            [e.prompt for e in splits.train],
+            [e.prompt for e in train],
             out,
             tid,
             max_new_tokens=data.gen_max_new_tokens,
@@ -223,17 +224,27 @@ def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task:
         source = str(out)
         if white_box:
             shared_vocab_size(t.model, t.tokenizer, student, student_tok)
-    train = S.encode_pairs(student_tok, train_ex, data.seq_len)
+    encoded = S.encode_pairs(student_tok, train_ex, data.seq_len)
     held = S.encode_pairs(student_tok, [e.messages for e in splits.calib], data.seq_len)
     info = {
         "mode": "task",
         "targets": data.task_targets,
         "teacher_logits": white_box,
         "source": source,
-        "train_examples": len(train),
+        "train_examples": len(encoded),
         "heldout_examples": len(held),
-        "dropped_too_long": train.dropped + held.dropped,
-        "truncated": train.truncated + held.truncated,
+        "dropped_too_long": encoded.dropped + held.dropped,
+        "truncated": encoded.truncated + held.truncated,
     }
-    fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed, one_hot_targets=not white_box)
+    fn = S.sequence_batch_fn(encoded, cfg.batch_size, cfg.seed, one_hot_targets=not white_box)
     return DataPlan(fn, held.batches(4, one_hot_targets=not white_box), white_box, info)
+
+
+def _examples_used(train: list, cfg: DistillConfig) -> list:
+    """The train examples the steps will see: all of them, or (when the run sees fewer than the
+    split holds) that many, the same share of each bucket. The teacher answers only these:
+    generating for examples no step reaches is most of the stage's time on a large split."""
+    from toolchain.data.tasks import stratified_cap
+
+    seen = cfg.steps * cfg.batch_size * cfg.grad_accum
+    return stratified_cap(train, seen) if seen < len(train) else train

@@ -95,3 +95,24 @@ def evaluate_model(
         "samples": samples,
         "seconds": round(seconds, 1),
     }
+
+
+def evaluate_models(
+    models: dict[str, tuple[Artifact, str | os.PathLike]],
+    examples: list[TaskExample],
+    task: TaskConfig,
+    reference: str = "teacher",
+    echo=print,
+) -> dict:
+    """Each named (model, tokenizer directory) on the same examples, and every student's retention
+    of the `reference` model's accuracy, per bucket and macro."""
+    from toolchain.eval.score import retention
+
+    out = {}
+    for name, (model, tok_dir) in models.items():
+        r = evaluate_model(model, examples, task, tokenizer_dir=tok_dir)
+        echo(f"  {name}: macro {r['score']['macro']:.1%}, micro {r['score']['micro']:.1%} ({r['seconds']:.0f} s)")
+        out[name] = {k: r[k] for k in ("format", "quant", "path", "score", "samples", "seconds")}
+    ref = out.get(reference)
+    kept = {n: retention(v["score"], ref["score"]) for n, v in out.items() if ref and n.startswith("student")}
+    return {"models": out, "reference": reference, "retention": kept, "examples": len(examples)}

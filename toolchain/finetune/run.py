@@ -168,7 +168,8 @@ def train(loaded: LoadedModel, rows, cfg: FinetuneConfig, work_dir: Path, key: s
     t0, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         idx = batch_indices(step, cfg.batch_size, len(rows), cfg.seed).tolist()
-        loss, n = answer_loss(model, collate([rows[i] for i in idx], pad))
+        batch = collate([rows[i] for i in idx], pad)
+        loss, _ = answer_loss(model, batch)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"fine-tuning diverged at step {step}: loss {float(loss)} (last finite {losses[-1:]}); "
@@ -180,12 +181,12 @@ def train(loaded: LoadedModel, rows, cfg: FinetuneConfig, work_dir: Path, key: s
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        tokens += n
+        tokens += int(batch["attention_mask"].sum())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_state(ckpt, model, optimizer, scheduler, step + 1, key, losses)
         if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
-            echo(f"  finetune step {step + 1}/{cfg.steps}: answer loss {losses[-1]:.3f} ({rate:.0f} answer tok/s)")
+            echo(f"  finetune step {step + 1}/{cfg.steps}: answer loss {losses[-1]:.3f} ({rate:.0f} tok/s)")
     return losses
 
 

@@ -64,6 +64,7 @@ def render(report: dict) -> str:
         _img(plots.size_speed_quality(report), "size vs speed vs quality"),
         _img(plots.per_target(report), "decode speed per target"),
         _img(plots.roofline(report), "efficiency against the roofline"),
+        _img(plots.task_buckets(report), "task accuracy per bucket"),
     ]
     figs = "\n".join(f for f in figures if f)
     body = _md_to_html(render_markdown(report))

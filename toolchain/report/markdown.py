@@ -197,6 +197,34 @@ def _exports_section(ex: list[dict]) -> list[str]:
     return lines
 
 
+def _task_section(task: dict, finetune: dict) -> list[str]:
+    """Accuracy per capability bucket of every model on the eval split, and what the students keep."""
+    models = task["models"]
+    buckets = sorted({b for m in models.values() for b in m["score"]["buckets"]})
+    lines = ["## Task accuracy", ""]
+    if finetune.get("path"):
+        lines += [
+            f"Teacher fine-tuned ({finetune['method']}, {finetune['steps']} steps on {finetune['examples']} examples): "
+            f"answer loss {finetune['loss_first10']:.3f} -> {finetune['loss_last10']:.3f}.",
+            "",
+        ]
+    n = {b: next(m["score"]["buckets"][b]["n"] for m in models.values() if b in m["score"]["buckets"]) for b in buckets}
+    lines += [f"{task['examples']} eval examples, never trained on (per bucket: "
+              + ", ".join(f"{b} {n[b]}" for b in buckets) + ").", ""]  # fmt: skip
+    rows = []
+    for name, m in models.items():
+        acc = [_f(m["score"]["buckets"].get(b, {}).get("accuracy"), ".1%") for b in buckets]
+        rows.append(
+            [name, f"{m['format']} {m['quant']}", *acc, _f(m["score"]["macro"], ".1%"), _f(m["score"]["micro"], ".1%")]
+        )
+    lines += _table(["model", "file", *buckets, "macro", "micro"], rows)
+    if task.get("retention"):
+        lines += ["", f"Retention of the {task['reference']}'s accuracy:", ""]
+        rows = [[name, _f(r["macro"], ".1%"), _f(r["min_bucket"], ".1%")] for name, r in task["retention"].items()]
+        lines += _table(["student", "macro", "lowest bucket"], rows)
+    return lines + [""]
+
+
 def render(report: dict) -> str:
     t, s, d = report.get("teacher", {}), report.get("student", {}), report.get("distill", {})
     lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
@@ -207,6 +235,8 @@ def render(report: dict) -> str:
     ex = report.get("exports", [])
     if ex:
         lines += _exports_section(ex)
+    if (report.get("task") or {}).get("models"):
+        lines += _task_section(report["task"], report.get("finetune") or {})
 
     bench = report.get("bench", [])
     if bench:

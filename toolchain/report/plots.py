@@ -151,3 +151,23 @@ def roofline(report: dict) -> bytes | None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def task_buckets(report: dict) -> bytes | None:
+    """Accuracy per capability bucket, one bar per model: where a student falls off a cliff."""
+    models = ((report.get("task") or {}).get("models")) or {}
+    if not models:
+        return None
+    plt = _plt()
+    buckets = sorted({b for m in models.values() for b in m["score"]["buckets"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(buckets) + 2), 3.6))
+    width = 0.8 / len(models)
+    for i, (name, m) in enumerate(models.items()):
+        acc = [100 * m["score"]["buckets"].get(b, {}).get("accuracy", 0.0) for b in buckets]
+        ax.bar([j + i * width for j in range(len(buckets))], acc, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(buckets))], buckets, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("task accuracy per bucket (eval split)")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
