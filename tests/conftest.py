@@ -17,6 +17,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real embedded model (tens of seconds)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with real-model tests first: the test processes take files in this order, so the
+    longest ones start early instead of leaving one process working alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays
+
+
 @pytest.fixture(scope="session")
 def teacher_dir() -> Path:
     """HF directory of the real embedded teacher (converted from its GGUF once, then cached)."""
