@@ -95,3 +95,13 @@ def test_a_stopped_finetune_resumes_to_the_same_weights(tiny_dir, tmp_path):
     a, b = load_model(str(tmp_path / "whole")).model, load_model(str(tmp_path / "resumed")).model
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_examples_longer_than_seq_len_are_refused_with_the_fix(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from toolchain.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    with pytest.raises(UserError, match=r"longer than finetune.seq_len=8 tokens \(shortest: \d+\); raise"):
+        encode_task(tok, task(3), seq_len=8)

@@ -45,8 +45,8 @@ def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, stops: 
                 attention_mask=torch.ones_like(x),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=stops[0],
+                eos_token_id=stops or None,
+                pad_token_id=stops[0] if stops else None,  # batch 1: never used, but generate asks
             )
             out.append(y[0, len(ids) :].tolist())
     return out

@@ -43,9 +43,9 @@ def encode_task(tokenizer, examples: list[TaskExample], seq_len: int) -> list[tu
     out = [encode_example(tokenizer, e.messages) for e in examples]
     kept = [(ids, n) for ids, n in out if len(ids) <= seq_len and len(ids) > n]
     if not kept:
-        longest = min(len(ids) for ids, _ in out)
+        shortest = min(len(ids) for ids, _ in out)
         raise UserError(
-            f"every task example is longer than finetune.seq_len={seq_len} tokens (shortest: {longest}); "
+            f"every task example is longer than finetune.seq_len={seq_len} tokens (shortest: {shortest}); "
             "raise finetune.seq_len or shorten the prompts"
         )
     if len(kept) < len(out):
