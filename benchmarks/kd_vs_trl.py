@@ -7,7 +7,7 @@ then cosine, grad clip 1.0, fp32, 2 threads, N steps (default 60).
 
 Runs (each in its own process, so peak RSS and allocator settings are per run):
 - ours:      toolchain's loop, forward KL at T=1, alpha=0 (the objective TRL's GKD loss computes
-             at beta=0: it ignores `temperature`, which only drives its generation; DESIGN.md),
+             at beta=0: it ignores `temperature`, which only drives its generation),
              with `distill.compile` (torch.compile of both decoder bodies; compiling falls in the
              first steps, which steady-state tokens/s leaves out);
 - ours_eager: the same without compiling (TRL runs eager too: its `torch_compile` is off by default);
