@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 
 
+def prompt_token_ids(tokenizer, chat: list[dict]) -> list[int]:
+    """The chat rendered with the model's template, ready for its answer (generation prompt added)."""
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def encode_example(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
     """Token ids of a rendered chat and how many of them are prompt (everything before the answer)."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)

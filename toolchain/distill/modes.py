@@ -163,39 +163,56 @@ def _sequences(data, cfg, student_tok, work_dir, teacher, teacher_cfg) -> DataPl
         examples = S.read_pairs(data.pairs)
         source = data.pairs
     else:
-        t = _resolve(teacher)
-        if t is None:
-            raise UserError("data.prompts: generating responses needs the teacher; give one, or use data.pairs")
-        tid = teacher_id_for(teacher_cfg) if teacher_cfg is not None else loaded_teacher_id(t)
-        out = (Path(data.cache_dir) if data.cache_dir else work_dir) / "generations.jsonl"
-        examples = S.generate_pairs(
-            t.model,
-            t.tokenizer,
-            S.read_prompts(data.prompts),
-            out,
-            tid,
-            max_new_tokens=data.gen_max_new_tokens,
-            temperature=data.gen_temperature,
-            seed=data.seed,
+        chats = [[{"role": "user", "content": p}] for p in S.read_prompts(data.prompts)]
+        missing = "data.prompts: generating responses needs the teacher; give one, or use data.pairs"
+        _, examples, source = _teacher_answers(
+            data, teacher, teacher_cfg, work_dir, chats, "generations.jsonl", missing
         )
-        source = str(out)
     train_ex, held_ex = S.split_examples(examples, data.heldout_fraction, data.eval_sequences, data.seed)
+    return _sequence_plan({"mode": "sequences", "source": source}, train_ex, held_ex, student_tok, data, cfg, False)
+
+
+def _teacher_answers(data, teacher, teacher_cfg, work_dir, chats, filename: str, missing: str, samples: int = 1):
+    """(teacher, its answers to `chats` as examples, the JSONL they are kept in), made once."""
+    from toolchain.distill import sequences as S
+
+    t = _resolve(teacher)
+    if t is None:
+        raise UserError(missing)
+    tid = teacher_id_for(teacher_cfg) if teacher_cfg is not None else loaded_teacher_id(t)
+    out = (Path(data.cache_dir) if data.cache_dir else work_dir) / filename
+    examples = S.generate_responses(
+        t.model,
+        t.tokenizer,
+        chats,
+        out,
+        tid,
+        max_new_tokens=data.gen_max_new_tokens,
+        temperature=data.gen_temperature,
+        seed=data.seed,
+        samples=samples,
+    )
+    return t, examples, str(out)
+
+
+def _sequence_plan(info: dict, train_ex, held_ex, student_tok, data, cfg, white_box: bool) -> DataPlan:
+    """Chat examples encoded for the loop: one-hot targets (black-box), or the teacher run online."""
+    from toolchain.distill import sequences as S
+
     train = S.encode_pairs(student_tok, train_ex, data.seq_len)
     held = S.encode_pairs(student_tok, held_ex, data.seq_len)
     info = {
-        "mode": "sequences",
-        "source": source,
+        **info,
         "train_examples": len(train),
         "heldout_examples": len(held),
         "dropped_too_long": train.dropped + held.dropped,
         "truncated": train.truncated + held.truncated,
     }
-    fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed)
-    return DataPlan(fn, held.batches(4), False, info)
+    fn = S.sequence_batch_fn(train, cfg.batch_size, cfg.seed, one_hot_targets=not white_box)
+    return DataPlan(fn, held.batches(4, one_hot_targets=not white_box), white_box, info)
 
 
 def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task: TaskConfig) -> DataPlan:
-    from toolchain.distill import sequences as S
     from toolchain.distill.vocab import shared_vocab_size
 
     splits = task.splits()
@@ -205,39 +222,16 @@ def _task(data, cfg, student, student_tok, work_dir, teacher, teacher_cfg, task:
         train_ex = [e.messages for e in train]
         source = f"{task.path} (gold answers)"
     else:
-        t = _resolve(teacher)
-        if t is None:
-            raise UserError("data.task_targets: teacher needs the teacher to answer the task's prompts")
-        tid = teacher_id_for(teacher_cfg) if teacher_cfg is not None else loaded_teacher_id(t)
-        out = (Path(data.cache_dir) if data.cache_dir else work_dir) / "task-generations.jsonl"
-        train_ex = S.generate_responses(
-            t.model,
-            t.tokenizer,
-            [e.prompt for e in train],
-            out,
-            tid,
-            max_new_tokens=data.gen_max_new_tokens,
-            temperature=data.gen_temperature,
-            seed=data.seed,
-            samples=data.gen_samples,
+        missing = "data.task_targets: teacher needs the teacher to answer the task's prompts"
+        chats = [e.prompt for e in train]
+        t, train_ex, source = _teacher_answers(
+            data, teacher, teacher_cfg, work_dir, chats, "task-generations.jsonl", missing, data.gen_samples
         )
-        source = str(out)
         if white_box:
             shared_vocab_size(t.model, t.tokenizer, student, student_tok)
-    encoded = S.encode_pairs(student_tok, train_ex, data.seq_len)
-    held = S.encode_pairs(student_tok, [e.messages for e in splits.calib], data.seq_len)
-    info = {
-        "mode": "task",
-        "targets": data.task_targets,
-        "teacher_logits": white_box,
-        "source": source,
-        "train_examples": len(encoded),
-        "heldout_examples": len(held),
-        "dropped_too_long": encoded.dropped + held.dropped,
-        "truncated": encoded.truncated + held.truncated,
-    }
-    fn = S.sequence_batch_fn(encoded, cfg.batch_size, cfg.seed, one_hot_targets=not white_box)
-    return DataPlan(fn, held.batches(4, one_hot_targets=not white_box), white_box, info)
+    info = {"mode": "task", "targets": data.task_targets, "teacher_logits": white_box, "source": source}
+    held_ex = [e.messages for e in splits.calib]
+    return _sequence_plan(info, train_ex, held_ex, student_tok, data, cfg, white_box)
 
 
 def _examples_used(train: list, cfg: DistillConfig) -> list:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from toolchain.data.chat_encoding import encode_example, stop_token_ids
+from toolchain.data.chat_encoding import encode_example, prompt_token_ids, stop_token_ids
 from toolchain.data.task_files import read_pairs, read_prompts  # noqa: F401 (public here too)
 from toolchain.devices.placement import model_device
 from toolchain.distill.batch import IGNORE_INDEX, Batch
@@ -117,8 +117,7 @@ def _row(chat: list[dict], answer: str) -> dict:
 
 def _answer_batch(teacher, tokenizer, chats: list[list[dict]], max_new_tokens: int, temperature: float, top_p: float):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    enc = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    enc = [prompt_token_ids(tokenizer, c) for c in chats]
     width = max(map(len, enc))
     # left padding for generation, so every prompt ends where decoding starts
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])

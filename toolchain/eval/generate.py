@@ -13,13 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.data.chat_encoding import stop_token_ids as stop_ids  # noqa: F401 (used by eval.run)
-
-
-def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
 
 def decode_answer(tokenizer, ids: list[int], stops: list[int]) -> str:
     """The answer text: up to the first stop token, special tokens dropped, stripped."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from toolchain.config import TaskConfig
+from toolchain.data.chat_encoding import prompt_token_ids, stop_token_ids
 from toolchain.data.tasks import TaskExample
 from toolchain.errors import UserError
 from toolchain.eval import generate as G
@@ -74,8 +75,8 @@ def evaluate_model(
         raise UserError("nothing to evaluate: the task's eval split is empty")
     tok_dir = tokenizer_dir_for(model, tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    stops = G.stop_ids(tok, tok_dir)
-    prompts = [G.prompt_ids(tok, e.prompt) for e in examples]
+    stops = stop_token_ids(tok, tok_dir)
+    prompts = [prompt_token_ids(tok, e.prompt) for e in examples]
     t0 = time.perf_counter()
     raw = _RUNTIMES[model["format"]](model, prompts, task.max_new_tokens, stops, threads)
     answers = [G.decode_answer(tok, ids, stops) for ids in raw]

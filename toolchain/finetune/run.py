@@ -77,8 +77,8 @@ def collate(rows: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tens
     }
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the answer tokens, and how many there were."""
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens."""
     labels = batch["labels"]
     logits = model(
         input_ids=batch["input_ids"],
@@ -91,7 +91,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss / max(n, 1), n
+    return loss / max(n, 1)
 
 
 # ---------------------------------------------------------------------------- model set-up
@@ -169,7 +169,7 @@ def train(loaded: LoadedModel, rows, cfg: FinetuneConfig, work_dir: Path, key: s
     for step in range(start, cfg.steps):
         idx = batch_indices(step, cfg.batch_size, len(rows), cfg.seed).tolist()
         batch = collate([rows[i] for i in idx], pad)
-        loss, _ = answer_loss(model, batch)
+        loss = answer_loss(model, batch)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"fine-tuning diverged at step {step}: loss {float(loss)} (last finite {losses[-1:]}); "
