@@ -30,7 +30,7 @@ def _per_layer_config_lists(config) -> list[str]:
     return [k for k, v in vars(config).items() if isinstance(v, list) and len(v) == n]
 
 
-def _with_layers(model, keep: list[int]):
+def with_layers(model, keep: list[int]):
     """A deep copy of `model` holding only the decoder blocks in `keep` (in order)."""
     arch = get_arch(model.config.model_type)
     student = copy.deepcopy(model)
@@ -112,7 +112,7 @@ def make_student(teacher: LoadedModel, keep_layers: int | list[int], calib: torc
         raise UserError("student.keep_layers must be >= 2 with the angular rule (first and last blocks are kept)")
     else:
         keep = choose_layers(teacher.model, calib, keep_layers, rule)
-    student = _with_layers(teacher.model, keep)
+    student = with_layers(teacher.model, keep)
     return student, keep
 
 

@@ -24,6 +24,11 @@ class ArchSpec:
     transform: TensorTransform
     # HF tensor names never written (e.g. the output head when embeddings are tied)
     skip: Callable[[str, object], bool]
+    # per-block RMSNorm modules over the model width, for width pruning; empty: no pruning rule
+    block_norms: tuple[str, ...] = ()
+    # llama.cpp's graph for this family sizes the q/o projections by the model width, so a
+    # pruned model must keep hidden_size == num_attention_heads * head_dim
+    width_is_heads: bool = False
 
     def _layers_parent(self, model):
         parent_path, _, attr = self.layers_attr.rpartition(".")

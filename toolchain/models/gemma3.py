@@ -118,4 +118,10 @@ ARCH = ArchSpec(
     write_hparams=_write_hparams,
     transform=_transform,
     skip=_skip,
+    block_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
 )

@@ -68,4 +68,5 @@ ARCH = ArchSpec(
     write_hparams=_write_hparams,
     transform=_transform,
     skip=_skip,
+    block_norms=("input_layernorm", "post_attention_layernorm"),
 )

@@ -3,7 +3,8 @@
 llama.cpp's QWEN2 graph applies rotary to the HF row order (rotate_half), so unlike llama
 there is no Q/K row permutation; the q/k/v biases map to attn_{q,k,v}.bias. Sliding-window
 attention (use_sliding_window, off in released checkpoints) is refused: llama.cpp's QWEN2
-graph has none.
+graph has none. That graph also sizes attn_q by the model width, so width pruning keeps
+hidden_size == heads * head_dim.
 """
 
 from __future__ import annotations
@@ -32,4 +33,6 @@ ARCH = ArchSpec(
     write_hparams=write_hparams,
     transform=_transform,
     skip=llama._skip,
+    block_norms=("input_layernorm", "post_attention_layernorm"),
+    width_is_heads=True,
 )

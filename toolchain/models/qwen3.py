@@ -17,4 +17,5 @@ ARCH = ArchSpec(
     write_hparams=qwen2.write_hparams,
     transform=qwen2._transform,
     skip=llama._skip,
+    block_norms=("input_layernorm", "post_attention_layernorm"),
 )

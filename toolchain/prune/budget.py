@@ -1,0 +1,88 @@
+"""Budgets a pruned shape must fit: a parameter count, or a target device's memory (the weights
+at the quant type that ships there, plus the KV cache at the target's context)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import replace
+
+from toolchain.errors import UserError
+from toolchain.prune.axes import Shape, config_refusal, head_dim, params_of
+
+
+def bits_per_weight(quant: str) -> float:
+    """Bits per weight of a GGUF type (a K-quant mix such as Q4_K_M counted at its base type)."""
+    import gguf
+
+    base = re.sub(r"_(S|M|L|XS|XXS)$", "", quant.upper())
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]]
+    except KeyError:
+        raise UserError(f"prune: unknown GGUF type '{quant}' for the memory budget") from None
+    return size * 8 / block
+
+
+def memory_bytes(config, shape: Shape, quant: str, context: int) -> int:
+    """Weights at `quant` plus an f16 KV cache (llama.cpp's default) for `context` tokens."""
+    kv = 2 * shape.layers * shape.num_key_value_heads * head_dim(config) * context * 2
+    return int(params_of(config, shape) * bits_per_weight(quant) / 8) + kv
+
+
+def _align_down(x: float, align: int) -> int:
+    return max(align, int(x // align) * align)
+
+
+def _widest_within(config, layers: int, fits: Callable[[Shape], bool], align: int, width_is_heads: bool):
+    """At `layers` blocks, the widest shape (hidden and MLP cut by one ratio, heads kept unless
+    the width is made of them) that fits, or None."""
+    full = replace(Shape.of(config), layers=layers)
+    hd, kv = head_dim(config), full.num_key_value_heads
+
+    def at(r: float) -> Shape:
+        s = replace(
+            full,
+            hidden_size=min(full.hidden_size, _align_down(full.hidden_size * r, align)),
+            intermediate_size=min(full.intermediate_size, _align_down(full.intermediate_size * r, align)),
+        )
+        if width_is_heads:  # whole KV groups' worth of query heads, the width following them
+            heads = max(kv, min(full.num_attention_heads, s.hidden_size // hd // kv * kv))
+            return replace(s, num_attention_heads=heads, hidden_size=heads * hd)
+        return _fewer_heads_until_accepted(config, s)
+
+    if fits(at(1.0)):
+        return at(1.0)
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(14):  # bisection on the width ratio
+        mid = (lo + hi) / 2
+        if fits(at(mid)):
+            best, lo = at(mid), mid
+        else:
+            hi = mid
+    return best
+
+
+def _fewer_heads_until_accepted(config, s: Shape) -> Shape:
+    """`s` with the most query heads (whole KV groups, no more per group than before) that
+    transformers accepts at its width; `s` itself when none is (the caller's check says why)."""
+    kv = s.num_key_value_heads
+    for heads in range(s.num_attention_heads, 0, -kv):
+        c = replace(s, num_attention_heads=heads)
+        if heads % kv == 0 and config_refusal(config, c) is None:
+            return c
+    return s
+
+
+def candidate_shapes(
+    config, fits: Callable[[Shape], bool], depth: bool, align: int, width_is_heads: bool = False
+) -> list[Shape]:
+    """Shapes that fit, from width-only to half the depth: the widest fitting width at each depth."""
+    n = config.num_hidden_layers
+    depths = sorted({n, *(max(2, math.ceil(n * f)) for f in (0.8, 0.65, 0.5))}, reverse=True) if depth else [n]
+    out = []
+    for layers in depths:
+        s = _widest_within(config, layers, fits, align, width_is_heads)
+        if s is not None and s not in out:
+            out.append(s)
+    return out
