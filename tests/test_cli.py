@@ -108,6 +108,7 @@ def test_export_and_inspect_commands(capsys, tmp_path, tiny_dir):
         ["eval"],
         ["student"],
         ["distill"],
+        ["prune"],
         ["export", "gguf"],
         ["export", "onnx"],
         ["verify"],
@@ -268,3 +269,24 @@ def test_eval_command_scores_each_model(capsys, tmp_path, tiny_dir):
     assert set(only["buckets"]) == {"a", "b"} and 0.0 <= only["macro"] <= 1.0
     saved = json.loads((tmp_path / "e.json").read_text())
     assert len(next(iter(saved.values()))["answers"]) == sum(b["n"] for b in only["buckets"].values())
+
+
+def test_prune_command_cuts_to_a_budget_and_refuses_bad_goals(capsys, tmp_path, tiny_dir):
+    import json
+
+    code, out, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "p"), "--params", "0.7",
+                         "--set", "prune.align=8", "--set", "data.seq_len=32", "--set", "prune.calib_sequences=4")  # fmt: skip
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["params"] <= 0.7 * rec["params_before"] and len(rec["candidates"]) >= 2
+    assert (tmp_path / "p" / "config.json").is_file()
+    bad = [
+        (["--num-attention-heads", "3"], "not a multiple of num_key_value_heads=2"),
+        (["--params", "1K"], "no candidate shape fits"),
+        (["--params", "lots"], "count like 40M"),
+        ([], "needs a goal"),
+    ]
+    for flags, message in bad:
+        code, _, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "q"), *flags,
+                           "--set", "data.seq_len=32", "--set", "prune.calib_sequences=4")  # fmt: skip
+        assert_one_line_error(code, err, message)

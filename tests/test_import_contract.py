@@ -4,7 +4,7 @@ the data flow. Layers, lowest first (see docs/ARCHITECTURE.md):
 
   base     errors, fileio, native_output, formats, the package root
   shared   targets, data, config, models, runtime, devices (may use base and each other, acyclically)
-  stages   finetune -> student -> distill -> quantize -> export -> verify -> eval -> bench -> report,
+  stages   finetune -> student -> prune -> distill -> quantize -> export -> verify -> eval -> bench -> report,
            and inspect_model;
            a stage uses base, shared and earlier stages only
   top      pipeline, commands, cli, __main__
@@ -18,7 +18,19 @@ import toolchain
 ROOT = Path(toolchain.__file__).parent
 BASE = {"toolchain", "errors", "fileio", "native_output", "formats"}
 SHARED = {"targets", "data", "config", "models", "runtime", "devices"}
-STAGES = ["finetune", "student", "distill", "quantize", "export", "verify", "eval", "bench", "report", "inspect_model"]
+STAGES = [
+    "finetune",
+    "student",
+    "prune",
+    "distill",
+    "quantize",
+    "export",
+    "verify",
+    "eval",
+    "bench",
+    "report",
+    "inspect_model",
+]
 TOP = {"pipeline", "commands", "cli", "__main__"}
 
 

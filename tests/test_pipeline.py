@@ -17,7 +17,10 @@ def tiny_config(teacher_dir, **over):
         "data": {"seq_len": 32, "eval_sequences": 4},
         "distill": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
         "export": {"gguf": ["F16", "Q8_0"], "onnx": True, "onnx_precisions": ["fp32", "int8"]},
-        "verify": {"greedy_tokens": 8},
+        # a 4-step tiny random student has flat logits (a third of positions near-ties), where
+        # int8 activation rounding flips ties depending on the CPU's kernels; real models are held
+        # to the default 0.95 (tests/verify, benchmarks/onnx_verify_figures.py)
+        "verify": {"greedy_tokens": 8, "onnx_min_top1": {"int8": 0.9}},
         "bench": {"prompt_tokens": 32, "gen_tokens": 8, "runs": 3},
     }
     for k, v in over.items():
@@ -129,3 +132,31 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     md = (out / "report.md").read_text()
     assert "## Task accuracy" in md and "Retention of the teacher's accuracy" in md
     assert {"finetune", "eval"} <= set(r["stage_seconds"])
+
+
+def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_student(tiny_dir_6, tmp_path):
+    cfg = tiny_config(
+        tiny_dir_6,
+        student={"keep_layers": 4},
+        prune={"enabled": True, "layers": 3, "hidden_size": 48, "intermediate_size": 96, "rounds": 2,
+               "heal_steps": 2, "calib_sequences": 4},
+        export={"gguf": ["F16"], "onnx": False},
+        bench={"targets": ["cpu"], "torch_baseline": False},
+    )  # fmt: skip
+    out = tmp_path / "run"
+    lines: list[str] = []
+    run_pipeline(cfg, out, progress=False, echo=lines.append)
+    student = json.loads((out / "student" / "config.json").read_text())
+    assert (student["num_hidden_layers"], student["hidden_size"], student["intermediate_size"]) == (3, 48, 96)
+    r = json.loads((out / "report.json").read_text())
+    p = r["prune"]
+    assert [x["shape"]["intermediate_size"] for x in p["rounds"]] == [104, 96]  # geometric steps, multiples of 8
+    assert p["rounds"][0]["healed_steps"] == 2 and p["rounds"][0]["params"] > p["rounds"][1]["params"]
+    assert (out / "work" / "prune" / "round-1-healed" / "config.json").is_file()
+    assert sum("healing round-1" in line for line in lines) == 1
+    assert r["student"]["layers"] == 3 and set(r["student"]["kept_layers"]) <= set(range(6))
+    assert r["student"]["params"] == p["params"] < p["params_before"]
+    assert r["exports"][0]["parity"]["passed"] and r["distill"]["after"]["kl"] < r["distill"]["before"]["kl"]
+    meta = json.loads((out / "student" / "toolchain.json").read_text())
+    assert meta["pruning"]["shape"]["hidden_size"] == 48
+    assert "## Pruning" in (out / "report.md").read_text() and "prune" in r["stage_seconds"]

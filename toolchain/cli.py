@@ -67,6 +67,8 @@ def _field(p, flag: str, key: str, help: str, **kw) -> None:
     if "type" not in kw and kw.get("action") is None:
         kw["type"] = _ARG_TYPES[tp]
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    if "choices" not in kw:  # argparse would show the dest, e.g. FIELD:DISTILL.STEPS
+        kw.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
     p.add_argument(flag, dest=FIELD + key, default=None, help=f"{help} (config {key}; default {shown})", **kw)
 
 
@@ -135,6 +137,33 @@ def _add_student(sub) -> None:
     s.add_argument("--out", required=True, help="output HF directory")
     _add_config_args(s)
     s.set_defaults(func=commands.cmd_student)
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="cut a model's width (hidden channels, heads, MLP neurons) and depth by measured importance "
+        "to a shape or a budget; the result is a standard HF directory",
+    )
+    p.add_argument("model", help="HF model directory to prune (e.g. a student from `toolchain student`)")
+    p.add_argument("--out", required=True, help="output HF directory (the pruned model)")
+    p.add_argument("--work", help="directory for candidates, rounds and heals (default: OUT.work)")
+    for key in ("layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        _field(p, "--" + key.replace("_", "-"), f"prune.{key}", "target shape", type=int)
+    _field(p, "--params", "prune.params", "parameter budget: a count like 40M or a fraction like 0.5", type=str)
+    _field(p, "--target", "prune.target", "a target profile whose memory the weights + KV cache must fit", type=str)
+    _field(
+        p,
+        "--importance",
+        "prune.importance",
+        "activation, taylor or random",
+        choices=["activation", "taylor", "random"],
+    )
+    _field(p, "--rounds", "prune.rounds", "prune in this many steps, healing in between (needs --teacher)")
+    _field(p, "--heal-steps", "prune.heal_steps", "distillation steps after each round but the last")
+    _add_teacher(p)
+    _add_config_args(p)
+    p.set_defaults(func=commands.cmd_prune)
 
 
 def _add_distill(sub) -> None:
@@ -259,7 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"toolchain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    adders = [_add_run, _add_finetune, _add_student, _add_distill, _add_distill_cache, _add_export, _add_verify]
+    adders = [
+        _add_run,
+        _add_finetune,
+        _add_student,
+        _add_prune,
+        _add_distill,
+        _add_distill_cache,
+        _add_export,
+        _add_verify,
+    ]
     for add in [*adders, _add_eval, _add_bench]:
         add(sub)
     _add_inspect_and_report(sub)

@@ -19,7 +19,7 @@ from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("finetune", "teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "eval", "bench")
+STAGES = ("finetune", "teacher", "student", "prune", "distill", "export_gguf", "export_onnx", "verify", "eval", "bench")
 
 
 class Run:
@@ -100,21 +100,61 @@ class Run:
             "finetuned": bool((self.record("finetune") or {}).get("path")),
         }
 
-    def stage_student(self) -> dict:
-        from toolchain.distill.run import calibration_blocks
-        from toolchain.student import build_student
-
-        s, d = self.config.student, self.config.data
-        if self.config.task.path:  # the layers the task's own inputs use
+    def _calibration(self, n: int):
+        """n calibration rows of data.seq_len tokens: the task's own inputs when there is a task
+        (the structures kept are the ones it uses), else the first training blocks of the text."""
+        d = self.config.data
+        if self.config.task.path:
             from toolchain.student import task_calibration
 
-            calib = task_calibration(
-                self.teacher.tokenizer, self.config.task.splits().calib, d.seq_len, s.calib_sequences
-            )
-        else:
-            calib = calibration_blocks(self.teacher.tokenizer, d, s.calib_sequences)
+            return task_calibration(self.teacher.tokenizer, self.config.task.splits().calib, d.seq_len, n)
+        from toolchain.distill.run import calibration_blocks
+
+        return calibration_blocks(self.teacher.tokenizer, d, n)
+
+    def stage_student(self) -> dict:
+        from toolchain.student import build_student
+
+        s = self.config.student
+        calib = self._calibration(s.calib_sequences)
         res = build_student(self.teacher, self.path("work", "student-init"), s.keep_layers, calib, s.selection)
         self.echo(f"student keeps layers {res['kept_layers']} ({res['params'] / 1e6:.1f} M params)")
+        return res
+
+    @property
+    def student_init(self) -> Path:
+        """The student distillation starts from: the pruned one when the prune stage ran."""
+        pruned = (self.record("prune") or {}).get("path")
+        return Path(pruned) if pruned else self.path("work", "student-init")
+
+    def stage_prune(self) -> dict:
+        p = self.config.prune
+        if not p.enabled:
+            return {}
+        from toolchain.distill.heal import make_heal
+        from toolchain.prune import prune_student
+
+        heal = make_heal(
+            lambda: self.distill_teacher,
+            self.config.data,
+            self.config.distill,
+            self.path("work", "prune", "teacher-data"),
+            self.teacher_config,
+            self.config.task,
+            self.echo,
+        )
+        res = prune_student(
+            self.path("work", "student-init"),
+            self.path("work", "student-pruned"),
+            p,
+            self._calibration(p.calib_sequences),
+            self.path("work", "prune"),
+            heal=heal,
+        )
+        self.echo(
+            f"pruned to {res['shape']} ({res['params_before'] / 1e6:.1f} -> {res['params'] / 1e6:.1f} M params), "
+            f"held-out KL to the unpruned student {res['heldout_kl']:.3f}"
+        )
         return res
 
     def _distill_student(self) -> dict:
@@ -123,7 +163,7 @@ class Run:
         # a function, so a complete teacher cache or a JSONL of pairs never loads the teacher
         return distill_student(
             lambda: self.distill_teacher,
-            self.path("work", "student-init"),
+            self.student_init,
             self.path("student"),
             self.config.data,
             self.config.distill,
@@ -226,7 +266,7 @@ class Run:
             models["base teacher"] = (describe_model(base), base)
         tdir = self.teacher.path
         models["teacher"] = (describe_model(tdir), tdir)
-        models["student, before"] = (describe_model(self.path("work", "student-init")), student)
+        models["student, before"] = (describe_model(self.student_init), student)
         models["student"] = (describe_model(student), student)
         for e in self._exports():
             models[f"student {e['format']} {e['quant']}"] = (e, student)

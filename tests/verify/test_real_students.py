@@ -1,8 +1,9 @@
 """A correct F16 export of a real student passes verify; its near-ties are reported, not failed.
 
-Depth-pruned students of the two bundled real models (no training: their logits are flat, so
-near-ties are common, which is where a check against unrounded fp32 weights used to fail
-correct files)."""
+Pruned students of the two bundled real models (no training: their logits are flat, so near-ties
+are common, which is where a check against unrounded fp32 weights used to fail correct files):
+SmolLM2 depth-pruned, Gemma-3-270M depth- and then width-pruned (hidden channels and MLP neurons
+by activation importance, its norm offsets and 262k tied embedding sliced with them)."""
 
 import pytest
 
@@ -11,8 +12,11 @@ from toolchain.config import DataConfig, VerifyConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("teacher_name,keep", [("smollm2-135m-instruct", 10), ("gemma3-270m", 6)])
-def test_f16_of_a_real_student_passes(teacher_name, keep, tmp_path):
+@pytest.mark.parametrize(
+    "teacher_name,keep,width",
+    [("smollm2-135m-instruct", 10, None), ("gemma3-270m", 6, {"hidden_size": 512, "intermediate_size": 1536})],
+)
+def test_f16_of_a_real_student_passes(teacher_name, keep, width, tmp_path):
     from toolchain.distill.run import calibration_blocks
     from toolchain.export.gguf import export_gguf
     from toolchain.models.load import load_model
@@ -21,8 +25,16 @@ def test_f16_of_a_real_student_passes(teacher_name, keep, tmp_path):
 
     teacher = load_model(teacher_name)
     student = tmp_path / "student"
-    build_student(teacher, student, keep, calibration_blocks(teacher.tokenizer, DataConfig(), 4))
+    calib = calibration_blocks(teacher.tokenizer, DataConfig(), 4)
+    build_student(teacher, student, keep, calib)
     del teacher
+    if width:
+        from toolchain.config import PruneConfig
+        from toolchain.prune import prune_student
+
+        rec = prune_student(student, tmp_path / "pruned", PruneConfig(enabled=True, **width), calib, tmp_path / "w")
+        assert rec["shape"]["hidden_size"] == width["hidden_size"] and rec["params"] < rec["params_before"]
+        student = tmp_path / "pruned"
     recs = [{**r, "format": "gguf"} for r in export_gguf(student, tmp_path / "export", ["F16"])]
     cfg = VerifyConfig(greedy_tokens=24, quality_tokens=0)
     (res,) = verify_exports(student, recs, cfg)

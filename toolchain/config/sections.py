@@ -17,6 +17,7 @@ from toolchain.config.checks import choice as _choice
 from toolchain.config.checks import existing_file as _existing_file
 from toolchain.config.checks import non_negative as _non_negative
 from toolchain.config.checks import positive as _positive
+from toolchain.config.prune import PruneConfig
 from toolchain.config.task import FinetuneConfig, LoraConfig, TaskConfig
 from toolchain.errors import UserError
 
@@ -346,6 +347,7 @@ class Config:
     name: str = "student"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -122,17 +122,20 @@ def distill_student(
     progress: bool = True,
     teacher_cfg: TeacherConfig | None = None,
     task: TaskConfig | None = None,
+    par: Parallel | None = None,
 ) -> dict:
     """Train the student in student_dir towards the teacher; save it to out_dir (atomically).
 
     `teacher` is a LoadedModel or a zero-argument function returning one: `data.mode` decides
     whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
-    Under a multi-process launcher only process 0 saves and returns the full figures.
+    Under a multi-process launcher only process 0 saves and returns the full figures; `par`
+    overrides the launcher's processes (SINGLE: a run process 0 makes alone, such as a heal
+    between pruning rounds while the others wait for the distill stage).
     """
     from toolchain.devices.parallel import from_env
     from toolchain.devices.placement import resolve_device
 
-    par = from_env()
+    par = par or from_env()
     teacher = _placed_teacher(teacher, resolve_device(cfg.device))
     student = load_model(str(student_dir))
     plan = _prepare_data(teacher, student, data, cfg, work_dir, teacher_cfg, progress, par, task)

@@ -171,6 +171,7 @@ def prune_student(
         record["rounds"].append(entry)
         model = pruned
     record.update(
+        shape_before=vars(full),
         shape=vars(goal),
         params=count_params(model),
         heldout_kl=round(heldout_kl(student.model, model, score_rows), 5),
@@ -180,7 +181,7 @@ def prune_student(
     meta["pruning"] = record
     meta["name"] = f"{student.meta.get('name', 'model')}-pruned-{record['params'] / 1e6:.0f}M"
     save_model(model, student.tokenizer, out_dir, meta)
-    return {**record, "path": str(Path(out_dir))}
+    return {**record, "kept_layers": meta["kept_layers"], "path": str(Path(out_dir))}
 
 
 def rounds_needed(params_ratio: float) -> int:

@@ -24,6 +24,7 @@ def _bench_row(b: dict) -> dict:
 
 def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     student = stages.get("student", {})
+    prune = stages.get("prune") or {}
     distill = stages.get("distill", {})
     exports = []
     onnx = stages.get("export_onnx") or {}
@@ -48,9 +49,10 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         "student": {
             "params": distill.get("params", student.get("params")),
             "bytes": distill.get("bytes"),
-            "layers": len(student.get("kept_layers") or []),
-            "kept_layers": student.get("kept_layers"),
+            "layers": len(prune.get("kept_layers") or student.get("kept_layers") or []),
+            "kept_layers": prune.get("kept_layers") or student.get("kept_layers"),
         },
+        "prune": prune,
         "distill": {k: v for k, v in distill.items() if k not in ("history", "params", "bytes")} if distill else {},
         "exports": exports,
         "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],

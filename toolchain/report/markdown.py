@@ -114,6 +114,39 @@ def _models_section(t: dict, s: dict) -> list[str]:
     return lines
 
 
+_SHAPE_KEYS = ("layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def _shape(sh: dict) -> str:
+    return " / ".join(str(sh.get(k, "-")) for k in _SHAPE_KEYS)
+
+
+def _prune_section(p: dict) -> list[str]:
+    """The width/depth cut: shapes, what the kept structures held, candidates of a budget search."""
+    lines = [
+        "## Pruning",
+        "",
+        f"Importance: `{p.get('importance')}`" + (f"; budget {p['budget']}" if p.get("budget") else ""),
+        "",
+    ]
+    rows = [["before", _shape(p.get("shape_before") or {}), f"{p.get('params_before', 0) / 1e6:.1f} M", "-"]]
+    for i, r in enumerate(p.get("rounds") or [], 1):
+        kept = r.get("kept_importance") or {}
+        share = ", ".join(f"{k} {v:.0%}" for k, v in kept.items()) or "-"
+        healed = f" (healed {r['healed_steps']} steps)" if r.get("healed_steps") else ""
+        rows.append([f"round {i}{healed}", _shape(r["shape"]), f"{r['params'] / 1e6:.1f} M", share])
+    lines += _table(["", "layers / hidden / MLP / heads / KV heads", "params", "importance kept"], rows)
+    lines += [
+        f"Held-out KL of the pruned model to the unpruned one, before distillation: {_f(p.get('heldout_kl'))}",
+        "",
+    ]
+    if p.get("candidates"):
+        cands = [[_shape(c["shape"]), f"{c['params'] / 1e6:.1f} M", _f(c["kl"])] for c in p["candidates"]]
+        lines += ["Candidates of the budget search (lowest KL chosen):", ""]
+        lines += _table(["layers / hidden / MLP / heads / KV heads", "params", "held-out KL"], cands)
+    return lines
+
+
 def _diverged_section(d: dict) -> list[str]:
     best, last = d.get("best") or {}, d.get("last") or {}
     lines = ["## Distillation: stopped, diverged", "", f"{d.get('reason')}.", ""]
@@ -230,6 +263,8 @@ def render(report: dict) -> str:
     lines = [f"# {report.get('name', 'run')}: distill-and-compress report", ""]
     lines += [f"toolchain {report.get('toolchain_version')} · {report.get('created')}", ""]
     lines += _models_section(t, s)
+    if report.get("prune"):
+        lines += _prune_section(report["prune"])
     lines += _distill_section(d)
 
     ex = report.get("exports", [])

@@ -1,0 +1,200 @@
+"""Depth-only vs width vs width + depth vs random-width pruning of SmolLM2, each healed the same way.
+
+From the embedded SmolLM2-135M-Instruct, students at ~50% and ~35% of its parameters are cut:
+- depth: whole blocks dropped by the angular rule (`toolchain student`'s rule), full width;
+- width: every block kept, hidden channels / heads / MLP neurons cut by activation importance
+  (a parameter budget, the widest shape that fits);
+- width+depth: the budget search over depths (30, 24, 20, 15 blocks), widest fitting width at
+  each, the candidate with the lowest held-out KL kept;
+- random width: width+depth's shape, its width structures picked at random (seeded).
+Each student is then healed by the same distillation (same steps, data, lr; the teacher's top-k
+logits cached once and shared). Held-out CE, KL(teacher || student) and top-1 agreement are
+measured with the full vocabulary on the held-out pydoc topics before and after healing. The
+~35% width+depth student is exported to GGUF (F16, Q8_0) and checked by `verify_gguf`.
+
+    .venv/bin/python benchmarks/prune_compare.py [--steps 60] [--threads 2] [--out runs/prune-compare]
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from toolchain.config import DataConfig, DistillConfig, PruneConfig, VerifyConfig
+from toolchain.data.corpus import train_and_heldout
+from toolchain.distill.evaluate import evaluate
+from toolchain.distill.run import calibration_blocks, distill_student
+from toolchain.models.load import count_params, load_model, resolve_model_dir
+from toolchain.prune import prune_student
+
+
+def _figures(ev: dict) -> dict:
+    return {k: round(ev[k], 4) for k in ("ce", "kl", "top1_agreement")}
+
+
+def _variants(full_layers: int, depth_layers: dict[str, int]) -> list[tuple[str, str, dict]]:
+    """(name, size tag, prune settings); random width takes width+depth's shape (filled in later)."""
+    out = []
+    for tag, frac in (("50", 0.5), ("35", 0.35)):
+        out.append((f"depth {tag}%", tag, {"layers": depth_layers[tag]}))
+        if tag == "50":
+            out.append((f"width {tag}%", tag, {"params": frac, "depth": False}))
+        out.append((f"width+depth {tag}%", tag, {"params": frac, "depth": True}))
+        out.append((f"random width {tag}%", tag, {"importance": "random"}))
+    return out
+
+
+def _depth_for(teacher, frac: float) -> int:
+    """Blocks a full-width student keeps to land nearest `frac` of the teacher's parameters."""
+    from toolchain.prune.axes import Shape, params_of
+
+    cfg, total = teacher.model.config, count_params(teacher.model)
+    full = Shape.of(cfg)
+    return min(
+        range(2, full.layers + 1),
+        key=lambda n: abs(params_of(cfg, dataclasses.replace(full, layers=n)) / total - frac),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=60, help="healing steps, the same for every student")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--calib", type=int, default=16, help="calibration sequences for importance and the search")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/prune-compare")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+
+    teacher_dir = resolve_model_dir(args.teacher)
+    teacher = load_model(str(teacher_dir))
+    total = count_params(teacher.model)
+    data = DataConfig(seq_len=128, eval_sequences=16, mode="cache", cache_dir=str(out / "teacher-cache"))
+    data = dataclasses.replace(data, max_train_blocks=args.steps * 4)
+    heal_cfg = DistillConfig(steps=args.steps, batch_size=4, lr=args.lr, warmup_steps=6, eval_every=0)
+    calib = calibration_blocks(teacher.tokenizer, data, args.calib)
+    _, held = train_and_heldout(
+        teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed, data.eval_sequences
+    )
+    depth_layers = {"50": _depth_for(teacher, 0.5), "35": _depth_for(teacher, 0.35)}
+
+    rows: dict[str, dict] = {}
+    shapes: dict[str, dict] = {}
+    for name, tag, settings in _variants(teacher.model.config.num_hidden_layers, depth_layers):
+        if settings.get("importance") == "random":
+            settings = {**shapes[tag], "importance": "random"}
+        slug = name.replace(" ", "-").replace("%", "").replace("+", "-")
+        cfg = PruneConfig(enabled=True, calib_sequences=args.calib, **settings)
+        t0 = time.perf_counter()
+        rec = prune_student(teacher_dir, out / slug / "pruned", cfg, calib, out / slug / "work")
+        prune_s = time.perf_counter() - t0
+        if name.startswith("width+depth"):
+            shapes[tag] = rec["shape"]
+        pruned = load_model(str(out / slug / "pruned"))
+        before = _figures(evaluate(pruned.model, teacher.model, held))
+        t0 = time.perf_counter()
+        distill_student(teacher, out / slug / "pruned", out / slug / "healed", data, heal_cfg, out / slug / "heal")
+        heal_s = time.perf_counter() - t0
+        healed = load_model(str(out / slug / "healed"))
+        after = _figures(evaluate(healed.model, teacher.model, held))
+        rows[name] = {
+            "shape": rec["shape"],
+            "params": rec["params"],
+            "ratio": round(rec["params"] / total, 3),
+            "before": before,
+            "after": after,
+            "prune_s": round(prune_s, 1),
+            "heal_s": round(heal_s, 1),
+            "candidates": rec.get("candidates"),
+        }
+        print(f"{name}: {rows[name]}", flush=True)
+
+    export = _export_and_verify(out / "width-depth-35" / "healed", out / "width-depth-35" / "export")
+    _print(rows, total, args, export, held.numel())
+    j = lambda n: rows[n]["after"]["kl"]
+    print(
+        json.dumps(
+            {
+                "teacher_params": total,
+                "params_50": rows["width+depth 50%"]["params"],
+                "params_35": rows["width+depth 35%"]["params"],
+                "depth_kl_50": j("depth 50%"),
+                "width_kl_50": j("width 50%"),
+                "width_depth_kl_50": j("width+depth 50%"),
+                "random_width_kl_50": j("random width 50%"),
+                "depth_kl_35": j("depth 35%"),
+                "width_depth_kl_35": j("width+depth 35%"),
+                "random_width_kl_35": j("random width 35%"),
+                "shape_50": rows["width+depth 50%"]["shape"],
+                "shape_35": rows["width+depth 35%"]["shape"],
+                "heal_steps": args.steps,
+                "export_35": export,
+                "rows": rows,
+                "seconds": round(time.perf_counter() - t_start, 1),
+            }
+        )
+    )
+
+
+def _export_and_verify(model_dir: Path, out: Path) -> dict:
+    """GGUF F16 and Q8_0 of a pruned student, each checked against torch as the pipeline does."""
+    from toolchain.export.gguf import export_gguf
+    from toolchain.verify.gguf import verify_gguf
+
+    v = VerifyConfig()
+    res = {}
+    for f in export_gguf(model_dir, out, ["F16", "Q8_0"]):
+        r = verify_gguf(model_dir, f["path"], f["quant"], v.prompts, 32, v.max_nmse, v.min_greedy_agreement)
+        res[f["quant"]] = {
+            "bytes": f["bytes"],
+            "passed": r["passed"],
+            "nmse_max": r["nmse_max"],
+            "greedy_agreement": r["greedy_agreement"],
+        }
+    return res
+
+
+def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None:
+    print()
+    print(f"teacher {args.teacher}: {total / 1e6:.1f} M params; every student healed {args.steps} steps (lr {args.lr})")
+    print(f"held-out: {held_tokens} tokens of pydoc topics never trained on; KL(teacher || student), full vocabulary")
+    head = f"{'student':20s} {'shape L/h/mlp/q/kv':22s} {'params':>8s} {'ratio':>6s}"
+    head += f" {'KL before':>10s} {'KL after':>9s} {'CE after':>9s} {'top-1 after':>12s} {'heal s':>7s}"
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        s = r["shape"]
+        shape = "/".join(
+            str(s[k])
+            for k in ("layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+        )
+        print(
+            f"{name:20s} {shape:22s} {r['params'] / 1e6:7.1f}M {r['ratio']:6.1%} {r['before']['kl']:10.3f} "
+            f"{r['after']['kl']:9.3f} {r['after']['ce']:9.3f} {r['after']['top1_agreement']:12.1%} {r['heal_s']:7.0f}"
+        )
+    for tag in ("50", "35"):
+        cands = rows[f"width+depth {tag}%"]["candidates"] or []
+        print(f"width+depth {tag}% search (KL as pruned, before healing): " + ", ".join(
+            f"{c['shape']['layers']}L/{c['shape']['hidden_size']}h -> {c['kl']:.3f}" for c in cands
+        ))  # fmt: skip
+    for q, r in export.items():
+        print(
+            f"35% width+depth GGUF {q}: {r['bytes'] / 1e6:.1f} MB, verify {'passed' if r['passed'] else 'FAILED'} "
+            f"(NMSE {r['nmse_max']:.1e}, greedy {r['greedy_agreement']:.0%})"
+        )
+
+
+if __name__ == "__main__":
+    main()
