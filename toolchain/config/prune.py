@@ -43,7 +43,7 @@ class PruneConfig:
     target: str | None = None  # a target profile: weights at `quant` + KV cache at its context must fit
     quant: str = "Q8_0"  # the GGUF type weights are counted at for `target`
     depth: bool = True  # a budget search may also drop blocks
-    align: int = 64  # a budget search keeps widths multiples of this
+    align: int = 32  # a budget search keeps widths multiples of this (llama.cpp's Q8_0/Q4_0 block)
     importance: str = "activation"  # activation | taylor | random (the baseline)
     rounds: int = 1  # prune in this many steps toward the shape, healing between them
     heal_steps: int = 20  # distillation steps after each round but the last (distill heals the last)

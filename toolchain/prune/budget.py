@@ -34,18 +34,25 @@ def _align_down(x: float, align: int) -> int:
     return max(align, int(x // align) * align)
 
 
-def _widest_within(config, layers: int, fits: Callable[[Shape], bool], align: int, width_is_heads: bool):
-    """At `layers` blocks, the widest shape (hidden and MLP cut by one ratio, heads kept unless
-    the width is made of them) that fits, or None."""
+def _widest_within(
+    config, layers: int, fits: Callable[[Shape], bool], align: int, width_is_heads: bool, keep_heads: bool = False
+):
+    """At `layers` blocks, the widest shape (hidden and MLP cut by one ratio) that fits, or None.
+    Heads: with `keep_heads` every head stays and the width is a multiple of lcm(align, heads)
+    as transformers wants; otherwise the width is a multiple of `align` and keeps the most heads
+    it accepts (for qwen2, whose width is its heads, whole KV groups' worth)."""
     full = replace(Shape.of(config), layers=layers)
     hd, kv = head_dim(config), full.num_key_value_heads
+    hidden_step = math.lcm(align, full.num_attention_heads) if keep_heads else align
 
     def at(r: float) -> Shape:
         s = replace(
             full,
-            hidden_size=min(full.hidden_size, _align_down(full.hidden_size * r, align)),
+            hidden_size=min(full.hidden_size, _align_down(full.hidden_size * r, hidden_step)),
             intermediate_size=min(full.intermediate_size, _align_down(full.intermediate_size * r, align)),
         )
+        if keep_heads:
+            return s
         if width_is_heads:  # whole KV groups' worth of query heads, the width following them
             heads = max(kv, min(full.num_attention_heads, s.hidden_size // hd // kv * kv))
             return replace(s, num_attention_heads=heads, hidden_size=heads * hd)
@@ -64,12 +71,16 @@ def _widest_within(config, layers: int, fits: Callable[[Shape], bool], align: in
 
 
 def _fewer_heads_until_accepted(config, s: Shape) -> Shape:
-    """`s` with the most query heads (whole KV groups, no more per group than before) that
-    transformers accepts at its width; `s` itself when none is (the caller's check says why)."""
-    kv = s.num_key_value_heads
-    for heads in range(s.num_attention_heads, 0, -kv):
-        c = replace(s, num_attention_heads=heads)
-        if heads % kv == 0 and config_refusal(config, c) is None:
+    """`s` with the most query heads transformers accepts at its width (llama wants the width a
+    multiple of the head count, even with head_dim explicit): whole KV groups, no more query
+    heads per group than before, fewer KV groups when no count of the current ones divides the
+    width (more KV heads first among equal counts); `s` itself when none is (the caller's check
+    says why)."""
+    per_group = s.num_attention_heads // s.num_key_value_heads
+    options = [(kv * g, kv) for kv in range(s.num_key_value_heads, 0, -1) for g in range(per_group, 0, -1)]
+    for heads, kv in sorted(options, reverse=True):
+        c = replace(s, num_attention_heads=heads, num_key_value_heads=kv)
+        if config_refusal(config, c) is None:
             return c
     return s
 
@@ -77,12 +88,14 @@ def _fewer_heads_until_accepted(config, s: Shape) -> Shape:
 def candidate_shapes(
     config, fits: Callable[[Shape], bool], depth: bool, align: int, width_is_heads: bool = False
 ) -> list[Shape]:
-    """Shapes that fit, from width-only to half the depth: the widest fitting width at each depth."""
+    """Shapes that fit, from width-only to half the depth: at each depth the widest fitting width
+    keeping every head, and the widest at `align` with the most heads that width allows."""
     n = config.num_hidden_layers
     depths = sorted({n, *(max(2, math.ceil(n * f)) for f in (0.8, 0.65, 0.5))}, reverse=True) if depth else [n]
     out = []
     for layers in depths:
-        s = _widest_within(config, layers, fits, align, width_is_heads)
-        if s is not None and s not in out:
-            out.append(s)
+        for keep_heads in ((False,) if width_is_heads else (True, False)):
+            s = _widest_within(config, layers, fits, align, width_is_heads, keep_heads)
+            if s is not None and s not in out and config_refusal(config, s) is None:
+                out.append(s)
     return out
