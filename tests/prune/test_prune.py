@@ -162,8 +162,37 @@ def test_budget_below_every_candidate_and_unknown_arch(tiny_models, tmp_path, mo
         ({"importance": "magnitude"}, "importance"),
         ({}, "needs a goal"),
         ({"target": "no-such-target"}, "no-such-target"),
+        ({"target": "phone-low", "quant": "Q3"}, "quant"),
+        ({"num_attention_heads": 3, "num_key_value_heads": 2}, "not a multiple"),
     ],
 )
 def test_prune_config_errors(fields, message):
     with pytest.raises(UserError, match=message):
         PruneConfig(enabled=True, **fields).validate("prune")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_norm_rescale_makes_dropping_silent_channels_exact(tiny_models, model_type):
+    """Channels the residual stream never uses (zero in the embeddings and in every write to the
+    stream) change nothing when dropped, once the norms are rescaled to the fewer channels they
+    average over (and Gemma's sqrt(width) embedding scale is restored); without it they do."""
+    from toolchain.models.registry import get_arch
+
+    model = load_model(str(tiny_models[model_type])).model
+    arch = get_arch(model.config.model_type)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 48:] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[48:] = 0
+            layer.mlp.down_proj.weight[48:] = 0
+    shape = Shape(3, 48, 128, 4, 2)
+    x = _calib(2, 16, seed=1)
+    with torch.no_grad():
+        want = model(x).logits
+        exact, rec = prune_model(model, _calib(), shape, "activation")
+        plain, _ = prune_model(model, _calib(), shape, "activation", rescale_norms=False)
+        assert rec["rescale"]["embed_factor"] == (
+            pytest.approx((64 / 48) ** 0.5) if arch.embed_scale_follows_width else 1.0
+        )
+        torch.testing.assert_close(exact(x).logits, want, atol=2e-3, rtol=1e-3)
+        assert (plain(x).logits - want).abs().max() > 1e-2

@@ -45,6 +45,7 @@ class PruneConfig:
     depth: bool = True  # a budget search may also drop blocks
     align: int = 32  # a budget search keeps widths multiples of this (llama.cpp's Q8_0/Q4_0 block)
     importance: str = "activation"  # activation | taylor | random (the baseline)
+    rescale_norms: bool = True  # keep the norms' outputs at their scale when hidden channels go
     rounds: int = 1  # prune in this many steps toward the shape, healing between them
     heal_steps: int = 20  # distillation steps after each round but the last (distill heals the last)
     search_steps: int = 0  # distillation steps per budget candidate before scoring (0: scored as pruned)
@@ -79,3 +80,12 @@ class PruneConfig:
             from toolchain.targets import load_target
 
             load_target(self.target)  # a missing or bad profile fails here, before any stage runs
+            from toolchain.formats import SUPPORTED_TYPES
+
+            choice(f"{where}.quant", self.quant, SUPPORTED_TYPES)
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads is not None and kv is not None and heads % kv:
+            raise UserError(
+                f"{where}.num_attention_heads={heads} is not a multiple of {where}.num_key_value_heads={kv} "
+                "(each KV head serves the same number of query heads)"
+            )

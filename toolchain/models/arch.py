@@ -29,6 +29,10 @@ class ArchSpec:
     # llama.cpp's graph for this family sizes the q/o projections by the model width, so a
     # pruned model must keep hidden_size == num_attention_heads * head_dim
     width_is_heads: bool = False
+    # the norms multiply by (norm_offset + weight): 1 for Gemma's RMSNorm
+    norm_offset: float = 0.0
+    # the embeddings are scaled by sqrt(hidden_size) (Gemma), so a narrower config scales them less
+    embed_scale_follows_width: bool = False
 
     def _layers_parent(self, model):
         parent_path, _, attr = self.layers_attr.rpartition(".")

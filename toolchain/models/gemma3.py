@@ -124,4 +124,6 @@ ARCH = ArchSpec(
         "pre_feedforward_layernorm",
         "post_feedforward_layernorm",
     ),
+    norm_offset=1.0,
+    embed_scale_follows_width=True,
 )

@@ -94,7 +94,7 @@ def candidate_shapes(
     depths = sorted({n, *(max(2, math.ceil(n * f)) for f in (0.8, 0.65, 0.5))}, reverse=True) if depth else [n]
     out = []
     for layers in depths:
-        for keep_heads in ((False,) if width_is_heads else (True, False)):
+        for keep_heads in (False,) if width_is_heads else (True, False):
             s = _widest_within(config, layers, fits, align, width_is_heads, keep_heads)
             if s is not None and s not in out and config_refusal(config, s) is None:
                 out.append(s)

@@ -42,8 +42,11 @@ def _kept_share(scores: Scores, keep: Keep) -> dict[str, float]:
     return out
 
 
-def prune_model(model, calib: torch.Tensor, shape: Shape, importance: str = "activation", seed: int = 0):
-    """(pruned model, record): `model` cut to `shape`; `model` itself is left as it was."""
+def prune_model(
+    model, calib: torch.Tensor, shape: Shape, importance: str = "activation", seed: int = 0, rescale_norms: bool = True
+):
+    """(pruned model, record): `model` cut to `shape`; `model` itself is left as it was. With
+    `rescale_norms`, a narrower width keeps its norms' outputs at their scale (prune/rescale.py)."""
     from toolchain.student import choose_layers, with_layers
 
     arch = get_arch(model.config.model_type)
@@ -78,4 +81,11 @@ def prune_model(model, calib: torch.Tensor, shape: Shape, importance: str = "act
     keep = select(scores, shape)
     record["kept_importance"] = _kept_share(scores, keep)
     record["kept_kv_heads"] = [b["kv"].tolist() for b in keep.blocks]
-    return sliced_model(model, keep, shape, arch.block_norms), record
+    pruned = sliced_model(model, keep, shape, arch.block_norms)
+    if rescale_norms and shape.hidden_size < full.hidden_size:
+        from toolchain.prune import rescale
+
+        ratios = rescale.norm_ratios(model, calib, rescale.norm_names(model, arch.block_norms), keep.hidden)
+        factor = rescale.embed_factor(arch, full.hidden_size, shape.hidden_size)
+        record["rescale"] = rescale.rescale(pruned, ratios, arch.norm_offset, factor)
+    return pruned, record

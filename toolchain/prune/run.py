@@ -83,7 +83,7 @@ def _search(student: LoadedModel, calib, score_rows, cfg: PruneConfig, work: Pat
     records: list[dict] = []
     kls: list[float] = []
     for i, shape in enumerate(shapes):
-        model, _ = prune_model(student.model, calib, shape, cfg.importance, cfg.seed)
+        model, _ = prune_model(student.model, calib, shape, cfg.importance, cfg.seed, cfg.rescale_norms)
         if heal is not None and cfg.search_steps:
             save_model(model, student.tokenizer, work / f"candidate-{i}", dict(student.meta))
             heal(work / f"candidate-{i}", work / f"candidate-{i}-healed", cfg.search_steps)
@@ -160,9 +160,11 @@ def prune_student(
     meta, model, kept = dict(student.meta), student.model, list(range(full.layers))
     record["rounds"] = []
     for k, shape in enumerate(shapes):
-        pruned, r = prune_model(model, calib, shape, cfg.importance, cfg.seed + k)
+        pruned, r = prune_model(model, calib, shape, cfg.importance, cfg.seed + k, cfg.rescale_norms)
         kept = [kept[i] for i in r["kept_layers"]]
         entry = {"shape": vars(shape), "params": count_params(pruned), "kept_importance": r.get("kept_importance")}
+        if r.get("rescale"):
+            entry["rescale"] = r["rescale"]
         if k < len(shapes) - 1 and heal is not None and cfg.heal_steps:
             save_model(pruned, student.tokenizer, work / f"round-{k + 1}", {**meta, "kept_layers": None})
             heal(work / f"round-{k + 1}", work / f"round-{k + 1}-healed", cfg.heal_steps)
