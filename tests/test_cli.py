@@ -274,8 +274,8 @@ def test_eval_command_scores_each_model(capsys, tmp_path, tiny_dir):
 def test_prune_command_cuts_to_a_budget_and_refuses_bad_goals(capsys, tmp_path, tiny_dir):
     import json
 
-    code, out, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "p"), "--params", "0.7",
-                         "--set", "prune.align=8", "--set", "data.seq_len=32", "--set", "prune.calib_sequences=4")  # fmt: skip
+    small = ["--set", "data.seq_len=32", "--set", "prune.calib_sequences=4"]
+    code, out, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "p"), "--params", "0.7", *small)
     assert code == 0, err
     rec = json.loads(out)
     assert rec["params"] <= 0.7 * rec["params_before"] and len(rec["candidates"]) >= 2
@@ -287,6 +287,5 @@ def test_prune_command_cuts_to_a_budget_and_refuses_bad_goals(capsys, tmp_path, 
         ([], "needs a goal"),
     ]
     for flags, message in bad:
-        code, _, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "q"), *flags,
-                           "--set", "data.seq_len=32", "--set", "prune.calib_sequences=4")  # fmt: skip
+        code, _, err = run(capsys, "prune", str(tiny_dir), "--out", str(tmp_path / "q"), *flags, *small)
         assert_one_line_error(code, err, message)
