@@ -14,7 +14,9 @@ measured with the full vocabulary on the held-out pydoc topics before and after 
 
     .venv/bin/python benchmarks/prune_compare.py [--steps 60] [--threads 2] [--out runs/prune-compare]
 
-Prints a table, then one JSON line.
+Each student's figures are kept in OUT/<student>/row.json: a rerun with the same --out and
+settings reuses them (the run takes ~35 min on 2 cores); --fresh starts over. Prints a table,
+then one JSON line.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for importance and the search")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/prune-compare")
+    ap.add_argument("--fresh", action="store_true", help="discard the figures kept in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
 
     teacher_dir = resolve_model_dir(args.teacher)
     teacher = load_model(str(teacher_dir))
@@ -96,6 +100,13 @@ def main() -> None:
         if settings.get("importance") == "random":
             settings = {**shapes[tag], "importance": "random"}
         slug = name.replace(" ", "-").replace("%", "").replace("+", "-")
+        kept = out / slug / "row.json"
+        if kept.is_file() and json.loads(kept.read_text()).get("settings") == [args.steps, args.lr, args.calib]:
+            rows[name] = json.loads(kept.read_text())["row"]
+            if name.startswith("width+depth"):
+                shapes[tag] = rows[name]["shape"]
+            print(f"{name}: kept from {kept}", flush=True)
+            continue
         cfg = PruneConfig(enabled=True, calib_sequences=args.calib, **settings)
         t0 = time.perf_counter()
         rec = prune_student(teacher_dir, out / slug / "pruned", cfg, calib, out / slug / "work")
@@ -119,6 +130,7 @@ def main() -> None:
             "heal_s": round(heal_s, 1),
             "candidates": rec.get("candidates"),
         }
+        kept.write_text(json.dumps({"settings": [args.steps, args.lr, args.calib], "row": rows[name]}))
         print(f"{name}: {rows[name]}", flush=True)
 
     export = _export_and_verify(out / "width-depth-35" / "healed", out / "width-depth-35" / "export")
@@ -149,20 +161,30 @@ def main() -> None:
 
 
 def _export_and_verify(model_dir: Path, out: Path) -> dict:
-    """GGUF F16 and Q8_0 of a pruned student, each checked against torch as the pipeline does."""
+    """GGUF F16 and Q8_0 and ONNX fp32 of a pruned student, each checked against torch with the
+    pipeline's default thresholds; a failed check is recorded with its message."""
+    from toolchain.errors import VerificationError
     from toolchain.export.gguf import export_gguf
+    from toolchain.export.onnx import export_onnx
     from toolchain.verify.gguf import verify_gguf
+    from toolchain.verify.onnx import verify_onnx
 
     v = VerifyConfig()
-    res = {}
+    res: dict = {}
     for f in export_gguf(model_dir, out, ["F16", "Q8_0"]):
-        r = verify_gguf(model_dir, f["path"], f["quant"], v.prompts, 32, v.max_nmse, v.min_greedy_agreement)
-        res[f["quant"]] = {
-            "bytes": f["bytes"],
-            "passed": r["passed"],
-            "nmse_max": r["nmse_max"],
-            "greedy_agreement": r["greedy_agreement"],
-        }
+        try:
+            r = verify_gguf(model_dir, f["path"], f["quant"], v.prompts, 32, v.max_nmse, v.min_greedy_agreement)
+            res[f["quant"]] = {"bytes": f["bytes"], "passed": r["passed"], "nmse_max": r["nmse_max"],
+                               "greedy_agreement": r["greedy_agreement"]}  # fmt: skip
+        except VerificationError as e:
+            res[f["quant"]] = {"bytes": f["bytes"], "passed": False, "failure": str(e)[:300]}
+    onnx = export_onnx(model_dir, out / "onnx", ["fp32"])
+    try:
+        r = verify_onnx(model_dir, out / "onnx", v.prompts, greedy_tokens=32)
+        res["onnx fp32"] = {"bytes": onnx["bytes"], "passed": r["passed"], "max_abs_diff": r["max_abs_diff"],
+                            "greedy_agreement": r["greedy_agreement"]}  # fmt: skip
+    except VerificationError as e:
+        res["onnx fp32"] = {"bytes": onnx["bytes"], "passed": False, "failure": str(e)[:300]}
     return res
 
 
@@ -190,9 +212,11 @@ def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None
             f"{c['shape']['layers']}L/{c['shape']['hidden_size']}h -> {c['kl']:.3f}" for c in cands
         ))  # fmt: skip
     for q, r in export.items():
+        figures = r.get("failure") or ", ".join(
+            f"{k} {r[k]:.2e}" for k in ("nmse_max", "max_abs_diff", "greedy_agreement") if k in r
+        )
         print(
-            f"35% width+depth GGUF {q}: {r['bytes'] / 1e6:.1f} MB, verify {'passed' if r['passed'] else 'FAILED'} "
-            f"(NMSE {r['nmse_max']:.1e}, greedy {r['greedy_agreement']:.0%})"
+            f"35% width+depth {q}: {r['bytes'] / 1e6:.1f} MB, verify {'passed' if r['passed'] else 'FAILED'}: {figures}"
         )
 
 

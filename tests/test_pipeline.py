@@ -141,7 +141,8 @@ def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_stu
         prune={"enabled": True, "layers": 3, "hidden_size": 48, "intermediate_size": 96, "rounds": 2,
                "heal_steps": 2, "calib_sequences": 4},
         export={"gguf": ["F16"], "onnx": False},
-        bench={"targets": ["cpu"], "torch_baseline": False},
+        verify={"quality_tokens": 0},
+        bench={"targets": [], "torch_baseline": False},
     )  # fmt: skip
     out = tmp_path / "run"
     lines: list[str] = []
