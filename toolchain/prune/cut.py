@@ -83,9 +83,9 @@ def prune_model(
     record["kept_kv_heads"] = [b["kv"].tolist() for b in keep.blocks]
     pruned = sliced_model(model, keep, shape, arch.block_norms)
     if rescale_norms and shape.hidden_size < full.hidden_size:
-        from toolchain.prune import rescale
+        from toolchain.prune.rescale import embed_factor, norm_names, norm_ratios, rescale
 
-        ratios = rescale.norm_ratios(model, calib, rescale.norm_names(model, arch.block_norms), keep.hidden)
-        factor = rescale.embed_factor(arch, full.hidden_size, shape.hidden_size)
-        record["rescale"] = rescale.rescale(pruned, ratios, arch.norm_offset, factor)
+        ratios = norm_ratios(model, calib, norm_names(model, arch.block_norms), keep.hidden)
+        factor = embed_factor(arch, full.hidden_size, shape.hidden_size)
+        record["rescale"] = rescale(pruned, ratios, arch.norm_offset, factor)
     return pruned, record
