@@ -90,10 +90,10 @@ def cmd_student(args) -> None:
 
 def cmd_prune(args) -> None:
     from toolchain.distill.heal import make_heal
-    from toolchain.distill.run import calibration_blocks
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import load_model, teacher_from_config
     from toolchain.prune import prune_student
+    from toolchain.student import calibration_rows
 
     cfg = _config(args, {"prune.enabled": True})
     if not (Path(args.model) / "config.json").is_file():
@@ -101,13 +101,7 @@ def cmd_prune(args) -> None:
     check_writable_dir(Path(args.out).parent, "output directory")
     work = Path(args.work or f"{args.out}.work")
     p = cfg.prune
-    tokenizer = load_model(args.model).tokenizer
-    if cfg.task.path:  # the structures the task's own inputs use
-        from toolchain.student import task_calibration
-
-        calib = task_calibration(tokenizer, cfg.task.splits().calib, cfg.data.seq_len, p.calib_sequences)
-    else:
-        calib = calibration_blocks(tokenizer, cfg.data, p.calib_sequences)
+    calib = calibration_rows(load_model(args.model).tokenizer, cfg.data, cfg.task, p.calib_sequences)
     heals = (p.rounds > 1 and p.heal_steps) or (p.search_steps and (p.params or p.target))
     heal = None
     if heals:  # the teacher is loaded only when a heal runs

@@ -101,16 +101,9 @@ class Run:
         }
 
     def _calibration(self, n: int):
-        """n calibration rows of data.seq_len tokens: the task's own inputs when there is a task
-        (the structures kept are the ones it uses), else the first training blocks of the text."""
-        d = self.config.data
-        if self.config.task.path:
-            from toolchain.student import task_calibration
+        from toolchain.student import calibration_rows
 
-            return task_calibration(self.teacher.tokenizer, self.config.task.splits().calib, d.seq_len, n)
-        from toolchain.distill.run import calibration_blocks
-
-        return calibration_blocks(self.teacher.tokenizer, d, n)
+        return calibration_rows(self.teacher.tokenizer, self.config.data, self.config.task, n)
 
     def stage_student(self) -> dict:
         from toolchain.student import build_student

@@ -132,6 +132,19 @@ def task_calibration(tokenizer, examples, seq_len: int, n: int) -> torch.Tensor:
     return torch.tensor(stream[: rows * seq_len]).view(rows, seq_len)
 
 
+def calibration_rows(tokenizer, data, task, n: int) -> torch.Tensor:
+    """n calibration rows of data.seq_len tokens: the task's own inputs when there is a task (the
+    structures kept are the ones it uses), else the first training blocks of the text."""
+    if task is not None and task.path:
+        return task_calibration(tokenizer, task.splits().calib, data.seq_len, n)
+    from toolchain.data.corpus import train_and_heldout
+
+    train, _ = train_and_heldout(
+        tokenizer, data.source, data.seq_len, data.heldout_fraction, data.seed, data.eval_sequences, max_train_blocks=n
+    )
+    return train
+
+
 def build_student(
     teacher: LoadedModel,
     out_dir: str | os.PathLike,

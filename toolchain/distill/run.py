@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
-from toolchain.data.corpus import load_documents, pack, train_and_heldout
+from toolchain.data.corpus import load_documents, pack
 from toolchain.distill.hidden import layer_map_from_meta
 from toolchain.distill.loop import distill
 from toolchain.errors import DivergenceError, UserError
@@ -172,7 +172,6 @@ def distill_student(
 
 def calibration_blocks(tokenizer, data: DataConfig, n: int):
     """Calibration text for choosing student layers: the first n training blocks."""
-    train, _ = train_and_heldout(
-        tokenizer, data.source, data.seq_len, data.heldout_fraction, data.seed, data.eval_sequences, max_train_blocks=n
-    )
-    return train
+    from toolchain.student import calibration_rows
+
+    return calibration_rows(tokenizer, data, None, n)
