@@ -106,10 +106,27 @@ def test_batch_fn_yields_batches_in_loop_order(tiny):
     b = fn(1)
 
     idx = batch_indices(1, 2, 5, 0)
-    assert torch.equal(b.input_ids, enc.input_ids[idx]) and torch.equal(b.attention_mask, enc.attention_mask[idx])
+    width = int(enc.attention_mask[idx].sum(1).max())
+    assert b.input_ids.shape[1] == width < 40  # cut to the longest real row
+    assert torch.equal(b.input_ids, enc.input_ids[idx, :width])
+    assert torch.equal(b.attention_mask, enc.attention_mask[idx, :width])
     assert b.n_loss_tokens == int((enc.labels[idx] != IGNORE_INDEX).sum()) > 0
     with pytest.raises(UserError, match="only 5 usable examples"):
         S.sequence_batch_fn(enc, batch_size=8, seed=0)
+
+
+def test_cut_padding_changes_no_real_position(tiny):
+    """Batches drop the right padding past their longest row: the logits at every real
+    position are those of the full seq_len row."""
+    msgs = [[{"role": "user", "content": "Q" * (i + 1)}, {"role": "assistant", "content": f"A{i}"}] for i in range(3)]
+    enc = S.encode_pairs(tiny.tokenizer, msgs, seq_len=64)
+    b = enc.batch([0, 2], one_hot_targets=False)
+    assert b.input_ids.shape[1] < 64
+    with torch.no_grad():
+        full = tiny.model(input_ids=enc.input_ids[[0, 2]], attention_mask=enc.attention_mask[[0, 2]]).logits
+        cut = tiny.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(cut[real], full[:, : b.input_ids.shape[1]][real], rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_generations_are_seeded_and_cached(tiny, tmp_path):

@@ -160,7 +160,13 @@ class EncodedSequences:
         Without it the loop runs the teacher online on the same tokens (shared tokenizer only).
         """
         idx = torch.as_tensor(list(indices))
-        b = Batch(input_ids=self.input_ids[idx], labels=self.labels[idx], attention_mask=self.attention_mask[idx])
+        mask = self.attention_mask[idx]
+        # rows are right-padded to seq_len; the columns past the longest real row change no real
+        # position's output (causal attention), so they are cut: short chat examples cost their length
+        width = max(int(mask.sum(1).max()), 1)
+        b = Batch(
+            input_ids=self.input_ids[idx, :width], labels=self.labels[idx, :width], attention_mask=mask[:, :width]
+        )
         if one_hot_targets:
             b.teacher_topk_ids = b.labels.clamp_min(0).unsqueeze(-1)  # ignored positions: any valid id
             b.teacher_topk_logprobs = torch.zeros(b.teacher_topk_ids.shape)
