@@ -115,6 +115,7 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
               "max_new_tokens": 3},
         finetune={"enabled": True, "method": "lora", "steps": 4, "batch_size": 4, "lr": 1e-2, "seq_len": 64},
         data={"mode": "task", "seq_len": 64, "gen_temperature": 0, "gen_max_new_tokens": 3},
+        distill={"on_policy_fraction": 0.5},  # the student answering the train prompts, the teacher scoring
         export={"gguf": ["F16"], "onnx": False},
         bench={"targets": ["cpu"], "torch_baseline": False},
     )  # fmt: skip

@@ -46,6 +46,44 @@ def test_tokens_after_a_sampled_end_token_are_masked(models):
     assert (a.attention_mask[0, first:] == 0).all() and (a.attention_mask[0, :first] == 1).all()
 
 
+def _chat_batch(tokenizer, rows=3):
+    from toolchain.distill.sequences import encode_pairs
+
+    answer = {"role": "assistant", "content": "spam"}
+    msgs = [[{"role": "user", "content": "Is this spam? " + "win money " * (i + 1)}, answer] for i in range(rows)]
+    return encode_pairs(tokenizer, msgs, seq_len=96).batch(range(rows), one_hot_targets=False)
+
+
+def test_chat_rows_are_answered_from_the_end_of_each_prompt(models, tiny_dir):
+    """On chat rows the student answers each prompt where its answer starts (prompts of
+    different lengths), learning only its own answer tokens, up to its end token."""
+    from transformers import AutoTokenizer
+
+    _, student = models
+    b = _chat_batch(AutoTokenizer.from_pretrained(tiny_dir))
+    learned = b.labels != IGNORE_INDEX
+    starts = learned.float().argmax(1) + 1  # prompt lengths
+    assert len(set(starts.tolist())) == 3
+    cfg = DistillConfig(on_policy_fraction=1.0)
+    a = on_policy_batch(student, b, cfg, micro_step=5, eos_ids=[])
+    again = on_policy_batch(student, b, cfg, micro_step=5, eos_ids=[])
+    assert torch.equal(a.input_ids, again.input_ids) and torch.equal(a.labels, again.labels)
+    budget = int(learned.sum(1).max())
+    for r, n in enumerate(starts.tolist()):
+        assert torch.equal(a.input_ids[r, :n], b.input_ids[r, :n])  # the prompt, unchanged
+        lab = a.labels[r]
+        assert (lab[: n - 1] == IGNORE_INDEX).all()
+        answer = lab[lab != IGNORE_INDEX]
+        assert len(answer) == budget  # no end token here: the whole budget is sampled
+        assert torch.equal(answer[:-1], a.input_ids[r, n : n + budget - 1])
+        assert int(a.attention_mask[r].sum()) == n + budget - 1
+    # an end token stops a row's answer; what follows is padding without loss
+    eos = int(a.labels[0, starts[0] - 1])
+    e = on_policy_batch(student, b, cfg, micro_step=5, eos_ids=[eos])
+    lab0 = e.labels[0][e.labels[0] != IGNORE_INDEX]
+    assert lab0.tolist() == [eos] and int(e.attention_mask[0].sum()) == int(starts[0])
+
+
 def test_on_policy_refuses_an_offline_cache_and_a_missing_teacher(models, tmp_path):
     _teacher, student = models
     cfg = DistillConfig(on_policy_fraction=1.0, on_policy_prompt_tokens=4, steps=1)
