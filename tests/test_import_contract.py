@@ -4,7 +4,7 @@ the data flow. Layers, lowest first (see docs/ARCHITECTURE.md):
 
   base     errors, fileio, native_output, formats, the package root
   shared   targets, data, config, models, runtime, devices (may use base and each other, acyclically)
-  stages   finetune -> student -> prune -> distill -> quantize -> export -> verify -> eval -> bench -> report,
+  stages   finetune -> student -> prune -> distill -> quantize -> export -> verify -> eval -> bench -> pack -> report,
            and inspect_model;
            a stage uses base, shared and earlier stages only
   top      pipeline, commands, cli, __main__
@@ -28,6 +28,7 @@ STAGES = [
     "verify",
     "eval",
     "bench",
+    "pack",
     "report",
     "inspect_model",
 ]

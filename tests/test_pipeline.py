@@ -51,8 +51,17 @@ def test_run_directory_layout(run_dir):
         "logs/distill_history.json",
         "report.html",
         "bench/llama_cpp-Q8_0-cpu.json",
+        "bundle/manifest.json",
+        "bundle/gguf/Modelfile",
+        "bundle/onnx/int8/genai_config.json",
     ]:
         assert (run_dir / rel).is_file(), rel
+    from toolchain.runtime.bundle import Bundle
+
+    m = Bundle.open(run_dir / "bundle").manifest  # every checksum holds
+    assert {e["path"] for e in m["models"]} == {"gguf/model-F16.gguf", "gguf/model-Q8_0.gguf", "onnx/fp32", "onnx/int8"}
+    assert all(e["memory"]["cpu"]["memory_needed_mb"] > 0 for e in m["models"])  # from the bench stage
+    assert "## App bundle" in (run_dir / "report.md").read_text()
 
 
 def test_report_has_the_stable_keys(run_dir):

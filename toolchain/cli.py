@@ -272,8 +272,22 @@ def _add_bench(sub) -> None:
     b.set_defaults(func=commands.cmd_bench)
 
 
+def _add_pack(sub) -> None:
+    k = sub.add_parser("pack", help="an app bundle from a finished run: verified exports, tokenizer, manifest, card")
+    k.add_argument("run_dir")
+    k.add_argument("--out", required=True, help="bundle folder to write")
+    k.add_argument("--gguf", nargs="+", metavar="TYPE", help="GGUF types to ship (default: all the run verified)")
+    k.add_argument("--onnx", nargs="+", metavar="PRECISION", help="ONNX precisions to ship (default: all; 'none')")
+    k.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
+    k.add_argument("--temperature", type=float, default=0.0, help="apps' default sampling temperature (0: greedy)")
+    k.set_defaults(func=commands.cmd_pack)
+
+
 def _add_inspect_and_report(sub) -> None:
-    i = sub.add_parser("inspect", help="print what a GGUF, ONNX folder, HF directory or run directory holds")
+    i = sub.add_parser(
+        "inspect",
+        help="print what a GGUF, ONNX folder, HF directory, run directory or bundle (checksums checked) holds",
+    )
     i.add_argument("path")
     i.set_defaults(func=commands.cmd_inspect)
     rep = sub.add_parser("report", help="re-render report.md and report.html from a run directory's report.json")
@@ -298,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_verify,
     ]
-    for add in [*adders, _add_eval, _add_bench]:
+    for add in [*adders, _add_eval, _add_bench, _add_pack]:
         add(sub)
     _add_inspect_and_report(sub)
     return p

@@ -231,6 +231,16 @@ def cmd_bench(args) -> None:
         write_json(args.json, results)
 
 
+def cmd_pack(args) -> None:
+    from toolchain.pack.build import pack_run
+
+    pick = lambda names: [] if names == ["none"] else names
+    m = pack_run(args.run_dir, args.out, pick(args.gguf), pick(args.onnx), args.zip, args.temperature)
+    total = sum(f["bytes"] for f in m["files"])
+    models = ", ".join(f"{x['format']} {x['quant']}" for x in m["models"])
+    _echo(f"bundle {args.out}: {models}; {len(m['files'])} files, {total / 1e6:.1f} MB (manifest.json)")
+
+
 def cmd_inspect(args) -> None:
     from toolchain.inspect_model import inspect_path
 

@@ -85,10 +85,33 @@ def inspect_onnx(path: Path) -> dict:
     }
 
 
+def inspect_bundle(path: Path) -> dict:
+    """An app bundle, after checking every file against its manifest (a changed byte: an error)."""
+    from toolchain.runtime.bundle import read_manifest
+
+    m = read_manifest(path, verify=True)
+    return {
+        "kind": "bundle",
+        "path": str(path),
+        "checksums": f"all {len(m['files'])} files match manifest.json",
+        "name": m["name"],
+        "models": [
+            {k: x[k] for k in ("format", "quant", "path", "bytes", "runtime", "memory", "task_score")}
+            for x in m["models"]
+        ],
+        "generation": m["generation"],
+        "provenance": {k: v for k, v in m["provenance"].items() if k != "config"},
+        "calibration": m.get("calibration"),
+        "bytes": sum(f["bytes"] for f in m["files"]),
+    }
+
+
 def inspect_path(path_str: str) -> dict:
     path = Path(path_str)
     if not path.exists():
         raise UserError(f"path not found: {path}")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return inspect_bundle(path)
     if path.is_file() and path.suffix == ".gguf":
         return inspect_gguf(path)
     if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file()):

@@ -19,7 +19,19 @@ from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("finetune", "teacher", "student", "prune", "distill", "export_gguf", "export_onnx", "verify", "eval", "bench")
+STAGES = (
+    "finetune",
+    "teacher",
+    "student",
+    "prune",
+    "distill",
+    "export_gguf",
+    "export_onnx",
+    "verify",
+    "eval",
+    "bench",
+    "pack",
+)
 
 
 class Run:
@@ -283,6 +295,22 @@ class Run:
             short_prompt_tokens=b.short_prompt_tokens,
         )
         return {"targets": [t.name for t in targets], "results": results}
+
+    def stage_pack(self) -> dict:
+        p = self.config.pack
+        if not p.enabled or not self._exports():
+            return {}
+        from toolchain.pack.build import pack_run
+
+        m = pack_run(self.out, self.path("bundle"), p.gguf, p.onnx, p.zip, p.temperature)
+        total = sum(f["bytes"] for f in m["files"])
+        self.echo(f"  bundle: {len(m['files'])} files, {total / 1e6:.1f} MB -> {self.path('bundle')}")
+        return {
+            "path": str(self.path("bundle")),
+            "files": len(m["files"]),
+            "bytes": total,
+            "models": [f"{x['format']} {x['quant']}" for x in m["models"]],
+        }
 
     # ------------------------------------------------------------------ driver
     def write_report(self, seconds: dict, extra: dict | None = None) -> dict:

@@ -17,6 +17,7 @@ from toolchain.config.checks import choice as _choice
 from toolchain.config.checks import existing_file as _existing_file
 from toolchain.config.checks import non_negative as _non_negative
 from toolchain.config.checks import positive as _positive
+from toolchain.config.pack import PackConfig
 from toolchain.config.prune import PruneConfig
 from toolchain.config.task import FinetuneConfig, LoraConfig, TaskConfig
 from toolchain.errors import UserError
@@ -355,13 +356,29 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
 
     def validate(self, where: str = "config") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 cast(_Section, value).validate(f"{f.name}")
+        self._check_pack()
         needs_task = {"data.mode: task": self.data.mode == "task", "finetune.enabled": self.finetune.enabled}
         for what, needed in needs_task.items():
             if needed and self.task.path is None:
                 raise UserError(f"{what} trains on the task's examples: set task.path to its JSONL")
+
+    def _check_pack(self) -> None:
+        """The bundle can only hold what the run exports."""
+        exported = {
+            "gguf": list(self.export.gguf),
+            "onnx": (["fp32", *self.export.onnx_precisions] if self.export.onnx else []),
+        }
+        for fmt, chosen in (("gguf", self.pack.gguf), ("onnx", self.pack.onnx)):
+            missing = [q for q in chosen or () if q not in exported[fmt]]
+            if missing and self.pack.enabled:
+                raise UserError(
+                    f"pack.{fmt} names {', '.join(missing)}, which the run does not export "
+                    f"(export {fmt}: {', '.join(exported[fmt]) or 'none'}); add it to the export section"
+                )

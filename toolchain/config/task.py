@@ -38,6 +38,8 @@ class TaskConfig:
     max_eval_per_bucket: int | None = None  # cap the eval split (generation is the slow part)
     min_eval_per_bucket: int = 20  # fewer eval examples in a bucket: a warning with the counts
     max_new_tokens: int = 32  # answer length when evaluating
+    license: str | None = None  # the data's licence (SPDX id or words), recorded in the bundle's provenance
+    source: str | None = None  # where the data comes from (a package, a URL), for the same record
 
     def validate(self, where: str) -> None:
         self.grader.validate(f"{where}.grader")

@@ -33,6 +33,8 @@ class ArchSpec:
     norm_offset: float = 0.0
     # the embeddings are scaled by sqrt(hidden_size) (Gemma), so a narrower config scales them less
     embed_scale_follows_width: bool = False
+    # onnxruntime-genai's name for this family (genai_config.json "model.type"); None: not packed for it
+    genai_type: str | None = None
 
     def _layers_parent(self, model):
         parent_path, _, attr = self.layers_attr.rpartition(".")

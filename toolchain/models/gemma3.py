@@ -113,6 +113,7 @@ def _skip(name: str, config) -> bool:
 
 ARCH = ArchSpec(
     model_type="gemma3_text",
+    genai_type="gemma3_text",
     gguf_arch="GEMMA3",
     layers_attr="model.layers",
     write_hparams=_write_hparams,

@@ -63,6 +63,7 @@ def _skip(name: str, config) -> bool:
 
 ARCH = ArchSpec(
     model_type="llama",
+    genai_type="llama",
     gguf_arch="LLAMA",
     layers_attr="model.layers",
     write_hparams=_write_hparams,

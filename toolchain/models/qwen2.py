@@ -28,6 +28,7 @@ def _transform(name: str, data: np.ndarray, config) -> np.ndarray:
 
 ARCH = ArchSpec(
     model_type="qwen2",
+    genai_type="qwen2",
     gguf_arch="QWEN2",
     layers_attr="model.layers",
     write_hparams=write_hparams,

@@ -12,6 +12,7 @@ from toolchain.models.arch import ArchSpec
 
 ARCH = ArchSpec(
     model_type="qwen3",
+    genai_type="qwen3",
     gguf_arch="QWEN3",
     layers_attr="model.layers",
     write_hparams=qwen2.write_hparams,

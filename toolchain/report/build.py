@@ -58,5 +58,6 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],
         "finetune": stages.get("finetune") or {},
         "task": stages.get("eval") or {},
+        "bundle": stages.get("pack") or {},
         "stage_seconds": seconds,
     }

@@ -278,6 +278,15 @@ def render(report: dict) -> str:
         lines += ["## Speed", ""]
         lines += _bench_table(report, bench)
 
+    b = report.get("bundle") or {}
+    if b.get("path"):
+        lines += ["## App bundle", ""]
+        lines += [
+            f"`{b['path']}`: {', '.join(b['models'])}; {b['files']} files, {b['bytes'] / 1e6:.1f} MB, "
+            "each listed with its sha256 in manifest.json (`toolchain inspect` checks them).",
+            "",
+        ]
+
     secs = report.get("stage_seconds", {})
     if secs:
         lines += ["## Time per stage", ""]
