@@ -121,7 +121,7 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     cfg = tiny_config(
         tiny_dir_6,
         task={"path": str(task), "grader": {"kind": "label", "labels": ["spam", "ham"]}, "min_eval_per_bucket": 1,
-              "max_new_tokens": 3},
+              "max_new_tokens": 3, "calib_fraction": 0.3},
         finetune={"enabled": True, "method": "lora", "steps": 4, "batch_size": 4, "lr": 1e-2, "seq_len": 64},
         data={"mode": "task", "seq_len": 64, "gen_temperature": 0, "gen_max_new_tokens": 3},
         distill={"on_policy_fraction": 0.5},  # the student answering the train prompts, the teacher scoring
@@ -142,6 +142,13 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     md = (out / "report.md").read_text()
     assert "## Task accuracy" in md and "Retention of the teacher's accuracy" in md
     assert {"finetune", "eval"} <= set(r["stage_seconds"])
+    # the bundle's fallback threshold, measured on the calibration split
+    from toolchain.runtime.bundle import Bundle
+
+    cal = Bundle.open(out / "bundle").manifest["calibration"]
+    assert cal["examples"] == len(cfg.task.splits().calib) >= 10 and cal["model"] == "gguf F16"
+    assert cal["routed_accuracy"] >= cal["teacher_accuracy"] - 0.01 and 0.0 <= cal["coverage"] <= 1.0
+    assert r["bundle"]["calibration"]["threshold"] == cal["threshold"]
 
 
 def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_student(tiny_dir_6, tmp_path):

@@ -272,6 +272,19 @@ def _add_bench(sub) -> None:
     b.set_defaults(func=commands.cmd_bench)
 
 
+def _add_disagree(sub) -> None:
+    d = sub.add_parser("disagree", help="prompts where student and teacher answer differently, ranked, as task JSONL")
+    d.add_argument("--teacher", required=True, help="HF directory, .gguf or ONNX folder")
+    d.add_argument("--student", required=True, help="HF directory, .gguf or ONNX folder")
+    d.add_argument("--prompts", required=True, help="task JSONL (messages/prompt) or one prompt per line")
+    d.add_argument("--out", required=True, help="JSONL of the top rows (answer = the teacher's)")
+    d.add_argument("--top", type=int, default=100, help="rows to write")
+    d.add_argument("--teacher-tokenizer", help="HF directory of a GGUF teacher (its tokenizer and chat template)")
+    d.add_argument("--student-tokenizer", help="HF directory of a GGUF student")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.set_defaults(func=commands.cmd_disagree)
+
+
 def _add_pack(sub) -> None:
     k = sub.add_parser("pack", help="an app bundle from a finished run: verified exports, tokenizer, manifest, card")
     k.add_argument("run_dir")
@@ -280,6 +293,10 @@ def _add_pack(sub) -> None:
     k.add_argument("--onnx", nargs="+", metavar="PRECISION", help="ONNX precisions to ship (default: all; 'none')")
     k.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
     k.add_argument("--temperature", type=float, default=0.0, help="apps' default sampling temperature (0: greedy)")
+    k.add_argument("--no-calibrate", action="store_true", help="skip the fallback threshold (runs with a task)")
+    k.add_argument(
+        "--max-accuracy-drop", type=float, default=0.01, help="routed accuracy kept within this of the teacher's"
+    )
     k.set_defaults(func=commands.cmd_pack)
 
 
@@ -312,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_verify,
     ]
-    for add in [*adders, _add_eval, _add_bench, _add_pack]:
+    for add in [*adders, _add_eval, _add_disagree, _add_bench, _add_pack]:
         add(sub)
     _add_inspect_and_report(sub)
     return p

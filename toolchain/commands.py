@@ -231,11 +231,40 @@ def cmd_bench(args) -> None:
         write_json(args.json, results)
 
 
+def cmd_disagree(args) -> None:
+    from toolchain.eval import disagree as D
+    from toolchain.eval.run import tokenizer_dir_for
+    from toolchain.fileio import write_text
+
+    if args.top < 1 or args.max_new_tokens < 1:
+        raise UserError("--top and --max-new-tokens must be >= 1")
+    chats = D.read_chats(args.prompts)
+    teacher, student = _model_at(args.teacher), _model_at(args.student)
+    t_dir = tokenizer_dir_for(teacher, args.teacher_tokenizer)
+    s_dir = tokenizer_dir_for(student, args.student_tokenizer)
+    s_ans, conf = D.answers(student, chats, s_dir, args.max_new_tokens, with_confidence=True)
+    t_ans, _ = D.answers(teacher, chats, t_dir, args.max_new_tokens)
+    rows = D.rank(chats, s_ans, t_ans, conf)
+    top = rows[: args.top]
+    write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in top))
+    n = sum(r["disagree"] for r in rows)
+    _echo(f"{n} of {len(rows)} prompts answered differently; top {len(top)} written to {args.out}")
+
+
+def _model_at(path: str):
+    from toolchain.models.artifacts import describe_model
+
+    if not Path(path).exists():
+        raise UserError(f"model not found: {path}")
+    return describe_model(path)
+
+
 def cmd_pack(args) -> None:
     from toolchain.pack.build import pack_run
 
     pick = lambda names: [] if names == ["none"] else names
-    m = pack_run(args.run_dir, args.out, pick(args.gguf), pick(args.onnx), args.zip, args.temperature)
+    m = pack_run(args.run_dir, args.out, pick(args.gguf), pick(args.onnx), args.zip, args.temperature,
+                 not args.no_calibrate, args.max_accuracy_drop, echo=_echo)  # fmt: skip
     total = sum(f["bytes"] for f in m["files"])
     models = ", ".join(f"{x['format']} {x['quant']}" for x in m["models"])
     _echo(f"bundle {args.out}: {models}; {len(m['files'])} files, {total / 1e6:.1f} MB (manifest.json)")

@@ -302,7 +302,8 @@ class Run:
             return {}
         from toolchain.pack.build import pack_run
 
-        m = pack_run(self.out, self.path("bundle"), p.gguf, p.onnx, p.zip, p.temperature)
+        m = pack_run(self.out, self.path("bundle"), p.gguf, p.onnx, p.zip, p.temperature,
+                     p.calibrate, p.max_accuracy_drop, echo=self.echo)  # fmt: skip
         total = sum(f["bytes"] for f in m["files"])
         self.echo(f"  bundle: {len(m['files'])} files, {total / 1e6:.1f} MB -> {self.path('bundle')}")
         return {
@@ -310,6 +311,7 @@ class Run:
             "files": len(m["files"]),
             "bytes": total,
             "models": [f"{x['format']} {x['quant']}" for x in m["models"]],
+            "calibration": {k: v for k, v in (m.get("calibration") or {}).items() if k != "curve"} or None,
         }
 
     # ------------------------------------------------------------------ driver

@@ -61,11 +61,8 @@ def isolated_python(root: Path, dists: list[str]) -> Path:
     return py
 
 
-def run_isolated(py: Path, code: str) -> dict:
-    guard = (
-        "import importlib.util as u\n"
-        "assert all(u.find_spec(m) is None for m in ('torch', 'transformers', 'toolchain')), 'not isolated'\n"
-    )
+def run_isolated(py: Path, code: str, absent=("torch", "transformers", "toolchain")) -> dict:
+    guard = f"import importlib.util as u\nassert all(u.find_spec(m) is None for m in {absent!r}), 'not isolated'\n"
     # run outside the checkout, whose toolchain/ the working directory would put on the path
     out = subprocess.run([py, "-c", guard + code], check=True, capture_output=True, text=True, cwd=py.parents[2]).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -197,3 +194,61 @@ print(json.dumps(out))
 """,
     )
     assert len(ours) == 12 and theirs == ours
+
+
+MESSAGES = [{"role": "user", "content": "Is this spam? Win money now!"}]
+
+
+def test_router_answers_with_the_student_or_hands_over(bundle, tiny_dir):
+    from transformers import AutoTokenizer
+
+    from toolchain.data.chat_encoding import prompt_token_ids, stop_token_ids
+    from toolchain.eval.generate import decode_answer, llama_generate
+    from toolchain.runtime.confidence import NEVER, answer_confidence
+    from toolchain.runtime.router import Router
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    asked = []
+    fallback = lambda m: asked.append(m) or "from the teacher"
+    r = Router(bundle, fallback=fallback, threshold=0.0)
+    r.max_new_tokens = 16  # a random model never stops by itself
+    assert r.student.prompt_ids(MESSAGES) == prompt_token_ids(tok, MESSAGES)  # jinja2 renders as HF does
+    stats: list = []
+    stops = stop_token_ids(tok, tiny_dir)
+    (ids,) = llama_generate(bundle / "gguf" / "model-Q8_0.gguf", [prompt_token_ids(tok, MESSAGES)], 16, stops,
+                            stats=stats)  # fmt: skip
+    reply = r.answer(MESSAGES)
+    assert reply.source == "student" and reply.text == decode_answer(tok, ids, stops) and not asked
+    assert reply.confidence == pytest.approx(answer_confidence(stats[0], stops, ids, 1.0))
+    r.threshold = NEVER
+    handed = r.answer(MESSAGES)
+    assert handed.source == "fallback" and handed.text == "from the teacher" and asked == [MESSAGES]
+    assert handed.confidence == pytest.approx(reply.confidence)
+    with pytest.raises(UserError, match="no calibrated threshold"):
+        Router(bundle, fallback=fallback)  # this bundle's run had no task
+
+
+@pytest.mark.slow
+def test_router_runs_without_torch(bundle, tmp_path):
+    """The router in an interpreter with llama-cpp-python and this package's source, no torch."""
+    from toolchain.runtime.router import Router
+
+    router = Router(bundle, threshold=0.0)
+    router.max_new_tokens = 16
+    ours = router.answer(MESSAGES)
+    py = isolated_python(tmp_path, ["llama-cpp-python"])
+    pkg = Path(__file__).resolve().parents[2] / "toolchain"
+    (tmp_path / "only" / "toolchain").symlink_to(pkg)
+    theirs = run_isolated(
+        py,
+        f"""
+import json
+from toolchain.runtime.router import Router
+r = Router({str(bundle)!r}, fallback=lambda m: "teacher", threshold=0.0)
+r.max_new_tokens = 16
+a = r.answer({MESSAGES!r})
+print(json.dumps([a.text, a.source, a.confidence]))
+""",
+        absent=("torch", "transformers"),
+    )
+    assert theirs[:2] == [ours.text, "student"] and theirs[2] == pytest.approx(ours.confidence)

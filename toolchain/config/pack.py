@@ -15,6 +15,10 @@ class PackConfig:
     onnx: list[str] | None = None  # ONNX precisions to ship; None: every one (fp32 included)
     zip: bool = False  # also bundle.zip
     temperature: float = 0.0  # the apps' default; 0 = greedy, as the task was evaluated
+    # with a task: the fallback threshold of the smallest GGUF, measured on the calibration split,
+    # keeping student + teacher within max_accuracy_drop of the teacher's accuracy
+    calibrate: bool = True
+    max_accuracy_drop: float = 0.01
 
     def validate(self, where: str) -> None:
         from toolchain.formats import ONNX_PRECISIONS, SUPPORTED_TYPES
@@ -23,5 +27,7 @@ class PackConfig:
             choice(f"{where}.gguf", t, SUPPORTED_TYPES)
         for p in self.onnx or ():
             choice(f"{where}.onnx", p, ONNX_PRECISIONS)
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise UserError(f"{where}.max_accuracy_drop must be between 0 and 1, got {self.max_accuracy_drop}")
         if self.temperature < 0:
             raise UserError(f"{where}.temperature must be >= 0, got {self.temperature}")

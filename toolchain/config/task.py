@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from toolchain.config.checks import choice, existing_file, non_negative, positive
@@ -40,6 +41,8 @@ class TaskConfig:
     max_new_tokens: int = 32  # answer length when evaluating
     license: str | None = None  # the data's licence (SPDX id or words), recorded in the bundle's provenance
     source: str | None = None  # where the data comes from (a package, a URL), for the same record
+    # more training examples in the same format (e.g. `toolchain disagree --out`): train split only
+    extra_train: str | None = None
 
     def validate(self, where: str) -> None:
         self.grader.validate(f"{where}.grader")
@@ -63,7 +66,7 @@ class TaskConfig:
         from toolchain.data.tasks import read_task, split_task
 
         examples = read_task(existing_file("task.path", self.path or ""), self.grader, self.bucket_graders)
-        return split_task(
+        splits = split_task(
             examples,
             self.eval_fraction,
             self.calib_fraction,
@@ -71,6 +74,17 @@ class TaskConfig:
             self.max_eval_per_bucket,
             self.min_eval_per_bucket,
         )
+        if self.extra_train:
+            held = {json.dumps(e.prompt) for e in splits.eval + splits.calib}
+            extra = read_task(existing_file("task.extra_train", self.extra_train), self.grader)
+            leaked = [e.line for e in extra if json.dumps(e.prompt) in held]
+            if leaked:
+                raise UserError(
+                    f"task.extra_train line {leaked[0]} (and {len(leaked) - 1} more) is a prompt of the eval or "
+                    "calibration split; training on it would inflate the scores: make it from other prompts"
+                )
+            splits.train.extend(extra)
+        return splits
 
 
 @dataclass

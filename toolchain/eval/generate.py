@@ -46,8 +46,15 @@ def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, stops: 
 
 
 def llama_generate(
-    gguf_path: str | os.PathLike, prompts: list[list[int]], max_new_tokens: int, stops: list[int], threads: int = 0
+    gguf_path: str | os.PathLike,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stops: list[int],
+    threads: int = 0,
+    stats: list | None = None,
 ) -> list[list[int]]:
+    """Greedy answers; with `stats` (a list), each answer's per-token confidence stats are appended to it."""
+    from toolchain.runtime.confidence import token_stats
     from toolchain.runtime.llama import last_logits, open_llama
 
     n_ctx = max(256, max(map(len, prompts)) + max_new_tokens + 8)
@@ -57,13 +64,19 @@ def llama_generate(
             llm.reset()
             llm.eval(ids)
             new: list[int] = []
+            seen = []
             while len(new) < max_new_tokens:
-                tok = int(np.argmax(last_logits(llm)))
+                logits = last_logits(llm)
+                tok = int(np.argmax(logits))
                 new.append(tok)
+                if stats is not None:
+                    seen.append(token_stats(logits, tok))
                 if tok in stops:
                     break
                 llm.eval([tok])
             out.append(new)
+            if stats is not None:
+                stats.append(seen)
     return out
 
 

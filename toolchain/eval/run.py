@@ -47,6 +47,11 @@ _RUNTIMES: dict[str, Callable[..., list[list[int]]]] = {
 }
 
 
+def runtime_answers(model: Artifact, prompts: list[list[int]], max_new: int, stops: list[int], threads: int = 0):
+    """Greedy answer token ids from the runtime that ships `model`'s format."""
+    return _RUNTIMES[model["format"]](model, prompts, max_new, stops, threads)
+
+
 def tokenizer_dir_for(model: Artifact, fallback: str | os.PathLike | None) -> Path:
     """Where the model's HF tokenizer is: the directory itself, the ONNX folder, else `fallback`."""
     path = Path(model["path"])
@@ -78,7 +83,7 @@ def evaluate_model(
     stops = stop_token_ids(tok, tok_dir)
     prompts = [prompt_token_ids(tok, e.prompt) for e in examples]
     t0 = time.perf_counter()
-    raw = _RUNTIMES[model["format"]](model, prompts, task.max_new_tokens, stops, threads)
+    raw = runtime_answers(model, prompts, task.max_new_tokens, stops, threads)
     answers = [G.decode_answer(tok, ids, stops) for ids in raw]
     result, right = score(examples, answers, task.grader, task.bucket_graders)
     seconds = time.perf_counter() - t0

@@ -148,9 +148,14 @@ def pack_run(
     onnx: list[str] | None = None,
     make_zip: bool = False,
     temperature: float = 0.0,
-    calibration: dict | None = None,
+    calibrate: bool = True,
+    max_drop: float = 0.01,
+    echo=print,
 ) -> dict:
-    """Write the bundle folder `out` (atomically) and, with `make_zip`, `out`.zip; returns the manifest."""
+    """Write the bundle folder `out` (atomically) and, with `make_zip`, `out`.zip; returns the manifest.
+
+    With `calibrate` and a task in the run, the smallest GGUF's fallback threshold is measured on
+    the calibration split (student + teacher within `max_drop` of the teacher's accuracy)."""
     import yaml
 
     run_dir, out = Path(run_dir), Path(out)
@@ -160,6 +165,14 @@ def pack_run(
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     exports = choose_exports(run_dir, gguf, onnx)
     t0 = time.perf_counter()
+    calibration = None
+    ggufs = [e for e in exports if e["format"] == "gguf"]
+    if calibrate and ggufs and (config.get("task") or {}).get("path"):
+        from toolchain.config import from_dict
+        from toolchain.pack.calibration import calibrate_bundle_model
+
+        pick = min(ggufs, key=lambda e: e["bytes"])
+        calibration = calibrate_bundle_model(run_dir, from_dict(config), pick, max_drop, echo)
     with atomic_dir(out) as tmp:
         manifest = _fill(tmp, run_dir, student_dir, config, exports, temperature, calibration)
     if make_zip:
