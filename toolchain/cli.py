@@ -228,8 +228,15 @@ def _add_export(sub) -> None:
         action=_PatternTypes,
         metavar="PATTERN=TYPE",
     )
+    g.add_argument("--imatrix", help="importance matrix file (llama.cpp GGUF format; `toolchain imatrix`)")
     _add_config_args(g)
     g.set_defaults(func=commands.cmd_export_gguf)
+    im = sub.add_parser("imatrix", help="measure an importance matrix for llama.cpp's quantizer (its GGUF format)")
+    im.add_argument("model", help="HF model directory")
+    im.add_argument("--out", required=True, help="imatrix file to write (e.g. imatrix.gguf)")
+    _field(im, "--rows", "export.imatrix_rows", "calibration rows (the task's inputs, else the text)")
+    _add_config_args(im)
+    im.set_defaults(func=commands.cmd_imatrix)
     o = esub.add_parser("onnx", help="write an ONNX decoder with KV cache (fp32, and fp16/int8/int4 beside it)")
     o.add_argument("model", help="HF model directory")
     o.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, model_info.json)")

@@ -171,8 +171,13 @@ def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
 
-    cfg = _config(args).export
-    files = export_gguf(args.model, args.out, cfg.gguf, name=args.name, overrides=cfg.gguf_overrides)
+    cfg = _config(args, {"export.imatrix": True} if args.imatrix else None).export  # the file is the imatrix
+    imatrix = None
+    if args.imatrix:
+        from toolchain.quantize.imatrix import read
+
+        imatrix = read(args.imatrix)
+    files = export_gguf(args.model, args.out, cfg.gguf, name=args.name, overrides=cfg.gguf_overrides, imatrix=imatrix)
     if not args.no_modelfile:
         pick = min(files, key=lambda f: f["bytes"])
         mf, warning = write_modelfile(args.model, Path(args.out) / gguf_filename(pick["quant"]))
@@ -180,6 +185,22 @@ def cmd_export_gguf(args) -> None:
             _echo(f"warning: {warning}")
         _echo(f"Modelfile: {mf}   (then: ollama create NAME -f {mf})")
     _echo(json.dumps(files, indent=2))
+
+
+def cmd_imatrix(args) -> None:
+    from transformers import AutoTokenizer
+
+    from toolchain.quantize import imatrix as I
+    from toolchain.student import calibration_rows
+
+    cfg = _config(args)
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"{args.model} is not an HF model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rows = calibration_rows(tok, cfg.data, cfg.task, cfg.export.imatrix_rows)
+    values = I.collect(args.model, rows)
+    f = I.write(args.out, values, len(rows), rows.shape[1], str(cfg.task.path or cfg.data.source))
+    _echo(f"{f}: {len(values)} tensors from {len(rows)} rows x {rows.shape[1]} tokens")
 
 
 def cmd_export_onnx(args) -> None:

@@ -52,8 +52,13 @@ PYTHON_TYPES = {
     "Q5_0": ("Q5_0", "MOSTLY_Q5_0"),
     "Q5_1": ("Q5_1", "MOSTLY_Q5_1"),
 }
-LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+LLAMA_CPP_TYPES = (
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+    "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ2_XXS",
+)  # fmt: skip
 SUPPORTED_TYPES = tuple(PYTHON_TYPES) + LLAMA_CPP_TYPES
+# types llama.cpp will not make without an importance matrix (too few bits to round blindly)
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
 
 
 def check_type(name: str) -> str:

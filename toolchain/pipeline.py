@@ -203,6 +203,7 @@ class Run:
             types,
             name=self.config.name,
             overrides=self.config.export.gguf_overrides,
+            imatrix=self._imatrix(types),
         )
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
@@ -212,6 +213,22 @@ class Run:
         for f in files:
             self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
         return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
+
+    def _imatrix(self, types: list[str]):
+        """The student's importance matrix on the run's calibration rows, when llama.cpp quantizes."""
+        from toolchain.formats import LLAMA_CPP_TYPES
+
+        e = self.config.export
+        if not e.imatrix or not any(t in LLAMA_CPP_TYPES for t in types):
+            return None
+        from toolchain.quantize import imatrix as I
+
+        rows = self._calibration(e.imatrix_rows)
+        values = I.collect(self.path("student"), rows)
+        dataset = self.config.task.path or self.config.data.source
+        f = I.write(self.path("export", "imatrix.gguf"), values, len(rows), rows.shape[1], str(dataset))
+        self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens -> {f}")
+        return I.read(f)
 
     def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:

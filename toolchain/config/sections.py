@@ -229,12 +229,20 @@ class ExportConfig:
     # ONNX precisions: fp32 is always written (the others are made from it); fp16, int8 and
     # int4 each add a self-contained folder beside it (export/onnx-int4/, ...)
     onnx_precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    # an importance matrix measured on imatrix_rows calibration rows (the task's inputs, or the
+    # text) weighs llama.cpp's rounding of the types it quantizes (K-quants, IQ types); the file
+    # is kept as export/imatrix.gguf in llama.cpp's format
+    imatrix: bool = False
+    imatrix_rows: int = 32
 
     def validate(self, where: str) -> None:
-        from toolchain.formats import SUPPORTED_TYPES
+        from toolchain.formats import NEEDS_IMATRIX, SUPPORTED_TYPES
 
         for q in self.gguf:
             _choice(f"{where}.gguf", q, SUPPORTED_TYPES)
+            if q in NEEDS_IMATRIX and not self.imatrix:
+                raise UserError(f"{where}.gguf: {q} needs an importance matrix; set {where}.imatrix: true")
+        _positive(f"{where}.imatrix_rows", self.imatrix_rows)
         if self.gguf_overrides:
             from toolchain.formats import check_overrides
 

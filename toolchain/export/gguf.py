@@ -154,8 +154,12 @@ def export_gguf(
     types: list[str],
     name: str | None = None,
     overrides: dict[str, str] | None = None,
+    imatrix: tuple[dict, dict] | None = None,
 ) -> list[Artifact]:
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
+
+    `imatrix` ((importance per tensor, facts), quantize.imatrix) weighs llama.cpp's rounding of
+    the types it quantizes (K-quants, IQ types); the Python-written types do not use it.
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
     F16/F32 files, which stay exact references for verify and for the K-quants made from them."""
@@ -183,7 +187,7 @@ def export_gguf(
                     tmp_f16 = Path(tmp)
                     write_gguf(model_dir, tmp_f16, "F16", name)
                 src = tmp_f16
-            llama_cpp_quantize(src, path, t, overrides=own)
+            llama_cpp_quantize(src, path, t, overrides=own, imatrix=imatrix)
         records.append(
             Artifact(
                 format="gguf",

@@ -70,10 +70,21 @@ def llama_cpp_quantize(
     type_name: str,
     threads: int = 0,
     overrides: dict[str, str] | None = None,
+    imatrix: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Quantize an F16/F32 GGUF to a K-quant type with llama.cpp; written atomically.
+    """Quantize an F16/F32 GGUF to a K-quant or IQ type with llama.cpp; written atomically.
 
-    `overrides` ({tensor-name regex: ggml type}) go to llama.cpp's own tensor-type overrides."""
+    `overrides` ({tensor-name regex: ggml type}) go to llama.cpp's own tensor-type overrides;
+    `imatrix` ((importance per tensor, facts) from quantize.imatrix) weighs the rounding, and its
+    facts are recorded in the file as llama-quantize records them."""
+    from toolchain.formats import NEEDS_IMATRIX
+    from toolchain.quantize.imatrix import as_c_array, kv_overrides
+
+    if type_name in NEEDS_IMATRIX and imatrix is None:
+        raise UserError(
+            f"GGUF type {type_name} needs an importance matrix (too few bits to round without one): "
+            "set export.imatrix: true, or pass --imatrix FILE (make one with `toolchain imatrix`)"
+        )
     try:
         import llama_cpp
     except ImportError:
@@ -88,12 +99,20 @@ def llama_cpp_quantize(
     if overrides:
         keep_alive = _tensor_overrides(llama_cpp, check_overrides(overrides, type_name))
         params.tt_overrides = ctypes.cast(keep_alive, type(params.tt_overrides))
+    keep_imatrix = None
+    if imatrix is not None:
+        arr, held = as_c_array(llama_cpp, imatrix[0])
+        kvs = kv_overrides(llama_cpp, imatrix[1])
+        keep_imatrix = (arr, held, kvs)
+        params.imatrix = ctypes.cast(arr, type(params.imatrix))
+        params.kv_overrides = ctypes.cast(kvs, type(params.kv_overrides))
     with atomic_path(dst) as tmp:
         with captured_native_output() as log_lines:
             rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             tail = " / ".join(log_lines[-3:])
             raise UserError(f"llama.cpp failed to quantize {src_f16} to {type_name} (return code {rc}): {tail}")
+    del keep_alive, keep_imatrix  # the C arrays had to live until llama.cpp returned
     fallbacks = [line for line in log_lines if "fallback" in line and "required" in line]
     if fallbacks:
         # e.g. SmolLM2's 576-wide rows are not multiples of 256, so most K-quant tensors fall back
