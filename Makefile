@@ -11,7 +11,7 @@ OUT     ?= runs/quickstart
 # test processes (pytest-xdist): one per core, at most 4 (the real-model tests take GBs each);
 # a file's tests stay in one process, so its module fixtures are built once
 WORKERS ?= auto
-PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --maxprocesses=4 --dist loadfile
+PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --maxprocesses=4 --dist loadfile --durations=15
 
 .PHONY: setup demo test test-fast lint compare clean task-data task-demo
 
