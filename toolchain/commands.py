@@ -170,13 +170,17 @@ def cmd_distill_cache(args) -> None:
 def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
+    from toolchain.formats import LLAMA_CPP_TYPES
 
-    cfg = _config(args, {"export.imatrix": True} if args.imatrix else None).export  # the file is the imatrix
+    full = _config(args, {"export.imatrix": True} if args.imatrix else None)  # the file is the imatrix
+    cfg = full.export
     imatrix = None
     if args.imatrix:
         from toolchain.quantize.imatrix import read
 
         imatrix = read(args.imatrix)
+    elif cfg.imatrix and any(t in LLAMA_CPP_TYPES for t in cfg.gguf):
+        imatrix = _measure_imatrix(args.model, full, Path(args.out) / "imatrix.gguf")
     files = export_gguf(args.model, args.out, cfg.gguf, name=args.name, overrides=cfg.gguf_overrides, imatrix=imatrix)
     if not args.no_modelfile:
         pick = min(files, key=lambda f: f["bytes"])
@@ -187,20 +191,24 @@ def cmd_export_gguf(args) -> None:
     _echo(json.dumps(files, indent=2))
 
 
-def cmd_imatrix(args) -> None:
+def _measure_imatrix(model: str, cfg, out_file: Path):
+    """The importance matrix of `model` on the config's calibration rows, kept at `out_file`."""
     from transformers import AutoTokenizer
 
-    from toolchain.quantize import imatrix as I
+    from toolchain.quantize.imatrix import measure
     from toolchain.student import calibration_rows
 
-    cfg = _config(args)
-    if not (Path(args.model) / "config.json").is_file():
-        raise UserError(f"{args.model} is not an HF model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    rows = calibration_rows(tok, cfg.data, cfg.task, cfg.export.imatrix_rows)
-    values = I.collect(args.model, rows)
-    f = I.write(args.out, values, len(rows), rows.shape[1], str(cfg.task.path or cfg.data.source))
-    _echo(f"{f}: {len(values)} tensors from {len(rows)} rows x {rows.shape[1]} tokens")
+    if not (Path(model) / "config.json").is_file():
+        raise UserError(f"{model} is not an HF model directory (no config.json)")
+    rows = calibration_rows(AutoTokenizer.from_pretrained(model), cfg.data, cfg.task, cfg.export.imatrix_rows)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    values, facts = measure(model, rows, str(cfg.task.path or cfg.data.source), out_file)
+    _echo(f"importance matrix {out_file}: {len(values)} tensors from {len(rows)} rows x {rows.shape[1]} tokens")
+    return values, facts
+
+
+def cmd_imatrix(args) -> None:
+    _measure_imatrix(args.model, _config(args), Path(args.out))
 
 
 def cmd_export_onnx(args) -> None:

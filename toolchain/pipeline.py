@@ -224,11 +224,10 @@ class Run:
         from toolchain.quantize import imatrix as I
 
         rows = self._calibration(e.imatrix_rows)
-        values = I.collect(self.path("student"), rows)
-        dataset = self.config.task.path or self.config.data.source
-        f = I.write(self.path("export", "imatrix.gguf"), values, len(rows), rows.shape[1], str(dataset))
-        self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens -> {f}")
-        return I.read(f)
+        dataset = str(self.config.task.path or self.config.data.source)
+        values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
+        self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
+        return values, facts
 
     def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:

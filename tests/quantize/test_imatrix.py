@@ -59,8 +59,12 @@ def test_types_that_need_an_imatrix_say_so(tiny_dir, measured, tmp_path, capsys)
     with pytest.raises(UserError, match="IQ2_XXS needs an importance matrix"):
         export_gguf(tiny_dir, tmp_path / "a", ["IQ2_XXS"])
     assert main(["export", "gguf", str(tiny_dir), "--out", str(tmp_path / "b"), "--types", "IQ2_XXS",
-                 "--no-modelfile"]) == 2  # fmt: skip
+                 "--no-modelfile", "--set", "export.imatrix=false"]) == 2  # fmt: skip
     assert "needs an importance matrix" in capsys.readouterr().err
+    # by default the CLI measures one on the calibration text and keeps it beside the files
+    assert main(["export", "gguf", str(tiny_dir), "--out", str(tmp_path / "d"), "--types", "IQ2_XXS",
+                 "--no-modelfile", "--set", "export.imatrix_rows=2", "--set", "data.seq_len=16"]) == 0  # fmt: skip
+    assert (tmp_path / "d" / "imatrix.gguf").is_file() and (tmp_path / "d" / "model-IQ2_XXS.gguf").is_file()
     assert main(["export", "gguf", str(tiny_dir), "--out", str(tmp_path / "c"), "--types", "IQ2_XXS",
                  "--no-modelfile", "--imatrix", str(path)]) == 0  # fmt: skip
     bad = tmp_path / "bad.gguf"

@@ -83,7 +83,7 @@ def llama_cpp_quantize(
     if type_name in NEEDS_IMATRIX and imatrix is None:
         raise UserError(
             f"GGUF type {type_name} needs an importance matrix (too few bits to round without one): "
-            "set export.imatrix: true, or pass --imatrix FILE (make one with `toolchain imatrix`)"
+            "keep export.imatrix on (the default), or pass --imatrix FILE (make one with `toolchain imatrix`)"
         )
     try:
         import llama_cpp

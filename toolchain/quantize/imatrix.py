@@ -63,6 +63,12 @@ def collect(model_dir: str | os.PathLike, rows) -> dict[str, np.ndarray]:
     return {k: (sums[k] / counts[k]).numpy().astype(np.float32) for k in sorted(sums)}
 
 
+def measure(model_dir: str | os.PathLike, rows, dataset: str, out_file: str | os.PathLike) -> tuple[dict, dict]:
+    """collect() on `rows`, kept as llama.cpp's imatrix file `out_file`, read back for the quantizer."""
+    values = collect(model_dir, rows)
+    return read(write(out_file, values, len(rows), int(rows.shape[1]), dataset))
+
+
 def write(path: str | os.PathLike, imatrix: dict[str, np.ndarray], chunks: int, chunk_size: int, dataset: str) -> Path:
     """llama.cpp's GGUF imatrix file: per tensor `.in_sum2` (here mean * count) and `.counts`."""
     import gguf
