@@ -125,7 +125,7 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
         finetune={"enabled": True, "method": "lora", "steps": 4, "batch_size": 4, "lr": 1e-2, "seq_len": 64},
         data={"mode": "task", "seq_len": 64, "gen_temperature": 0, "gen_max_new_tokens": 3},
         distill={"on_policy_fraction": 0.5},  # the student answering the train prompts, the teacher scoring
-        export={"gguf": ["F16"], "onnx": False},
+        export={"gguf": ["F16", "Q4_K_M"], "onnx": False, "imatrix_rows": 4},  # Q4_K_M: with an imatrix
         bench={"targets": ["cpu"], "torch_baseline": False},
     )  # fmt: skip
     out = tmp_path / "run"
@@ -134,11 +134,17 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     assert r["finetune"]["method"] == "lora" and (out / "work" / "teacher-finetuned" / "config.json").is_file()
     assert r["teacher"]["finetuned"] and r["distill"]["mode"] == "task" and r["distill"]["targets"] == "teacher"
     models = r["task"]["models"]
-    assert list(models) == ["base teacher", "teacher", "student, before", "student", "student gguf F16"]
+    assert list(models) == [
+        "base teacher", "teacher", "student, before", "student", "student gguf F16", "student gguf Q4_K_M"
+    ]  # fmt: skip
+    from toolchain.models.file_checks import open_gguf
+
+    fields = open_gguf(out / "export" / "model-Q4_K_M.gguf").fields  # quantized with the task's imatrix
+    assert int(fields["quantize.imatrix.chunks_count"].contents()) == 4 and (out / "export" / "imatrix.gguf").is_file()
     assert models["student gguf F16"]["format"] == "gguf" and models["base teacher"]["format"] == "hf"
     n_eval = len(cfg.task.splits().eval)
     assert all(sum(b["n"] for b in m["score"]["buckets"].values()) == n_eval for m in models.values())
-    assert set(r["task"]["retention"]) == {"student, before", "student", "student gguf F16"}
+    assert set(r["task"]["retention"]) == {"student, before", "student", "student gguf F16", "student gguf Q4_K_M"}
     md = (out / "report.md").read_text()
     assert "## Task accuracy" in md and "Retention of the teacher's accuracy" in md
     assert {"finetune", "eval"} <= set(r["stage_seconds"])
@@ -146,7 +152,7 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     from toolchain.runtime.bundle import Bundle
 
     cal = Bundle.open(out / "bundle").manifest["calibration"]
-    assert cal["examples"] == len(cfg.task.splits().calib) >= 10 and cal["model"] == "gguf F16"
+    assert cal["examples"] == len(cfg.task.splits().calib) >= 10 and cal["model"] == "gguf Q4_K_M"  # the smallest
     assert cal["routed_accuracy"] >= cal["teacher_accuracy"] - 0.01 and 0.0 <= cal["coverage"] <= 1.0
     assert r["bundle"]["calibration"]["threshold"] == cal["threshold"]
 

@@ -221,9 +221,14 @@ class Run:
         e = self.config.export
         if not e.imatrix or not any(t in LLAMA_CPP_TYPES for t in types):
             return None
-        from toolchain.quantize import imatrix as I
+        from transformers import AutoTokenizer
 
-        rows = self._calibration(e.imatrix_rows)
+        from toolchain.quantize import imatrix as I
+        from toolchain.student import calibration_rows
+
+        # the student's own tokenizer (the teacher's): no teacher weights are loaded for this
+        tok = AutoTokenizer.from_pretrained(self.path("student"))
+        rows = calibration_rows(tok, self.config.data, self.config.task, e.imatrix_rows)
         dataset = str(self.config.task.path or self.config.data.source)
         values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
         self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
