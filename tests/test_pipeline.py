@@ -87,7 +87,8 @@ def test_report_has_the_stable_keys(run_dir):
     for b in r["bench"]:
         assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
         assert b["target"] == "cpu" and b["threads"] >= 1
-    assert set(r["stage_seconds"]) == {"teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench"}
+    stages = {"teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench", "pack"}
+    assert set(r["stage_seconds"]) == stages
     md = (run_dir / "report.md").read_text()
     assert "## Distillation" in md and "## Speed" in md and "## Time per stage" in md
 
