@@ -1,6 +1,7 @@
 """Open an app bundle written by `toolchain pack`, refusing one whose files changed.
 
-Torch-free (stdlib only here): an app ships this with llama-cpp-python or onnxruntime.
+Torch-free (the stdlib and the package's stdlib-only fileio): an app ships this with
+llama-cpp-python or onnxruntime.
 
 A bundle is a folder with `manifest.json` (every other file with its bytes and sha256) and
 `manifest.sha256` (the digest of manifest.json itself). Opening checks both, so one changed,
@@ -10,25 +11,17 @@ weights nobody verified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain.errors import UserError
+from toolchain.fileio import sha256_file as sha256_of
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_DIGEST_FILE = "manifest.sha256"
 BUNDLE_FORMAT = "toolchain-bundle/1"
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bad_files(root: Path, files: list[dict]) -> list[str]:
