@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 from toolchain.config import Config, dump_yaml, to_dict
 from toolchain.errors import DivergenceError, UserError, VerificationError
@@ -242,9 +243,9 @@ class Run:
         return export_onnx(self.path("student"), self.path("export", "onnx"), self.config.export.onnx_precisions)
 
     def _exports(self) -> list[Artifact]:
-        files = list((self.record("export_gguf") or {}).get("files", []))
-        onnx = self.record("export_onnx") or {}
-        return files + ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))
+        from toolchain.pack.build import run_exports
+
+        return cast(list[Artifact], run_exports(self.out))
 
     def stage_verify(self) -> dict:
         from toolchain.verify.exports import verify_exports

@@ -39,7 +39,8 @@ def _stage(run_dir: Path, name: str) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def _exports(run_dir: Path) -> list[dict]:
+def run_exports(run_dir: Path) -> list[dict]:
+    """Every export a run directory's stage records list: GGUF files, the ONNX folder and its variants."""
     gguf = _stage(run_dir, "export_gguf").get("files", [])
     onnx = _stage(run_dir, "export_onnx")
     return list(gguf) + ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))
@@ -52,7 +53,8 @@ def choose_exports(run_dir: Path, gguf: list[str] | None, onnx: list[str] | None
         raise UserError(f"{run_dir} has no verified exports (stages/verify.json); finish the run first")
     wanted = {"gguf": gguf, "onnx": onnx}
     chosen = []
-    for e in _exports(run_dir):
+    exports = run_exports(run_dir)
+    for e in exports:
         names = wanted[e["format"]]
         if names is not None and e["quant"] not in names:
             continue
@@ -63,7 +65,7 @@ def choose_exports(run_dir: Path, gguf: list[str] | None, onnx: list[str] | None
     for fmt, names in wanted.items():
         missing = set(names or ()) - {e["quant"] for e in chosen if e["format"] == fmt}
         if missing:
-            have = sorted(e["quant"] for e in _exports(run_dir) if e["format"] == fmt)
+            have = sorted(e["quant"] for e in exports if e["format"] == fmt)
             raise UserError(f"{run_dir} has no {fmt} export {', '.join(sorted(missing))} (it has: {have or 'none'})")
     if not chosen:
         raise UserError("nothing to pack: choose at least one GGUF type or ONNX precision")

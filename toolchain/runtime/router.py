@@ -82,19 +82,14 @@ class LlamaChat:
         return self.llm.tokenize(text.encode(), add_bos=False, special=True)
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> tuple[str, list[int], list[list[float]]]:
-        import ctypes
-
-        import llama_cpp
+        from toolchain.runtime.llama import last_logits
 
         self.llm.reset()
         self.llm.eval(self.prompt_ids(messages))
         tokens: list[int] = []
         stats = []
         for _ in range(max_new_tokens):
-            ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            logits = np.ctypeslib.as_array(
-                ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.llm.n_vocab(),)
-            )
+            logits = last_logits(self.llm)
             tok = int(np.argmax(logits))
             tokens.append(tok)
             stats.append(token_stats(logits, tok))
