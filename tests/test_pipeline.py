@@ -16,6 +16,8 @@ def tiny_config(teacher_dir, **over):
         "student": {"keep_layers": 3, "calib_sequences": 2},
         "data": {"seq_len": 32, "eval_sequences": 4},
         "distill": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
+        # the shipped student trains through Q8_0's rounding for two steps
+        "quantize": {"qat": "Q8_0", "steps": 2},
         "export": {"gguf": ["F16", "Q8_0"], "onnx": True, "onnx_precisions": ["fp32", "int8"]},
         # a 4-step tiny random student has flat logits (a third of positions near-ties), where
         # int8 activation rounding flips ties depending on the CPU's kernels; real models are held
@@ -87,10 +89,30 @@ def test_report_has_the_stable_keys(run_dir):
     for b in r["bench"]:
         assert b["decode_tps"]["median"] > 0 and b["prefill_tps"]["median"] > 0 and b["peak_rss_mb"] > 0
         assert b["target"] == "cpu" and b["threads"] >= 1
-    stages = {"teacher", "student", "distill", "export_gguf", "export_onnx", "verify", "bench", "pack"}
+    stages = {"teacher", "student", "distill", "quantize", "export_gguf", "export_onnx", "verify", "bench", "pack"}
     assert set(r["stage_seconds"]) == stages
     md = (run_dir / "report.md").read_text()
     assert "## Distillation" in md and "## Speed" in md and "## Time per stage" in md
+
+
+def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from toolchain.models.file_checks import open_gguf
+    from toolchain.models.load import load_model
+
+    r = json.loads((run_dir / "report.json").read_text())
+    q = r["quantize"]
+    assert q["qat"] == "Q8_0" and q["steps"] == 2 and q["after"]["kl"] >= 0
+    assert "## Quantization-aware distillation (Q8_0)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "work" / "student-float" / "model.safetensors").is_file()  # the distilled weights
+    gguf_file = open_gguf(run_dir / "export" / "model-Q8_0.gguf")
+    assert gguf_file.fields["toolchain.qat.type"].contents() == "Q8_0"
+    down = next(t for t in gguf_file.tensors if t.name == "blk.1.ffn_down.weight")
+    stored = dequantize(down.data, down.tensor_type).reshape(down.shape[::-1])
+    trained = load_model(str(run_dir / "student")).model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert np.array_equal(stored, trained)
 
 
 def test_rerun_skips_finished_stages(run_dir, tiny_dir_6):

@@ -194,6 +194,34 @@ def _add_distill(sub) -> None:
     d.set_defaults(func=commands.cmd_distill)
 
 
+def _add_quantize(sub) -> None:
+    from toolchain.formats import QAT_TYPES
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantization-aware distillation: the student trains through a GGUF type's exact rounding",
+    )
+    _add_teacher(q)
+    q.add_argument("--student", required=True, help="the distilled student's HF directory")
+    q.add_argument("--out", required=True, help="where the rounded student is saved (then: toolchain export gguf)")
+    q.add_argument("--type", required=True, choices=QAT_TYPES, help="the GGUF type the student will ship as")
+    q.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
+    q.add_argument("--no-progress", action="store_true")
+    _field(q, "--steps", "quantize.steps", "optimizer steps")
+    _field(q, "--lr", "quantize.lr", "learning rate")
+    _field(
+        q,
+        "--override",
+        "export.gguf_overrides",
+        "per-tensor type, as for `export gguf` (give the export the same): PATTERN=TYPE, TYPE one of "
+        "Q4_0, Q8_0, F16, F32; repeatable",
+        action=_PatternTypes,
+        metavar="PATTERN=TYPE",
+    )
+    _add_config_args(q)
+    q.set_defaults(func=commands.cmd_quantize)
+
+
 def _add_distill_cache(sub) -> None:
     c = sub.add_parser(
         "distill-cache",
@@ -332,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_student,
         _add_prune,
         _add_distill,
+        _add_quantize,
         _add_distill_cache,
         _add_export,
         _add_verify,

@@ -143,6 +143,40 @@ def cmd_distill(args) -> None:
     _echo(json.dumps(res, indent=2))
 
 
+def cmd_quantize(args) -> None:
+    import dataclasses
+
+    from toolchain.devices.placement import resolve_device
+    from toolchain.fileio import check_writable_dir
+    from toolchain.models.load import teacher_from_config
+    from toolchain.quantize.qat import qat_distill
+
+    cfg = _config(args, {"quantize.qat": args.type, "export.gguf": [args.type]})
+    if not (Path(args.student) / "config.json").is_file():
+        raise UserError(f"student directory not found or not an HF model: {args.student}")
+    check_writable_dir(Path(args.out).parent, "output directory")
+    device = str(resolve_device(cfg.distill.device))
+    q = cfg.quantize
+    distill = dataclasses.replace(cfg.distill, steps=q.steps, lr=q.lr, lora=dataclasses.replace(cfg.distill.lora, r=0))
+    res = qat_distill(
+        lambda: teacher_from_config(cfg.teacher, device),
+        args.student,
+        args.out,
+        cfg.data,
+        distill,
+        Path(args.work or f"{args.out}.work"),
+        q.qat,
+        cfg.export.gguf_overrides,
+        progress=not args.no_progress,
+        teacher_cfg=cfg.teacher,
+        task=cfg.task,
+    )
+    res.pop("history", None)
+    _echo(json.dumps(res, indent=2))
+    flags = "".join(f" --override '{k}={v}'" for k, v in cfg.export.gguf_overrides.items())
+    _echo(f"then: toolchain export gguf {args.out} --out DIR --types {q.qat}{flags}")
+
+
 def cmd_distill_cache(args) -> None:
     from toolchain.devices.placement import place, resolve_device
     from toolchain.distill.modes import prepare_data

@@ -69,6 +69,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def copy_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the directory `src` to `dst`, atomically (a half copy is never left at `dst`)."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return Path(dst)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if missing) for the block.

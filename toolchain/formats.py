@@ -67,6 +67,11 @@ def check_type(name: str) -> str:
     return name
 
 
+# quantization-aware distillation: file types whose every tensor has an exact torch rounding
+# (quantize/fake_quant.py), and the tensor types an override may give them
+QAT_TYPES = ("Q4_0", "Q8_0")
+FAKE_QUANT_TYPES = ("Q4_0", "Q8_0", "F16", "F32")
+
 # tensor types a per-tensor override may name in a Python-written file
 PYTHON_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 

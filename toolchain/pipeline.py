@@ -7,6 +7,7 @@ a rerun with a different config is refused rather than mixing two runs in one di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from typing import cast
 
 from toolchain.config import Config, dump_yaml, to_dict
 from toolchain.errors import DivergenceError, UserError, VerificationError
-from toolchain.fileio import check_writable_dir, dir_bytes, write_json, write_text
+from toolchain.fileio import check_writable_dir, copy_dir, dir_bytes, write_json, write_text
 from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ STAGES = (
     "student",
     "prune",
     "distill",
+    "quantize",
     "export_gguf",
     "export_onnx",
     "verify",
@@ -190,6 +192,40 @@ class Run:
         )
         res["bytes"] = dir_bytes(self.path("student"))
         return res
+
+    def stage_quantize(self) -> dict:
+        """Quantization-aware distillation of the distilled student (quantize.qat), in place: the
+        distilled weights are kept in work/student-float."""
+        q = self.config.quantize
+        if q.qat == "none":
+            return {}
+        from toolchain.quantize.qat import qat_distill
+
+        before = self.path("work", "student-float")
+        if not before.is_dir():  # a rerun after a crash starts again from the distilled weights
+            copy_dir(self.path("student"), before)
+        lora = dataclasses.replace(self.config.distill.lora, r=0)  # the merged weights train
+        cfg = dataclasses.replace(self.config.distill, steps=q.steps, lr=q.lr, lora=lora)
+        res = qat_distill(
+            lambda: self.distill_teacher,
+            before,
+            self.path("student"),
+            self.config.data,
+            cfg,
+            self.path("work", "quantize"),
+            q.qat,
+            self.config.export.gguf_overrides,
+            self.progress,
+            teacher_cfg=self.teacher_config,
+            task=self.config.task,
+        )
+        write_json(self.path("logs", "quantize_history.json"), res.pop("history"))
+        b, a = res["before"], res["after"]
+        self.echo(
+            f"{q.qat}-rounded student, held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, "
+            f"agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}"
+        )
+        return {"qat": q.qat, "overrides": dict(self.config.export.gguf_overrides), **res}
 
     def stage_export_gguf(self) -> dict:
         from toolchain.export.gguf import export_gguf, gguf_filename

@@ -19,6 +19,7 @@ from toolchain.config.checks import non_negative as _non_negative
 from toolchain.config.checks import positive as _positive
 from toolchain.config.pack import PackConfig
 from toolchain.config.prune import PruneConfig
+from toolchain.config.quantize import QuantizeConfig
 from toolchain.config.task import FinetuneConfig, LoraConfig, TaskConfig
 from toolchain.errors import UserError
 
@@ -360,6 +361,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -373,10 +375,27 @@ class Config:
             if dataclasses.is_dataclass(value):
                 cast(_Section, value).validate(f"{f.name}")
         self._check_pack()
+        self._check_qat()
         needs_task = {"data.mode: task": self.data.mode == "task", "finetune.enabled": self.finetune.enabled}
         for what, needed in needs_task.items():
             if needed and self.task.path is None:
                 raise UserError(f"{what} trains on the task's examples: set task.path to its JSONL")
+
+    def _check_qat(self) -> None:
+        """Training through a GGUF type's rounding is for the file of that type the run writes."""
+        from toolchain.formats import FAKE_QUANT_TYPES
+
+        qat = self.quantize.qat
+        if qat == "none":
+            return
+        if qat not in self.export.gguf:
+            raise UserError(f"quantize.qat: {qat} is not among export.gguf ({', '.join(self.export.gguf)}): add it")
+        for pattern, t in self.export.gguf_overrides.items():
+            if t not in FAKE_QUANT_TYPES:
+                raise UserError(
+                    f"quantize.qat: export.gguf_overrides gives {pattern!r} type {t}, which has no exact "
+                    f"training rounding (use {', '.join(FAKE_QUANT_TYPES)})"
+                )
 
     def _check_pack(self) -> None:
         """The bundle can only hold what the run exports."""

@@ -6,7 +6,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
 from toolchain.data.corpus import load_documents, pack
@@ -87,6 +87,18 @@ def _eval_sets(plan: DataPlan, data: DataConfig, cfg: DistillConfig, tokenizer) 
     return evals
 
 
+class StudentTransform(Protocol):
+    """A change to the student for the length of the training (e.g. quantize.qat's rounding):
+    applied after loading, finished before saving, its meta recorded in the student's."""
+
+    @property
+    def meta(self) -> dict: ...
+
+    def apply(self, model) -> None: ...
+
+    def finish(self, model) -> None: ...
+
+
 @dataclass
 class _Output:
     """How the trained student is saved: LoRA merged in first, its meta saying how it was made."""
@@ -95,8 +107,12 @@ class _Output:
     model: Any  # what trains: student.model, or its LoRA wrapper
     cfg: DistillConfig
     meta: dict
+    transform: StudentTransform | None = None
 
     def save(self, to: str | os.PathLike) -> None:
+        if self.transform is not None:
+            self.transform.finish(self.student.model)
+            self.meta.update(self.transform.meta)
         lora = self.cfg.lora
         if lora.r:
             self.student.model = merge_lora(self.model)
@@ -123,6 +139,7 @@ def distill_student(
     teacher_cfg: TeacherConfig | None = None,
     task: TaskConfig | None = None,
     par: Parallel | None = None,
+    transform: StudentTransform | None = None,
 ) -> dict:
     """Train the student in student_dir towards the teacher; save it to out_dir (atomically).
 
@@ -130,7 +147,8 @@ def distill_student(
     whether it is needed at all (a complete top-k cache or a JSONL of pairs trains without it).
     Under a multi-process launcher only process 0 saves and returns the full figures; `par`
     overrides the launcher's processes (SINGLE: a run process 0 makes alone, such as a heal
-    between pruning rounds while the others wait for the distill stage).
+    between pruning rounds while the others wait for the distill stage). `transform` changes the
+    student while it trains (applied before the optimizer sees its parameters).
     """
     from toolchain.devices.parallel import from_env
     from toolchain.devices.placement import resolve_device
@@ -140,11 +158,17 @@ def distill_student(
     student = load_model(str(student_dir))
     plan = _prepare_data(teacher, student, data, cfg, work_dir, teacher_cfg, progress, par, task)
     t = (teacher() if callable(teacher) else teacher) if plan.needs_teacher else None
+    if transform is not None:
+        transform.apply(student.model)
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
     evals = _eval_sets(plan, data, cfg, student.tokenizer)
     output = _Output(
-        student, model, cfg, {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode}
+        student,
+        model,
+        cfg,
+        {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode},
+        transform,
     )
     try:
         result = distill(

@@ -85,7 +85,9 @@ def _write_provenance(w, meta: dict) -> None:
             w.add_string("toolchain.teacher.license", str(meta["teacher_license"]))
         if meta.get("kept_layers") is not None:
             w.add_array("toolchain.student.kept_layers", [int(i) for i in meta["kept_layers"]])
-    elif meta.get("source"):
+    if meta.get("qat"):  # the weights were trained through this type's rounding (quantize.qat)
+        w.add_string("toolchain.qat.type", str(meta["qat"]["type"]))
+    if not teacher and meta.get("source"):
         w.add_string("toolchain.source", str(meta["source"]))
         if meta.get("sha256"):
             w.add_string("toolchain.source.sha256", str(meta["sha256"]))

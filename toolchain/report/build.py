@@ -54,6 +54,7 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         },
         "prune": prune,
         "distill": {k: v for k, v in distill.items() if k not in ("history", "params", "bytes")} if distill else {},
+        "quantize": stages.get("quantize") or {},
         "exports": exports,
         "bench": [_bench_row(b) for b in stages.get("bench", {}).get("results", [])],
         "finetune": stages.get("finetune") or {},

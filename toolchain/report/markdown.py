@@ -195,6 +195,27 @@ def _distill_section(d: dict) -> list[str]:
     return _distilled_section(d) if d else []
 
 
+def _qat_section(q: dict) -> list[str]:
+    """Quantization-aware distillation: what the rounding cost the student and what training won back."""
+    b, a = q.get("before", {}), q.get("after", {})
+    lines = [f"## Quantization-aware distillation ({q['qat']})", ""]
+    overrides = ", ".join(f"`{k}` {v}" for k, v in (q.get("overrides") or {}).items())
+    lines += [
+        f"{q.get('steps')} steps with every weight rounded as the {q['qat']} GGUF stores it"
+        + (f" (overrides: {overrides})" if overrides else "")
+        + "; the exported file holds exactly these weights.",
+        "",
+    ]
+    lines += _table(
+        ["metric", f"{q['qat']}-rounded, before", "after"],
+        [
+            ["KL(teacher ‖ student)", _f(b.get("kl")), _f(a.get("kl"))],
+            ["top-1 agreement with teacher", _f(b.get("top1_agreement")), _f(a.get("top1_agreement"))],
+        ],
+    )
+    return lines
+
+
 def _export_parity(e: dict) -> str:
     p = e.get("parity", {})
     if e["format"] == "gguf":
@@ -266,6 +287,8 @@ def render(report: dict) -> str:
     if report.get("prune"):
         lines += _prune_section(report["prune"])
     lines += _distill_section(d)
+    if (report.get("quantize") or {}).get("qat"):
+        lines += _qat_section(report["quantize"])
 
     ex = report.get("exports", [])
     if ex:

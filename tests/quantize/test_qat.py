@@ -1,0 +1,156 @@
+"""Quantization-aware distillation: the torch rounding is gguf's to the bit, the trained student
+exports to exactly the weights it trained with, and what cannot be matched is refused."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+
+from toolchain.config import DataConfig, DistillConfig
+from toolchain.errors import UserError
+from toolchain.export.gguf import export_gguf
+from toolchain.models.load import load_model
+from toolchain.quantize.fake_quant import fake_quantize, quantize_values
+from toolchain.quantize.qat import check_qat, qat_distill, tensor_types
+
+
+def _awkward_rows(rng) -> np.ndarray:
+    w = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block
+    w[1, :32] = w[1, 0]  # every value tied for the largest magnitude
+    w[2, :32] = np.linspace(-1, 1, 32)
+    w[3, :32] = 0
+    w[3, :3] = [127.0, 62.5, -62.5]  # Q8_0 scale 1: exact halves, rounded away from zero
+    w[4, :32] = 1e-9  # a scale that underflows fp16
+    return w
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("spread", [1e-3, 0.05, 4.0])
+def test_fake_quant_is_gguf_rounding_to_the_bit(type_name, spread):
+    rng = np.random.default_rng(0)
+    w = _awkward_rows(rng) * np.float32(spread / 0.05)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    stored = dequantize(quantize(w, qtype), qtype)
+    ours = quantize_values(torch.from_numpy(w), type_name).numpy()
+    assert np.array_equal(ours, stored)
+    # on the grid: quantizing the values again stores the same codes
+    assert np.array_equal(quantize(ours, qtype), quantize(stored, qtype))
+    assert np.array_equal(dequantize(quantize(ours, qtype), qtype), ours)
+
+
+def test_gradient_passes_straight_through():
+    w = torch.randn(8, 64, requires_grad=True)
+    g = torch.randn(8, 64)
+    (fake_quantize(w, "Q4_0") * g).sum().backward()
+    assert torch.equal(w.grad, g)
+
+
+def test_tensor_types_follow_the_gguf_writer(tiny_dir):
+    model = load_model(str(tiny_dir)).model
+    types = tensor_types(model, "Q4_0", {"token_embd": "Q8_0", "ffn_down": "F16"})
+    assert types["model.embed_tokens"] == "Q8_0" and types["lm_head"] == "Q8_0"  # tied: stored once
+    assert types["model.layers.0.self_attn.q_proj"] == "Q4_0"
+    assert types["model.layers.2.mlp.down_proj"] == "F16"
+
+
+def test_unmatched_roundings_are_refused(tiny_dir, tmp_path):
+    with pytest.raises(UserError, match="'Q4_K_M' has no exact fake-quant"):
+        check_qat("Q4_K_M", None)
+    with pytest.raises(UserError, match="Q4_1 has no exact fake-quant"):
+        check_qat("Q4_0", {"token_embd": "Q4_1"})
+    cfg = DistillConfig(steps=1)
+    cfg.lora.r = 4
+    with pytest.raises(UserError, match="set distill.lora.r to 0"):
+        qat_distill(None, tiny_dir, tmp_path / "o", DataConfig(seq_len=32), cfg, tmp_path / "w", "Q4_0")
+
+
+def _gguf_weights(path) -> dict[str, np.ndarray]:
+    from toolchain.models.file_checks import open_gguf
+
+    return {t.name: dequantize(t.data, t.tensor_type).reshape(t.shape[::-1]) for t in open_gguf(path).tensors}
+
+
+def _torch_weights_as_gguf(model_dir) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from toolchain.models.registry import get_arch
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = get_arch(config.model_type)
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
+    return {tmap.get_name(n, try_suffixes=(".weight", ".bias")): d for n, d in arch.gguf_tensors(state, config)}
+
+
+@pytest.mark.parametrize(
+    ("model", "type_name", "overrides"),
+    [
+        ("tiny_dir", "Q4_0", {"token_embd": "Q8_0"}),
+        ("tiny_dir", "Q8_0", {}),
+        ("qwen2", "Q4_0", {"^output": "Q8_0"}),  # an untied head
+        ("gemma3_text", "Q4_0", {}),
+    ],
+)
+def test_trained_student_exports_to_exactly_its_weights(model, type_name, overrides, request, tmp_path, teacher_dir):
+    from conftest import make_tiny_causal_lm
+
+    if model == "tiny_dir":
+        src = request.getfixturevalue("tiny_dir")
+    else:
+        src = make_tiny_causal_lm(tmp_path / model, teacher_dir, model, layers=2)
+    teacher = load_model(str(src))
+    cfg = DistillConfig(
+        steps=8, batch_size=2, lr=2e-4, warmup_steps=1, alpha=0.0, temperature=1.0, eval_every=0, divergence_ratio=0
+    )
+    out = tmp_path / "qat"
+    data = DataConfig(seq_len=32, eval_sequences=4)
+    res = qat_distill(teacher, src, out, data, cfg, tmp_path / "w", type_name, overrides, progress=False)
+    if type_name == "Q4_0":  # (Q8_0's rounding costs too little KL on a tiny model to win back)
+        # held-out KL to the unrounded teacher: rounding costs some, training through it wins part back
+        assert res["after"]["kl"] < res["before"]["kl"]
+    assert load_model(str(out)).meta["qat"] == {"type": type_name, "overrides": overrides}
+
+    (rec,) = export_gguf(out, tmp_path / "export", [type_name], overrides=overrides)
+    stored = _gguf_weights(rec["path"])
+    trained = _torch_weights_as_gguf(out)
+    assert set(stored) == set(trained)
+    quantized = [n for n in stored if n.endswith(".weight") and trained[n].ndim == 2]
+    assert quantized
+    for name in quantized:
+        assert np.array_equal(stored[name], trained[name].astype(np.float32)), name
+
+
+def test_cli_quantize_then_export_records_it(tiny_dir, tmp_path, capsys):
+    from toolchain.cli import main
+    from toolchain.models.file_checks import open_gguf
+
+    out = tmp_path / "qat"
+    args = ["--teacher", str(tiny_dir), "--student", str(tiny_dir), "--out", str(out), "--no-progress"]
+    sets = ["data.seq_len=32", "data.eval_sequences=4", "distill.batch_size=2", "distill.eval_every=0"]
+    code = main(["quantize", *args, "--type", "Q8_0", "--steps", "2", *(x for s in sets for x in ("--set", s))])
+    assert code == 0 and "then: toolchain export gguf" in capsys.readouterr().out
+    assert main(["export", "gguf", str(out), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--no-modelfile"]) == 0
+    assert open_gguf(tmp_path / "g" / "model-Q8_0.gguf").fields["toolchain.qat.type"].contents() == "Q8_0"
+
+
+def test_cli_refuses_an_override_it_cannot_round(tiny_dir, tmp_path, capsys):
+    from toolchain.cli import main
+
+    args = ["--teacher", str(tiny_dir), "--student", str(tiny_dir), "--out", str(tmp_path / "q"), "--type", "Q4_0"]
+    assert main(["quantize", *args, "--override", "token_embd=Q5_0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Q5_0, which has no exact training rounding" in err
+
+
+def test_pipeline_config_names_the_file_it_trains_for():
+    from toolchain.config import load_config
+
+    with pytest.raises(UserError, match="quantize.qat: Q4_0 is not among export.gguf"):
+        load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q8_0]"])
+    cfg = load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q4_0]"])
+    assert cfg.quantize.qat == "Q4_0"

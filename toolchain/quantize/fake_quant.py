@@ -1,0 +1,73 @@
+"""GGUF block formats computed in torch, value for value, with a straight-through gradient.
+
+`fake_quantize(w, "Q4_0")` is the weight the GGUF file will hold after our writer quantizes
+`w` (gguf.quants, which is bit-exact with ggml's reference rounding): same blocks of 32 along
+each row, same fp32 scale arithmetic and rounding, the scale stored as fp16 and multiplied
+back. The values are on the format's grid, so quantizing them again gives back the same codes:
+a model trained through this function exports to exactly the weights it was trained with.
+
+Why not torchao's fake-quant: its int4 grid (scale/zero-point per group, its own rounding) is
+not a GGUF block, so the codes it trains are not the ones the file stores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from toolchain.formats import FAKE_QUANT_TYPES
+
+BLOCK = 32  # Q4_0 and Q8_0 blocks: 32 weights share one fp16 scale
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero) as gguf.quants computes it, not torch's ties-to-even."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = _round_half_away(blocks * inv)
+    return codes * d.half().float()
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    # the signed value of largest magnitude maps to code 0 (-8 * d); the first one on ties
+    idx = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = torch.gather(blocks, -1, idx) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.trunc(blocks * inv + 8.5).clamp(0, 15)
+    return (codes - 8) * d.half().float()
+
+
+def quantize_values(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The values `type_name` stores for `w` (fp32, same shape), computed without gradient."""
+    if type_name == "F32":
+        return w.detach().float()
+    if type_name == "F16":
+        return w.detach().half().float()
+    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0}.get(type_name)
+    if fn is None:
+        raise ValueError(f"no fake-quant for GGUF type {type_name}; choose from {', '.join(FAKE_QUANT_TYPES)}")
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"rows of {w.shape[-1]} do not split into blocks of {BLOCK} for {type_name}")
+    with torch.no_grad():
+        x = w.detach().float()
+        return fn(x.reshape(-1, BLOCK)).reshape(w.shape)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, type_name):
+        return quantize_values(w, type_name).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """`quantize_values` in the forward pass, the identity in the backward (straight-through)."""
+    return _StraightThrough.apply(w, type_name)

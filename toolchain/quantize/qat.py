@@ -1,0 +1,155 @@
+"""Quantization-aware distillation: the student distils again while every weight matrix passes
+through the exact rounding its GGUF file will store (quantize/fake_quant.py).
+
+Which matrix gets which rounding is decided as our GGUF writer decides it (export/gguf.py:
+the file type's tensor type, the `export.gguf_overrides` pattern that matches the tensor's GGUF
+name, F16 for rows that do not split into blocks; vectors stay F32), so the trained weights are
+the file's weights. After training each weight is replaced by its quantized value (fp32, on the
+grid): the GGUF writer then reproduces the codes bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch.nn.utils import parametrize
+
+from toolchain.errors import UserError
+from toolchain.formats import FAKE_QUANT_TYPES, PYTHON_TYPES, QAT_TYPES, override_for
+from toolchain.quantize.fake_quant import BLOCK, fake_quantize
+
+if TYPE_CHECKING:
+    from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
+
+
+def check_qat(type_name: str, overrides: dict[str, str] | None, where: str = "quantize.qat") -> None:
+    """A one-line error unless every tensor of `type_name` (with `overrides`) can be fake-quantized."""
+    if type_name not in QAT_TYPES:
+        raise UserError(f"{where}: '{type_name}' has no exact fake-quant; choose from {', '.join(QAT_TYPES)}")
+    for pattern, t in (overrides or {}).items():
+        if t not in FAKE_QUANT_TYPES:
+            raise UserError(
+                f"{where}: the GGUF override {pattern!r} -> {t} has no exact fake-quant "
+                f"(quantization-aware tensors can be {', '.join(FAKE_QUANT_TYPES)})"
+            )
+
+
+class _Rounding(torch.nn.Module):
+    """A weight parametrization: the GGUF type's stored values, straight-through gradient."""
+
+    def __init__(self, type_name: str):
+        super().__init__()
+        self.type_name = type_name
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.type_name)
+
+
+def _gguf_names(model):
+    import gguf
+
+    from toolchain.models.registry import get_arch
+
+    config = model.config.get_text_config()
+    arch = get_arch(config.model_type)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
+
+
+def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """{module name: GGUF tensor type} for each weight matrix, as export.gguf writes `type_name`.
+
+    A head tied to the token embedding is stored once, as token_embd: it takes that type."""
+    check_qat(type_name, overrides)
+    tmap = _gguf_names(model)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    types, embed_name, head_name = {}, None, None
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        gguf_name = tmap.get_name(f"{name}.weight", try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"no GGUF name for {name}.weight of {model.config.model_type}: cannot match its rounding")
+        t = override_for(gguf_name, overrides) or PYTHON_TYPES[type_name][0]
+        if t not in ("F32", "F16") and module.weight.shape[-1] % BLOCK:
+            t = "F16"  # as quantize_tensor does for rows that do not split into blocks
+        types[name] = t
+        embed_name = name if module is embed else embed_name
+        head_name = name if module is head else head_name
+    if tied and head_name is not None and embed_name is not None:
+        types[head_name] = types[embed_name]
+    return types
+
+
+def round_through(model, types: dict[str, str]) -> None:
+    """Register the rounding on every weight in `types` (a tied weight is rounded once per use,
+    the same way, and its gradient still reaches the one shared tensor)."""
+    modules = dict(model.named_modules())
+    for name, t in types.items():
+        if t != "F32":
+            parametrize.register_parametrization(modules[name], "weight", _Rounding(t), unsafe=True)
+
+
+def bake(model) -> None:
+    """Replace each rounded weight by its stored values (fp32); the model is plain again."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+@dataclass
+class QuantAware:
+    """The student transform distill_student applies: round while training, bake before saving."""
+
+    type_name: str
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def meta(self) -> dict:
+        return {"qat": {"type": self.type_name, "overrides": dict(self.overrides)}}
+
+    def apply(self, model) -> None:
+        round_through(model, tensor_types(model, self.type_name, self.overrides))
+
+    def finish(self, model) -> None:
+        bake(model)
+
+
+def qat_distill(
+    teacher,
+    student_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data: DataConfig,
+    cfg: DistillConfig,
+    work_dir: str | os.PathLike,
+    type_name: str,
+    overrides: dict[str, str] | None = None,
+    progress: bool = True,
+    teacher_cfg: TeacherConfig | None = None,
+    task: TaskConfig | None = None,
+) -> dict:
+    """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
+    weights are the values its `type_name` GGUF stores (see the module docstring)."""
+    from toolchain.distill.run import distill_student
+
+    check_qat(type_name, overrides)
+    if cfg.lora.r:
+        raise UserError("quantization-aware distillation trains the full weights: set distill.lora.r to 0")
+    return distill_student(
+        teacher,
+        student_dir,
+        out_dir,
+        data,
+        cfg,
+        work_dir,
+        progress=progress,
+        teacher_cfg=teacher_cfg,
+        task=task,
+        transform=QuantAware(type_name, dict(overrides or {})),
+    )
