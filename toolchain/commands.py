@@ -204,7 +204,7 @@ def cmd_distill_cache(args) -> None:
 def cmd_export_gguf(args) -> None:
     from toolchain.export.gguf import export_gguf, gguf_filename
     from toolchain.export.ollama import write_modelfile
-    from toolchain.formats import LLAMA_CPP_TYPES
+    from toolchain.formats import IMATRIX_TYPES
 
     full = _config(args, {"export.imatrix": True} if args.imatrix else None)  # the file is the imatrix
     cfg = full.export
@@ -213,7 +213,7 @@ def cmd_export_gguf(args) -> None:
         from toolchain.quantize.imatrix import read
 
         imatrix = read(args.imatrix)
-    elif cfg.imatrix and any(t in LLAMA_CPP_TYPES for t in cfg.gguf):
+    elif cfg.imatrix and any(t in IMATRIX_TYPES for t in cfg.gguf):
         imatrix = _measure_imatrix(args.model, full, Path(args.out) / "imatrix.gguf")
     files = export_gguf(args.model, args.out, cfg.gguf, name=args.name, overrides=cfg.gguf_overrides, imatrix=imatrix)
     if not args.no_modelfile:

@@ -252,11 +252,11 @@ class Run:
         return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
 
     def _imatrix(self, types: list[str]):
-        """The student's importance matrix on the run's calibration rows, when llama.cpp quantizes."""
-        from toolchain.formats import LLAMA_CPP_TYPES
+        """The student's importance matrix on the run's calibration rows, when a type's rounding uses it."""
+        from toolchain.formats import IMATRIX_TYPES
 
         e = self.config.export
-        if not e.imatrix or not any(t in LLAMA_CPP_TYPES for t in types):
+        if not e.imatrix or not any(t in IMATRIX_TYPES for t in types):
             return None
         from transformers import AutoTokenizer
 

@@ -23,6 +23,7 @@ from toolchain.models.load import read_meta
 from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
 from toolchain.quantize.gguf_types import file_type, llama_cpp_quantize, quantize_tensor
+from toolchain.quantize.weighted import WEIGHTED_NMAX
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,28 @@ def _write_provenance(w, meta: dict) -> None:
             w.add_source_url(_repo_url(meta["source"]))
 
 
+def _write_imatrix_facts(w, facts: dict) -> None:
+    """The keys llama-quantize records in a file it rounded with an importance matrix."""
+    w.add_string("quantize.imatrix.file", str(facts.get("file", "")))
+    w.add_string("quantize.imatrix.dataset", str(facts.get("dataset", "")))
+    w.add_int32("quantize.imatrix.entries_count", int(facts.get("entries", 0)))
+    w.add_int32("quantize.imatrix.chunks_count", int(facts.get("chunks", 0)))
+
+
 def write_gguf(
     model_dir: str | os.PathLike,
     out_path: str | os.PathLike,
     type_name: str,
     name: str | None = None,
     overrides: dict[str, str] | None = None,
+    imatrix: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
 
-    `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"})."""
+    `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"}).
+    `imatrix` ((importance per GGUF tensor name, facts)) weighs Q4_0/Q5_0's rounding
+    (quantize/weighted.py), except for a student trained through its rounding (quantize.qat),
+    whose weights are already the reference rounding's grid."""
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
@@ -115,6 +128,7 @@ def write_gguf(
     arch = get_arch(config.model_type)
     meta = read_meta(model_dir)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
+    importance = imatrix[0] if imatrix is not None and not meta.get("qat") else {}
 
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
@@ -124,7 +138,9 @@ def write_gguf(
             if gguf_name is None:
                 raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
             n_params += data.size
-            qdata, qtype = quantize_tensor(data, type_name, override_for(gguf_name, overrides))
+            qdata, qtype = quantize_tensor(
+                data, type_name, override_for(gguf_name, overrides), importance.get(gguf_name)
+            )
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name
@@ -139,6 +155,8 @@ def write_gguf(
         w.add_quantized_by(f"toolchain {__version__}")
         w.add_file_type(file_type(type_name))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if importance and type_name in WEIGHTED_NMAX:
+            _write_imatrix_facts(w, imatrix[1] if imatrix else {})
         arch.write_hparams(w, config)
 
         write_vocab(w, tokenizer, model_dir, meta, config.vocab_size)
@@ -161,7 +179,7 @@ def export_gguf(
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
 
     `imatrix` ((importance per tensor, facts), quantize.imatrix) weighs llama.cpp's rounding of
-    the types it quantizes (K-quants, IQ types); the Python-written types do not use it.
+    the types it quantizes (K-quants, IQ types) and our writer's Q4_0/Q5_0 (quantize/weighted.py).
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
     F16/F32 files, which stay exact references for verify and for the K-quants made from them."""
@@ -179,7 +197,7 @@ def export_gguf(
         start = time.perf_counter()
         own = None if t in ("F16", "F32") else overrides
         if t in PYTHON_TYPES:
-            write_gguf(model_dir, path, t, name, own)
+            write_gguf(model_dir, path, t, name, own, imatrix)
         else:
             src = f16_path
             if not src.is_file():

@@ -29,15 +29,20 @@ def file_type(name: str):
     return gguf.LlamaFileType[PYTHON_TYPES[name][1]]
 
 
-def quantize_tensor(data: np.ndarray, type_name: str, tensor_type: str | None = None):
+def quantize_tensor(
+    data: np.ndarray, type_name: str, tensor_type: str | None = None, importance: np.ndarray | None = None
+):
     """(array, GGMLQuantizationType) for one tensor under a Python-written file type.
 
     Vectors (norms, biases) stay F32 as llama.cpp's converter keeps them; a matrix whose rows
     do not split into whole quantization blocks falls back to F16. `tensor_type` (a
     per-tensor override, e.g. keep token_embd at Q8_0) replaces the file type's tensor type.
+    `importance` (the tensor's importance-matrix column weights) weighs Q4_0/Q5_0's rounding.
     """
     import gguf
     from gguf.quants import quantize
+
+    from toolchain.quantize.weighted import WEIGHTED_NMAX, quantize_weighted
 
     data = np.ascontiguousarray(data, dtype=np.float32)
     tensor_type = tensor_type or PYTHON_TYPES[type_name][0]
@@ -49,6 +54,8 @@ def quantize_tensor(data: np.ndarray, type_name: str, tensor_type: str | None = 
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if data.shape[-1] % block:
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if importance is not None and tensor_type in WEIGHTED_NMAX and data.ndim == 2:
+        return quantize_weighted(data, importance, tensor_type), qtype
     return quantize(data, qtype), qtype
 
 
