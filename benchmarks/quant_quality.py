@@ -11,11 +11,15 @@ llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as llama.cpp kee
 rows do not split into Q6_K's 256), and our writer stores that Q4_0 file. Figures: PPL ratio,
 mean KLD and top-1 agreement vs the F16 file on held-out tokens, and file bytes.
 
+The ONNX int4 export (fitted offsets; head and token table in 8 bits) is scored the same way
+(onnxruntime, against the same F16 GGUF), and again after the model distils from itself
+through the int4 blocks' min/max grid, which that export then stores exactly.
+
 Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix_kld,
-<type>_bytes, q4_0_qad_kld, q4_0_qad_bytes).
+<type>_qad_kld and _bytes of each).
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR ...] [--tokens 4096] [--rows 64]
-        [--qad-steps 100] [--qad-lr 1e-4]
+        [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,int4] [--qad-steps 100] [--qad-lr 1e-4]
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from pathlib import Path
 TYPES = ("Q4_0", "Q4_K_M", "IQ4_XS")
 
 
-def _qad(model_dir: Path, work: Path, steps: int, lr: float, overrides: dict) -> tuple[Path, dict]:
-    """The model distilled from itself through Q4_0's rounding; (its directory, the run's figures)."""
+def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict) -> tuple[Path, dict]:
+    """The model distilled from itself through `qat`'s rounding; (its directory, the run's figures)."""
     from toolchain.config import DataConfig, DistillConfig
     from toolchain.models.load import load_model
     from toolchain.quantize.qat import qat_distill
@@ -40,13 +44,14 @@ def _qad(model_dir: Path, work: Path, steps: int, lr: float, overrides: dict) ->
         steps=steps, batch_size=4, lr=lr, warmup_steps=4, alpha=0.0, temperature=1.0, divergence_ratio=0,
         checkpoint_every=steps,
     )  # fmt: skip
-    out = work / "qad"
+    t0 = time.perf_counter()
     res = qat_distill(
-        load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, work / "qad.work", "Q4_0",
+        load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, out.with_suffix(".work"), qat,
         overrides, progress=False,
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
     return out, figures
 
 
@@ -58,7 +63,25 @@ def _gguf_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in open_gguf(path).tensors))
 
 
-def _measure(model_dir: Path, work: Path, tokens: int, ctx: int, rows: int, qad_steps: int, qad_lr: float) -> dict:
+class _Rows:
+    """One model's rows: each file scored against the model's F16 GGUF on the held-out chunks."""
+
+    def __init__(self, model_dir: Path, ref, chunks):
+        self.name, self.ref, self.chunks, self.rows = model_dir.name, ref, chunks, {}
+
+    def add(self, label: str, scored, nbytes: int, **extra) -> None:
+        from toolchain.verify.quality import compare
+
+        q = compare(self.ref, scored)
+        self.rows[label] = {**q, "bytes": nbytes, **extra}
+        print(f"  {self.name} {label}: KLD {q['mean_kld']:.4f} {extra or ''}", flush=True)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
+
+
+def _measure(model_dir: Path, work: Path, args) -> dict:
     from transformers import AutoTokenizer
 
     from toolchain.config import DataConfig
@@ -66,37 +89,47 @@ def _measure(model_dir: Path, work: Path, tokens: int, ctx: int, rows: int, qad_
     from toolchain.quantize import imatrix as I
     from toolchain.quantize.gguf_types import llama_cpp_quantize
     from toolchain.student import calibration_rows
-    from toolchain.verify.quality import compare, heldout_chunks, llama_scored
+    from toolchain.verify.quality import heldout_chunks, llama_scored
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     f16 = write_gguf(model_dir, work / "model-F16.gguf", "F16")
-    chunks = heldout_chunks(tok, tokens, ctx, add_bos=False)
-    ref = llama_scored(f16, chunks)
-    calib = calibration_rows(tok, DataConfig(seq_len=256), None, rows)
-    t0 = time.perf_counter()
+    chunks = heldout_chunks(tok, args.tokens, args.ctx, add_bos=False)
+    rows = _Rows(model_dir, llama_scored(f16, chunks), chunks)
+    calib = calibration_rows(tok, DataConfig(seq_len=256), None, args.rows)
     values = I.collect(model_dir, calib)
     imatrix = I.read(I.write(work / "imatrix.gguf", values, len(calib), calib.shape[1], "pydoc (train side)"))
-    out = {"imatrix_seconds": round(time.perf_counter() - t0, 1), "tokens_scored": None, "rows": {}}
-    for t in TYPES:
+    for t in args.types:
         for label, im in (("default", None), ("imatrix", imatrix)):
             path = llama_cpp_quantize(f16, work / f"model-{t}-{label}.gguf", t, imatrix=im)
-            q = compare(ref, llama_scored(path, chunks))
-            out["tokens_scored"] = q["tokens_scored"]
-            out["rows"][f"{t} {label}"] = {**q, "bytes": path.stat().st_size}
-            print(f"  {model_dir.name} {t} {label}: KLD {q['mean_kld']:.4f}", flush=True)
-    if qad_steps:
+            rows.add(f"{t} {label}", llama_scored(path, chunks), path.stat().st_size)
+    out: dict = {"tokens_scored": len(rows.ref.targets), "rows": rows.rows, "qad": {}}
+    if "Q4_0" in args.qad:
         # llama.cpp's Q4_0 file for this model, tensor type by tensor type, so the bytes compare
-        default_q4 = work / "model-Q4_0-default.gguf"
+        default_q4 = llama_cpp_quantize(f16, work / "model-Q4_0-default.gguf", "Q4_0")
         overrides = {"token_embd": _tensor_type(default_q4, "token_embd.weight")}
-        t0 = time.perf_counter()
-        qad_dir, out["qad"] = _qad(model_dir, work, qad_steps, qad_lr, overrides)
-        out["qad"]["seconds"] = round(time.perf_counter() - t0, 1)
+        qad_dir, figures = _qad(model_dir, work / "qad-q4_0", "Q4_0", args.qad_steps, args.qad_lr, overrides)
         path = write_gguf(qad_dir, work / "model-Q4_0-qad.gguf", "Q4_0", overrides=overrides)
-        out["qad"]["types"], out["qad"]["default_types"] = _gguf_types(path), _gguf_types(default_q4)
-        q = compare(ref, llama_scored(path, chunks))
-        out["rows"]["Q4_0 qad"] = {**q, "bytes": path.stat().st_size}
-        print(f"  {model_dir.name} Q4_0 qad: KLD {q['mean_kld']:.4f} ({out['qad']})", flush=True)
+        figures.update(types=_gguf_types(path), default_types=_gguf_types(default_q4))
+        out["qad"]["Q4_0"] = figures
+        rows.add("Q4_0 qad", llama_scored(path, chunks), path.stat().st_size)
+    if args.onnx_int4:
+        _int4_rows(model_dir, work, args, rows, out)
     return out
+
+
+def _int4_rows(model_dir: Path, work: Path, args, rows: _Rows, out: dict) -> None:
+    """ONNX int4 as the export makes it (fitted offsets), and after QAD through its min/max grid."""
+    from toolchain.export.onnx import export_onnx, precision_dir
+    from toolchain.verify.quality import onnx_scored
+
+    export_onnx(model_dir, work / "onnx", ["fp32", "int4"])
+    int4 = precision_dir(work / "onnx", "int4")
+    rows.add("int4 onnx", onnx_scored(int4, rows.chunks), _dir_bytes(int4))
+    if "int4" in args.qad:
+        qad_dir, out["qad"]["int4"] = _qad(model_dir, work / "qad-int4", "int4", args.qad_steps, args.qad_lr, {})
+        export_onnx(qad_dir, work / "onnx-qad", ["fp32", "int4"])
+        int4 = precision_dir(work / "onnx-qad", "int4")
+        rows.add("int4 onnx-qad", onnx_scored(int4, rows.chunks), _dir_bytes(int4))
 
 
 def _tensor_type(path: Path, name: str) -> str:
@@ -105,59 +138,73 @@ def _tensor_type(path: Path, name: str) -> str:
     return next(t.tensor_type.name for t in open_gguf(path).tensors if t.name == name)
 
 
+def _summary(key: str, r: dict) -> dict:
+    """<key>_<row>_kld and _bytes per row (e.g. smollm2_q4_k_m_imatrix_kld), and the QAD runs."""
+    out: dict = {}
+    for label, q in r["rows"].items():
+        kind, how = label.split()
+        stem = f"{key}_{kind.lower()}" + ("" if how in ("default", "onnx") else f"_{how.replace('onnx-', '')}")
+        out[f"{stem}_kld"], out[f"{stem}_bytes"] = q["mean_kld"], q["bytes"]
+    out[f"{key}_qad"] = r["qad"]
+    return out
+
+
+def _print_table(results: dict) -> None:
+    first = next(iter(results.values()))
+    print(f"\nvs each model's F16 GGUF on held-out pydoc text ({first['tokens_scored']} tokens scored)")
+    print(f"{'model':<28} {'type':<8} {'made by':<12} {'MB':>7} {'PPL ratio':>10} {'mean KLD':>9} {'top-1':>7}")
+    for name, r in results.items():
+        for label, q in r["rows"].items():
+            t, how = label.split()
+            print(f"{name[:28]:<28} {t:<8} {how:<12} {q['bytes'] / 1e6:>7.1f} "
+                  f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
+    for name, r in results.items():
+        for qat, f in r["qad"].items():
+            print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}, held-out KL to itself "
+                  f"{f['kl_before']:.4f} -> {f['kl_after']:.4f}, {f['seconds']:.0f} s")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=[], help="more HF model directories (e.g. a student)")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--rows", type=int, default=64, help="calibration rows of 256 tokens for the imatrix")
-    p.add_argument("--qad-steps", type=int, default=100, help="quantization-aware distillation steps (0: none)")
+    p.add_argument("--types", default=",".join(TYPES), help="GGUF types by llama.cpp, with and without the imatrix")
+    p.add_argument("--qad", default="Q4_0,int4", help="quantization-aware distillation runs (Q4_0, int4; '' none)")
+    p.add_argument("--qad-steps", type=int, default=100)
     p.add_argument("--qad-lr", type=float, default=1e-4)
+    p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
+    p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")
     args = p.parse_args(argv)
+    args.types = [t for t in args.types.split(",") if t]
+    args.qad = [t for t in args.qad.split(",") if t]
 
     from toolchain.models.load import resolve_model_dir
 
     t0 = time.perf_counter()
-    models = [Path(resolve_model_dir("smollm2-135m-instruct")), *map(Path, args.model)]
+    bundled = [Path(resolve_model_dir("smollm2-135m-instruct"))] if args.bundled else []
     results, summary = {}, {}
-    for m in models:
+    for m in [*bundled, *map(Path, args.model)]:
         with tempfile.TemporaryDirectory(prefix="quant-quality-") as work:
-            results[m.name] = r = _measure(m, Path(work), args.tokens, args.ctx, args.rows, args.qad_steps, args.qad_lr)
-        key = "smollm2" if m == models[0] else m.name
-        for t in TYPES:
-            k = t.lower()
-            summary[f"{key}_{k}_kld"] = r["rows"][f"{t} default"]["mean_kld"]
-            summary[f"{key}_{k}_imatrix_kld"] = r["rows"][f"{t} imatrix"]["mean_kld"]
-            summary[f"{key}_{k}_bytes"] = r["rows"][f"{t} default"]["bytes"]
-        if "Q4_0 qad" in r["rows"]:
-            summary[f"{key}_q4_0_qad_kld"] = r["rows"]["Q4_0 qad"]["mean_kld"]
-            summary[f"{key}_q4_0_qad_bytes"] = r["rows"]["Q4_0 qad"]["bytes"]
-            summary[f"{key}_qad"] = r["qad"]
-
-    print(
-        f"\nvs each model's F16 GGUF on held-out pydoc text ({results[models[0].name]['tokens_scored']} tokens scored)"
+            results[m.name] = _measure(m, Path(work), args)
+        summary.update(_summary("smollm2" if m in bundled else m.name, results[m.name]))
+    _print_table(results)
+    # the keys the issue names (the bundled model's; null where it was not run), then every figure
+    named = (
+        "q4_0",
+        "q4_0_imatrix",
+        "q4_0_qad",
+        "q4_k_m",
+        "q4_k_m_imatrix",
+        "iq4_xs",
+        "iq4_xs_imatrix",
+        "int4",
+        "int4_qad",
     )
-    print(f"{'model':<28} {'type':<8} {'made by':<8} {'MB':>7} {'PPL ratio':>10} {'mean KLD':>9} {'top-1':>7}")
-    for name, r in results.items():
-        for label, q in r["rows"].items():
-            t, how = label.split()
-            print(f"{name[:28]:<28} {t:<8} {how:<8} {q['bytes'] / 1e6:>7.1f} "
-                  f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
-    # the keys the issue names, for the bundled model
-    s = summary
-    print(json.dumps({
-        "q4_0_qad_kld": s.get("smollm2_q4_0_qad_kld"),
-        "q4_0_kld": s["smollm2_q4_0_kld"],
-        "q4_0_imatrix_kld": s["smollm2_q4_0_imatrix_kld"],
-        "q4_k_m_kld": s["smollm2_q4_k_m_kld"],
-        "q4_k_m_imatrix_kld": s["smollm2_q4_k_m_imatrix_kld"],
-        "iq4_xs_kld": s["smollm2_iq4_xs_kld"],
-        "iq4_xs_imatrix_kld": s["smollm2_iq4_xs_imatrix_kld"],
-        "q4_0_bytes": s["smollm2_q4_0_bytes"],
-        "q4_k_m_bytes": s["smollm2_q4_k_m_bytes"],
-        **s,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }))  # fmt: skip
+    keys = {f"{k}_kld": summary.get(f"smollm2_{k}_kld") for k in named}
+    keys.update(q4_0_bytes=summary.get("smollm2_q4_0_bytes"), q4_k_m_bytes=summary.get("smollm2_q4_k_m_bytes"))
+    print(json.dumps({**keys, **summary, "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
 

@@ -204,7 +204,12 @@ def _add_quantize(sub) -> None:
     _add_teacher(q)
     q.add_argument("--student", required=True, help="the distilled student's HF directory")
     q.add_argument("--out", required=True, help="where the rounded student is saved (then: toolchain export gguf)")
-    q.add_argument("--type", required=True, choices=QAT_TYPES, help="the GGUF type the student will ship as")
+    q.add_argument(
+        "--type",
+        required=True,
+        choices=QAT_TYPES,
+        help="what the student will ship as: a GGUF type, or int4 (the ONNX int4 export)",
+    )
     q.add_argument("--work", help="checkpoint directory (default: OUT.work); rerun to resume")
     q.add_argument("--no-progress", action="store_true")
     _field(q, "--steps", "quantize.steps", "optimizer steps")

@@ -151,7 +151,12 @@ def cmd_quantize(args) -> None:
     from toolchain.models.load import teacher_from_config
     from toolchain.quantize.qat import qat_distill
 
-    cfg = _config(args, {"quantize.qat": args.type, "export.gguf": [args.type]})
+    ships_as = (
+        {"export.onnx": True, "export.onnx_precisions": ["fp32", "int4"]}
+        if args.type == "int4"
+        else {"export.gguf": [args.type]}
+    )
+    cfg = _config(args, {"quantize.qat": args.type, **ships_as})
     if not (Path(args.student) / "config.json").is_file():
         raise UserError(f"student directory not found or not an HF model: {args.student}")
     check_writable_dir(Path(args.out).parent, "output directory")
@@ -173,6 +178,9 @@ def cmd_quantize(args) -> None:
     )
     res.pop("history", None)
     _echo(json.dumps(res, indent=2))
+    if q.qat == "int4":
+        _echo(f"then: toolchain export onnx {args.out} --out DIR --precisions fp32,int4")
+        return
     flags = "".join(f" --override '{k}={v}'" for k, v in cfg.export.gguf_overrides.items())
     _echo(f"then: toolchain export gguf {args.out} --out DIR --types {q.qat}{flags}")
 

@@ -70,9 +70,11 @@ def check_type(name: str) -> str:
     return name
 
 
-# quantization-aware distillation: file types whose every tensor has an exact torch rounding
-# (quantize/fake_quant.py), and the tensor types an override may give them
-QAT_TYPES = ("Q4_0", "Q8_0")
+# quantization-aware distillation: GGUF file types whose every tensor has an exact torch
+# rounding (quantize/fake_quant.py), and the tensor types an override may give them; int4 is
+# the ONNX int4 export's 4-bit blocks
+QAT_GGUF_TYPES = ("Q4_0", "Q8_0")
+QAT_TYPES = (*QAT_GGUF_TYPES, "int4")
 FAKE_QUANT_TYPES = ("Q4_0", "Q8_0", "F16", "F32")
 
 # tensor types a per-tensor override may name in a Python-written file

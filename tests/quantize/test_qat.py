@@ -154,3 +154,49 @@ def test_pipeline_config_names_the_file_it_trains_for():
         load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q8_0]"])
     cfg = load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q4_0]"])
     assert cfg.quantize.qat == "Q4_0"
+
+
+def test_int4_grid_in_torch_is_the_exports_to_the_bit():
+    from toolchain.quantize.fake_quant import int4_grid
+    from toolchain.quantize.onnx_offsets import minmax_blocks
+
+    rng = np.random.default_rng(1)
+    w = _awkward_rows(rng)  # [64, 96]: torch rows of 3 blocks; ONNX holds it as [K, N] = w.T
+    codes, scale, offset = (t.numpy() for t in int4_grid(torch.from_numpy(w).reshape(-1, 32)))
+    c2, s2, o2 = minmax_blocks(np.ascontiguousarray(w.T), 4, 32)  # [N, blocks, 32], [N, blocks]
+    assert np.array_equal(codes.reshape(64, 3, 32).astype(np.uint8), c2)
+    assert np.array_equal(scale.reshape(64, 3), s2) and np.array_equal(offset.reshape(64, 3), o2)
+
+
+def test_int4_student_exports_the_codes_it_trained_with(tiny_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from toolchain.export.onnx import export_onnx, precision_dir
+    from toolchain.quantize.fake_quant import int4_grid
+
+    teacher = load_model(str(tiny_dir))
+    cfg = DistillConfig(
+        steps=8, batch_size=2, lr=1e-4, warmup_steps=1, alpha=0.0, temperature=1.0, eval_every=0, divergence_ratio=0
+    )
+    data = DataConfig(seq_len=32, eval_sequences=4)
+    res = qat_distill(teacher, tiny_dir, tmp_path / "s", data, cfg, tmp_path / "w", "int4", progress=False)
+    assert res["after"]["kl"] < res["before"]["kl"]
+    student = load_model(str(tmp_path / "s")).model
+    trained = {}  # scale bytes -> (codes, scale, offset) of each matrix the student trained through
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            c, s, o = (t.numpy() for t in int4_grid(module.weight.detach().reshape(-1, 32)))
+            rows = module.weight.shape[0]
+            trained[s.tobytes()] = (c.reshape(rows, -1, 32), s.reshape(rows, -1), o.reshape(rows, -1))
+    export_onnx(tmp_path / "s", tmp_path / "onnx", ["fp32", "int4"])
+    graph = onnx.load(str(precision_dir(tmp_path / "onnx", "int4") / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    four_bit = [n for n in graph.node if n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["bits"] == 4]
+    assert len(four_bit) == len(trained) == 7 * 4
+    for node in four_bit:
+        packed, scale = inits[node.input[1]], inits[node.input[2]]
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+        c, s, _ = trained[scale.astype(np.float32).tobytes()]  # KeyError: a scale the student never had
+        # the MatMulNBits block is the trained one; the offsets' small product then runs in 8 bits
+        assert np.array_equal(codes.reshape(c.shape), c) and np.array_equal(scale.reshape(s.shape), s)

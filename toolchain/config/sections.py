@@ -388,6 +388,12 @@ class Config:
         qat = self.quantize.qat
         if qat == "none":
             return
+        if qat == "int4":
+            if not self.export.onnx or "int4" not in self.export.onnx_precisions:
+                raise UserError(
+                    "quantize.qat: int4 trains for the int4 ONNX export: set export.onnx_precisions to include int4"
+                )
+            return
         if qat not in self.export.gguf:
             raise UserError(f"quantize.qat: {qat} is not among export.gguf ({', '.join(self.export.gguf)}): add it")
         for pattern, t in self.export.gguf_overrides.items():

@@ -66,6 +66,14 @@ def _repo_url(source: str | None) -> str | None:
     return source if source and "://" in source else None
 
 
+def _qat_gguf_type(meta: dict) -> str | None:
+    """The GGUF type whose grid the weights were trained on (quantize.qat), if any."""
+    from toolchain.formats import QAT_GGUF_TYPES
+
+    t = (meta.get("qat") or {}).get("type")
+    return t if t in QAT_GGUF_TYPES else None
+
+
 def _write_provenance(w, meta: dict) -> None:
     """general.source / general.base_model.* and toolchain.* keys: where the weights come from.
 
@@ -86,8 +94,8 @@ def _write_provenance(w, meta: dict) -> None:
             w.add_string("toolchain.teacher.license", str(meta["teacher_license"]))
         if meta.get("kept_layers") is not None:
             w.add_array("toolchain.student.kept_layers", [int(i) for i in meta["kept_layers"]])
-    if meta.get("qat"):  # the weights were trained through this type's rounding (quantize.qat)
-        w.add_string("toolchain.qat.type", str(meta["qat"]["type"]))
+    if _qat_gguf_type(meta):  # the weights were trained through this type's rounding (quantize.qat)
+        w.add_string("toolchain.qat.type", _qat_gguf_type(meta))
     if not teacher and meta.get("source"):
         w.add_string("toolchain.source", str(meta["source"]))
         if meta.get("sha256"):
@@ -128,7 +136,7 @@ def write_gguf(
     arch = get_arch(config.model_type)
     meta = read_meta(model_dir)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
-    importance = imatrix[0] if imatrix is not None and not meta.get("qat") else {}
+    importance = imatrix[0] if imatrix is not None and not _qat_gguf_type(meta) else {}
 
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])

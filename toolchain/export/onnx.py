@@ -38,6 +38,7 @@ from toolchain.formats import ONNX_DATA_FILE as DATA_FILE
 from toolchain.formats import ONNX_INFO_FILE as INFO_FILE
 from toolchain.formats import ONNX_MODEL_FILE as MODEL_FILE
 from toolchain.formats import Artifact
+from toolchain.models.load import read_meta
 from toolchain.models.registry import get_arch
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,9 @@ def export_onnx(
                 shutil.copy2(model_dir / name, tmp / name)
         info = model_info(model_dir, config)
         info.update(precision="fp32", exporter=exporter, fusions=fusions)
+        qat = (read_meta(model_dir).get("qat") or {}).get("type")
+        if qat:  # the grid the student was trained through (quantize.qat); its int4 export uses it
+            info["qat"] = qat
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     record = _record(out_dir, "fp32", time.perf_counter() - t0)
     record["exporter"], record["fusions"] = exporter, fusions
@@ -364,7 +368,9 @@ def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = F
     out = precision_dir(fp32_dir, precision)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        quantize_file(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, keep_lm_head=keep_lm_head)
+        # a student trained through the int4 blocks' min/max grid gets exactly those codes
+        grid = "minmax" if info.get("qat") == "int4" else "fit"
+        quantize_file(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, keep_lm_head=keep_lm_head, int4_grid=grid)
         for name in TOKENIZER_FILES:
             if (fp32_dir / name).is_file():
                 shutil.copy2(fp32_dir / name, tmp / name)

@@ -1,10 +1,18 @@
-"""GGUF block formats computed in torch, value for value, with a straight-through gradient.
+"""GGUF block formats (and the int4 ONNX blocks) computed in torch, value for value, with a
+straight-through gradient.
 
 `fake_quantize(w, "Q4_0")` is the weight the GGUF file will hold after our writer quantizes
 `w` (gguf.quants, which is bit-exact with ggml's reference rounding): same blocks of 32 along
 each row, same fp32 scale arithmetic and rounding, the scale stored as fp16 and multiplied
 back. The values are on the format's grid, so quantizing them again gives back the same codes:
 a model trained through this function exports to exactly the weights it was trained with.
+
+`int4` is the ONNX int4 export's block: 4-bit codes and an fp32 scale in MatMulNBits plus a
+float offset per block of 32, here on the block's min/max grid, computed in fp32 with the same
+operations as `quantize.onnx_offsets.minmax_blocks`, which the export then uses for a student
+trained through it. That grid is not idempotent in float (re-fitting its own values can move
+the scale by an ulp), so such a student keeps its latent weights and the export recomputes the
+codes from them, identically.
 
 Why not torchao's fake-quant: its int4 grid (scale/zero-point per group, its own rounding) is
 not a GGUF block, so the codes it trains are not the ones the file stores.
@@ -42,15 +50,29 @@ def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
     return (codes - 8) * d.half().float()
 
 
+def int4_grid(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15, scale, offset) of [n, 32] blocks: w ~= (codes - 8) * scale + offset."""
+    lo = blocks.amin(dim=-1, keepdim=True)
+    scale = (blocks.amax(dim=-1, keepdim=True) - lo) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((blocks - lo) / scale).clamp(0, 15)
+    return codes, scale, lo + 8 * scale
+
+
+def _int4(blocks: torch.Tensor) -> torch.Tensor:
+    codes, scale, offset = int4_grid(blocks)
+    return (codes - 8) * scale + offset
+
+
 def quantize_values(w: torch.Tensor, type_name: str) -> torch.Tensor:
     """The values `type_name` stores for `w` (fp32, same shape), computed without gradient."""
     if type_name == "F32":
         return w.detach().float()
     if type_name == "F16":
         return w.detach().half().float()
-    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0}.get(type_name)
+    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0, "int4": _int4}.get(type_name)
     if fn is None:
-        raise ValueError(f"no fake-quant for GGUF type {type_name}; choose from {', '.join(FAKE_QUANT_TYPES)}")
+        raise ValueError(f"no fake-quant for {type_name}; choose from {', '.join((*FAKE_QUANT_TYPES, 'int4'))}")
     if w.shape[-1] % BLOCK:
         raise ValueError(f"rows of {w.shape[-1]} do not split into blocks of {BLOCK} for {type_name}")
     with torch.no_grad():

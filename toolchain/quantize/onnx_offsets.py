@@ -43,6 +43,22 @@ def fit_blocks(w: np.ndarray, bits: int, block: int, chunk: int = 8192) -> tuple
     return cast("tuple[np.ndarray, np.ndarray, np.ndarray]", tuple(np.concatenate(p, axis=0) for p in zip(*parts)))
 
 
+def minmax_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`fit_blocks`' layout on each block's min/max grid, in float32 with the operations of
+    quantize.fake_quant.int4_grid: the codes a student trained through that grid was trained with."""
+    k, n = w.shape
+    nb = -(-k // block)
+    if nb * block != k:
+        w = np.concatenate([w, np.repeat(w[-1:], nb * block - k, axis=0)], axis=0)
+    v = np.ascontiguousarray(w.astype(np.float32).reshape(nb, block, n).transpose(2, 0, 1))  # [N, nb, block]
+    top, mid = np.float32((1 << bits) - 1), np.float32(1 << (bits - 1))
+    lo = v.min(-1, keepdims=True)
+    scale = (v.max(-1, keepdims=True) - lo) / top
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint((v - lo) / scale), 0, top).astype(np.uint8)
+    return codes, scale[..., 0], (lo + mid * scale)[..., 0]
+
+
 def _fit_columns(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k, n = w.shape
     nb = -(-k // block)
@@ -168,10 +184,13 @@ def rewrite_matmuls(
     exclude: set[str],
     include: set[str] | None = None,
     fitted: dict | None = None,
+    grid: str = "fit",
 ) -> int:
     """Every MatMul with a 2-D constant weight (in `include` if given, not in `exclude`) ->
     MatMulNBits + offset term.
 
+    `grid`: "fit" (alternating least squares, `fit_blocks`) or "minmax" (`minmax_blocks`, for a
+    student trained through that grid: quantize.qat int4).
     Returns how many were rewritten. Nodes are replaced in place, so the graph stays sorted.
     `fitted` (if given) collects {digest of the fp32 weight: (codes name, offsets name, bits)},
     so a tied embedding can reuse the output projection's codes (rewrite_embeddings).
@@ -197,7 +216,7 @@ def rewrite_matmuls(
         assert w_name is not None  # None is in no graph's initializers
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         k, n = w.shape
-        codes, scale, offset = fit_blocks(w, bits, block)
+        codes, scale, offset = (minmax_blocks if grid == "minmax" else fit_blocks)(w, bits, block)
         base, x = node.name or w_name, node.input[0]
         q_name, s_name, o_name = f"{w_name}_Q{bits}o", f"{w_name}_Q{bits}o_scales", f"{w_name}_Q{bits}o_offsets"
         if fitted is not None:

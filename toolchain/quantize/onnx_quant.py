@@ -232,11 +232,13 @@ def to_nbits(
     offsets: bool = False,
     embed_bits: int = 4,
     head_offsets: bool = True,
+    grid: str = "fit",
 ) -> None:
     """MatMul weights -> MatMulNBits with `bits`; the output projection with `head_bits`
     (default: the same), or left fp32 with `keep_lm_head`; at 4 bits also the token embedding
     unless `quantize_embeddings` is False. `offsets`: blocks get a fitted float offset
-    (quantize/onnx_offsets.py) instead of onnxruntime's round-to-nearest."""
+    (quantize/onnx_offsets.py) instead of onnxruntime's round-to-nearest; `grid` picks how the
+    4-bit blocks are fitted (onnx_offsets.rewrite_matmuls)."""
     import onnx
 
     model = onnx.load(str(src_file))
@@ -254,6 +256,7 @@ def to_nbits(
             head_bits or bits,
             embed_bits=embed_bits if quantize_embeddings else None,
             head_offsets=head_offsets,
+            grid=grid,
         )
         _save(model, out_file)
         return
@@ -306,6 +309,7 @@ def _offset_pass(
     head_bits: int,
     embed_bits: int | None,
     head_offsets: bool = True,
+    grid: str = "fit",
 ):
     import onnx
 
@@ -314,7 +318,9 @@ def _offset_pass(
     separate_head = keep_lm_head or head_bits != bits or not head_offsets
     fitted: dict = {}  # lets a tied embedding share the head's codes
     if (
-        rewrite_matmuls(model, bits, block_size, accuracy_level, set(head) if separate_head else set(), fitted=fitted)
+        rewrite_matmuls(
+            model, bits, block_size, accuracy_level, set(head) if separate_head else set(), fitted=fitted, grid=grid
+        )
         == 0
     ):
         raise UserError("no MatMul with a constant weight to quantize; is this an exported decoder?")
@@ -358,8 +364,11 @@ def to_int8_dynamic(src_file: Path, out_file: Path, keep_lm_head: bool = True) -
     )
 
 
-def quantize_file(src_file: Path, out_file: Path, precision: str, keep_lm_head: bool = False) -> None:
-    """Write `out_file` (+ `<name>.data`) in `precision` from the fp32 `src_file`."""
+def quantize_file(
+    src_file: Path, out_file: Path, precision: str, keep_lm_head: bool = False, int4_grid: str = "fit"
+) -> None:
+    """Write `out_file` (+ `<name>.data`) in `precision` from the fp32 `src_file`; `int4_grid`
+    "minmax" for a student trained through that grid (quantize.qat int4)."""
     if precision == "fp16":
         to_fp16(src_file, out_file)
     elif precision == "int4":
@@ -372,6 +381,7 @@ def quantize_file(src_file: Path, out_file: Path, precision: str, keep_lm_head: 
             head_bits=INT4_HEAD_BITS,
             embed_bits=INT4_HEAD_BITS,
             head_offsets=False,
+            grid=int4_grid,
         )
     elif precision in BITS:
         to_nbits(src_file, out_file, BITS[precision], keep_lm_head=keep_lm_head)

@@ -1,11 +1,16 @@
 """Quantization-aware distillation: the student distils again while every weight matrix passes
-through the exact rounding its GGUF file will store (quantize/fake_quant.py).
+through the exact rounding its exported file will store (quantize/fake_quant.py).
 
-Which matrix gets which rounding is decided as our GGUF writer decides it (export/gguf.py:
-the file type's tensor type, the `export.gguf_overrides` pattern that matches the tensor's GGUF
-name, F16 for rows that do not split into blocks; vectors stay F32), so the trained weights are
-the file's weights. After training each weight is replaced by its quantized value (fp32, on the
-grid): the GGUF writer then reproduces the codes bit for bit.
+For a GGUF type, which matrix gets which rounding is decided as our GGUF writer decides it
+(export/gguf.py: the file type's tensor type, the `export.gguf_overrides` pattern that matches
+the tensor's GGUF name, F16 for rows that do not split into blocks; vectors stay F32), so the
+trained weights are the file's weights. After training each weight is replaced by its quantized
+value (fp32, on the grid): the GGUF writer then reproduces the codes bit for bit.
+
+For int4 (the ONNX int4 export) the decoder blocks' matrices train through the int4 blocks'
+min/max grid; the output projection and token table, which that export stores in 8 bits, are
+not rounded. The student keeps its latent weights (that grid is not idempotent in float) and
+records the grid, so the export recomputes exactly the trained codes (export/onnx.py).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from toolchain.errors import UserError
-from toolchain.formats import FAKE_QUANT_TYPES, PYTHON_TYPES, QAT_TYPES, override_for
+from toolchain.formats import FAKE_QUANT_TYPES, PYTHON_TYPES, QAT_GGUF_TYPES, QAT_TYPES, override_for
 from toolchain.quantize.fake_quant import BLOCK, fake_quantize
 
 if TYPE_CHECKING:
@@ -29,6 +34,8 @@ def check_qat(type_name: str, overrides: dict[str, str] | None, where: str = "qu
     """A one-line error unless every tensor of `type_name` (with `overrides`) can be fake-quantized."""
     if type_name not in QAT_TYPES:
         raise UserError(f"{where}: '{type_name}' has no exact fake-quant; choose from {', '.join(QAT_TYPES)}")
+    if type_name not in QAT_GGUF_TYPES:
+        return  # int4: the ONNX export's fixed mix; GGUF overrides do not apply
     for pattern, t in (overrides or {}).items():
         if t not in FAKE_QUANT_TYPES:
             raise UserError(
@@ -63,6 +70,8 @@ def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None)
 
     A head tied to the token embedding is stored once, as token_embd: it takes that type."""
     check_qat(type_name, overrides)
+    if type_name == "int4":
+        return _int4_types(model)
     tmap = _gguf_names(model)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -85,6 +94,17 @@ def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None)
     return types
 
 
+def _int4_types(model) -> dict[str, str]:
+    """The int4 ONNX export's 4-bit matrices: every linear layer of the decoder blocks (the head
+    and the token table go to 8 bits there, and stay unrounded here)."""
+    head = model.get_output_embeddings()
+    types = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            types[name] = "int4" if module.weight.shape[-1] % BLOCK == 0 else "F32"
+    return types
+
+
 def round_through(model, types: dict[str, str]) -> None:
     """Register the rounding on every weight in `types` (a tied weight is rounded once per use,
     the same way, and its gradient still reaches the one shared tensor)."""
@@ -94,11 +114,12 @@ def round_through(model, types: dict[str, str]) -> None:
             parametrize.register_parametrization(modules[name], "weight", _Rounding(t), unsafe=True)
 
 
-def bake(model) -> None:
-    """Replace each rounded weight by its stored values (fp32); the model is plain again."""
+def bake(model, keep_latent: bool = False) -> None:
+    """Replace each rounded weight by its stored values (fp32), or with `keep_latent` by the
+    weights it rounds; the model is plain again."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=not keep_latent)
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
 
@@ -118,7 +139,7 @@ class QuantAware:
         round_through(model, tensor_types(model, self.type_name, self.overrides))
 
     def finish(self, model) -> None:
-        bake(model)
+        bake(model, keep_latent=self.type_name == "int4")
 
 
 def qat_distill(

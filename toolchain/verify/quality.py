@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +74,21 @@ def llama_scored(gguf_path: str | os.PathLike, chunks: list[list[int]], threads:
             scores = np.asarray(llm.scores[pos.start : pos.stop], dtype=np.float32)
             lps.append(_log_softmax(scores))
             tg.append(np.asarray(chunk[pos.start + 1 : pos.stop + 1]))
+    return Scored(np.concatenate(lps), np.concatenate(tg))
+
+
+def onnx_scored(model_dir: str | os.PathLike, chunks: list[list[int]], threads: int = 0) -> Scored:
+    """`llama_scored` for an ONNX export folder, run by onnxruntime."""
+    from toolchain.runtime.onnx_decoder import OnnxDecoder
+
+    dec = OnnxDecoder(Path(model_dir), threads=threads)
+    lps, tg = [], []
+    for chunk in chunks:
+        dec.reset()
+        logits = dec.forward(chunk)
+        pos = _scored_positions(chunk)
+        lps.append(_log_softmax(logits[pos.start : pos.stop]))
+        tg.append(np.asarray(chunk[pos.start + 1 : pos.stop + 1]))
     return Scored(np.concatenate(lps), np.concatenate(tg))
 
 
