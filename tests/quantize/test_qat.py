@@ -154,6 +154,9 @@ def test_pipeline_config_names_the_file_it_trains_for():
         load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q8_0]"])
     cfg = load_config(None, ["quantize.qat=Q4_0", "export.gguf=[F16,Q4_0]"])
     assert cfg.quantize.qat == "Q4_0"
+    with pytest.raises(UserError, match="include int4"):
+        load_config(None, ["quantize.qat=int4", "export.onnx_precisions=[fp32,int8]"])
+    assert load_config(None, ["quantize.qat=int4", "export.onnx_precisions=[fp32,int4]"]).quantize.qat == "int4"
 
 
 def test_int4_grid_in_torch_is_the_exports_to_the_bit():
