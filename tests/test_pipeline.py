@@ -149,6 +149,7 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
         data={"mode": "task", "seq_len": 64, "gen_temperature": 0, "gen_max_new_tokens": 3},
         distill={"on_policy_fraction": 0.5},  # the student answering the train prompts, the teacher scoring
         export={"gguf": ["F16", "Q4_K_M"], "onnx": False, "imatrix_rows": 4},  # Q4_K_M: with an imatrix
+        quantize={"qat": "none"},
         bench={"targets": ["cpu"], "torch_baseline": False},
     )  # fmt: skip
     out = tmp_path / "run"
@@ -187,6 +188,7 @@ def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_stu
         prune={"enabled": True, "layers": 3, "hidden_size": 48, "intermediate_size": 96, "rounds": 2,
                "heal_steps": 2, "calib_sequences": 4},
         export={"gguf": ["F16"], "onnx": False},
+        quantize={"qat": "none"},
         verify={"quality_tokens": 0},
         bench={"targets": [], "torch_baseline": False},
     )  # fmt: skip
