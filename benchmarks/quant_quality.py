@@ -19,7 +19,8 @@ Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix
 <type>_qad_kld and _bytes of each).
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR ...] [--tokens 4096] [--rows 64]
-        [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,int4] [--qad-steps 100] [--qad-lr 1e-4]
+        [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,int4] [--qad-steps 100] [--int4-qad-steps N]
+        [--qad-lr 1e-4]
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides:
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
+    # the held-out KL along the way: how far from done the run stopped
+    evals = [(h["step"], next(iter(h["eval"].values()))) for h in res.get("history", []) if h.get("eval")]
+    figures["kl_curve"] = [(step, round(e["kl"], 4)) for step, e in evals]
     figures["seconds"] = round(time.perf_counter() - t0, 1)
     return out, figures
 
@@ -126,7 +130,8 @@ def _int4_rows(model_dir: Path, work: Path, args, rows: _Rows, out: dict) -> Non
     int4 = precision_dir(work / "onnx", "int4")
     rows.add("int4 onnx", onnx_scored(int4, rows.chunks), _dir_bytes(int4))
     if "int4" in args.qad:
-        qad_dir, out["qad"]["int4"] = _qad(model_dir, work / "qad-int4", "int4", args.qad_steps, args.qad_lr, {})
+        steps = args.int4_qad_steps or args.qad_steps
+        qad_dir, out["qad"]["int4"] = _qad(model_dir, work / "qad-int4", "int4", steps, args.qad_lr, {})
         export_onnx(qad_dir, work / "onnx-qad", ["fp32", "int4"])
         int4 = precision_dir(work / "onnx-qad", "int4")
         rows.add("int4 onnx-qad", onnx_scored(int4, rows.chunks), _dir_bytes(int4))
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", default=",".join(TYPES), help="GGUF types by llama.cpp, with and without the imatrix")
     p.add_argument("--qad", default="Q4_0,int4", help="quantization-aware distillation runs (Q4_0, int4; '' none)")
     p.add_argument("--qad-steps", type=int, default=100)
+    p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
     p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
     p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")

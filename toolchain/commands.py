@@ -144,12 +144,10 @@ def cmd_distill(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    import dataclasses
-
     from toolchain.devices.placement import resolve_device
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
-    from toolchain.quantize.qat import qat_distill
+    from toolchain.quantize.qat import qad_distill_config, qat_distill
 
     ships_as = (
         {"export.onnx": True, "export.onnx_precisions": ["fp32", "int4"]}
@@ -162,13 +160,12 @@ def cmd_quantize(args) -> None:
     check_writable_dir(Path(args.out).parent, "output directory")
     device = str(resolve_device(cfg.distill.device))
     q = cfg.quantize
-    distill = dataclasses.replace(cfg.distill, steps=q.steps, lr=q.lr, lora=dataclasses.replace(cfg.distill.lora, r=0))
     res = qat_distill(
         lambda: teacher_from_config(cfg.teacher, device),
         args.student,
         args.out,
         cfg.data,
-        distill,
+        qad_distill_config(cfg.distill, q),
         Path(args.work or f"{args.out}.work"),
         q.qat,
         cfg.export.gguf_overrides,

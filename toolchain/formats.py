@@ -57,9 +57,9 @@ LLAMA_CPP_TYPES = (
     "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ2_XXS",
 )  # fmt: skip
 SUPPORTED_TYPES = tuple(PYTHON_TYPES) + LLAMA_CPP_TYPES
-# types whose rounding an importance matrix weighs: llama.cpp's, and our writer's Q4_0/Q5_0
+# types whose rounding an importance matrix weighs: llama.cpp's, and our writer's Q4_0/Q4_1/Q5_0/Q5_1
 # (quantize/weighted.py; Q8_0 has too fine a grid for llama.cpp to weigh it either)
-IMATRIX_TYPES = (*LLAMA_CPP_TYPES, "Q4_0", "Q5_0")
+IMATRIX_TYPES = (*LLAMA_CPP_TYPES, "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # types llama.cpp will not make without an importance matrix (too few bits to round blindly)
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
 

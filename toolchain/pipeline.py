@@ -7,7 +7,6 @@ a rerun with a different config is refused rather than mixing two runs in one di
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -199,19 +198,17 @@ class Run:
         q = self.config.quantize
         if q.qat == "none":
             return {}
-        from toolchain.quantize.qat import qat_distill
+        from toolchain.quantize.qat import qad_distill_config, qat_distill
 
         before = self.path("work", "student-float")
         if not before.is_dir():  # a rerun after a crash starts again from the distilled weights
             copy_dir(self.path("student"), before)
-        lora = dataclasses.replace(self.config.distill.lora, r=0)  # the merged weights train
-        cfg = dataclasses.replace(self.config.distill, steps=q.steps, lr=q.lr, lora=lora)
         res = qat_distill(
             lambda: self.distill_teacher,
             before,
             self.path("student"),
             self.config.data,
-            cfg,
+            qad_distill_config(self.config.distill, q),
             self.path("work", "quantize"),
             q.qat,
             self.config.export.gguf_overrides,

@@ -23,7 +23,7 @@ from toolchain.models.load import read_meta
 from toolchain.models.provenance import is_hub_id, public_meta
 from toolchain.models.registry import get_arch
 from toolchain.quantize.gguf_types import file_type, llama_cpp_quantize, quantize_tensor
-from toolchain.quantize.weighted import WEIGHTED_NMAX
+from toolchain.quantize.weighted import WEIGHTED_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def write_gguf(
     """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
 
     `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"}).
-    `imatrix` ((importance per GGUF tensor name, facts)) weighs Q4_0/Q5_0's rounding
+    `imatrix` ((importance per GGUF tensor name, facts)) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding
     (quantize/weighted.py), except for a student trained through its rounding (quantize.qat),
     whose weights are already the reference rounding's grid."""
     import gguf
@@ -163,7 +163,7 @@ def write_gguf(
         w.add_quantized_by(f"toolchain {__version__}")
         w.add_file_type(file_type(type_name))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if importance and type_name in WEIGHTED_NMAX:
+        if importance and type_name in WEIGHTED_TYPES:
             _write_imatrix_facts(w, imatrix[1] if imatrix else {})
         arch.write_hparams(w, config)
 
@@ -187,7 +187,7 @@ def export_gguf(
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
 
     `imatrix` ((importance per tensor, facts), quantize.imatrix) weighs llama.cpp's rounding of
-    the types it quantizes (K-quants, IQ types) and our writer's Q4_0/Q5_0 (quantize/weighted.py).
+    the types it quantizes (K-quants, IQ types) and our writer's Q4_0/Q4_1/Q5_0/Q5_1 (quantize/weighted.py).
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
     F16/F32 files, which stay exact references for verify and for the K-quants made from them."""

@@ -37,12 +37,12 @@ def quantize_tensor(
     Vectors (norms, biases) stay F32 as llama.cpp's converter keeps them; a matrix whose rows
     do not split into whole quantization blocks falls back to F16. `tensor_type` (a
     per-tensor override, e.g. keep token_embd at Q8_0) replaces the file type's tensor type.
-    `importance` (the tensor's importance-matrix column weights) weighs Q4_0/Q5_0's rounding.
+    `importance` (the tensor's importance-matrix column weights) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding.
     """
     import gguf
     from gguf.quants import quantize
 
-    from toolchain.quantize.weighted import WEIGHTED_NMAX, quantize_weighted
+    from toolchain.quantize.weighted import WEIGHTED_TYPES, quantize_weighted
 
     data = np.ascontiguousarray(data, dtype=np.float32)
     tensor_type = tensor_type or PYTHON_TYPES[type_name][0]
@@ -54,7 +54,7 @@ def quantize_tensor(
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if data.shape[-1] % block:
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
-    if importance is not None and tensor_type in WEIGHTED_NMAX and data.ndim == 2:
+    if importance is not None and tensor_type in WEIGHTED_TYPES and data.ndim == 2:
         return quantize_weighted(data, importance, tensor_type), qtype
     return quantize(data, qtype), qtype
 

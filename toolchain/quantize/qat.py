@@ -27,7 +27,7 @@ from toolchain.formats import FAKE_QUANT_TYPES, PYTHON_TYPES, QAT_GGUF_TYPES, QA
 from toolchain.quantize.fake_quant import BLOCK, fake_quantize
 
 if TYPE_CHECKING:
-    from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
+    from toolchain.config import DataConfig, DistillConfig, QuantizeConfig, TaskConfig, TeacherConfig
 
 
 def check_qat(type_name: str, overrides: dict[str, str] | None, where: str = "quantize.qat") -> None:
@@ -140,6 +140,15 @@ class QuantAware:
 
     def finish(self, model) -> None:
         bake(model, keep_latent=self.type_name == "int4")
+
+
+def qad_distill_config(distill: DistillConfig, quantize: QuantizeConfig) -> DistillConfig:
+    """The run's distillation settings with quantize's steps and lr, training the full weights
+    (no LoRA: the rounding applies to the merged matrices)."""
+    import dataclasses
+
+    lora = dataclasses.replace(distill.lora, r=0)
+    return dataclasses.replace(distill, steps=quantize.steps, lr=quantize.lr, lora=lora)
 
 
 def qat_distill(
