@@ -5,14 +5,19 @@ From the embedded SmolLM2-135M-Instruct, students at ~50% and ~35% of its parame
 - width: every block kept, hidden channels / heads / MLP neurons cut by activation importance
   (a parameter budget, the widest shape that fits);
 - width+depth: the budget search over depths (30, 24, 20, 15 blocks), widest fitting width at
-  each, the candidate with the lowest held-out KL kept;
+  each, the candidate with the lowest held-out KL kept (as pruned, or after --search-steps
+  steps of healing each);
 - random width: width+depth's shape, its width structures picked at random (seeded).
 Each student is then healed by the same distillation (same steps, data, lr; the teacher's top-k
 logits cached once and shared). Held-out CE, KL(teacher || student) and top-1 agreement are
 measured with the full vocabulary on the held-out pydoc topics before and after healing. The
-~35% width+depth student is exported to GGUF (F16, Q8_0) and checked by `verify_gguf`.
+~35% width+depth student is exported to GGUF (F16, Q8_0) and ONNX fp32 and checked by the
+verifiers with the pipeline's thresholds; with --qad-steps its Q8_0 is checked again after that
+many steps of quantization-aware distillation through Q8_0 (quantize.qat, the remedy when the
+narrow student's Q8_0 misses the bound).
 
-    .venv/bin/python benchmarks/prune_compare.py [--steps 60] [--threads 2] [--out runs/prune-compare]
+    .venv/bin/python benchmarks/prune_compare.py [--steps 60] [--search-steps 0] [--qad-steps 0]
+        [--threads 2] [--out runs/prune-compare]
 
 Each student's figures are kept in OUT/<student>/row.json: a rerun with the same --out and
 settings reuses them (the run takes ~35 min on 2 cores); --fresh starts over. Prints a table,
@@ -33,6 +38,7 @@ import torch
 from toolchain.config import DataConfig, DistillConfig, PruneConfig, VerifyConfig
 from toolchain.data.corpus import train_and_heldout
 from toolchain.distill.evaluate import evaluate
+from toolchain.distill.heal import make_heal
 from toolchain.distill.run import calibration_blocks, distill_student
 from toolchain.models.load import count_params, load_model, resolve_model_dir
 from toolchain.prune import prune_student
@@ -72,6 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="healing steps, the same for every student")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for importance and the search")
+    ap.add_argument("--search-steps", type=int, default=0, help="heal steps per candidate before scoring")
+    ap.add_argument("--qad-steps", type=int, default=0, help="Q8_0 QAD steps for the 35%% student's second Q8_0 check")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/prune-compare")
     ap.add_argument("--fresh", action="store_true", help="discard the figures kept in --out")
@@ -93,6 +101,7 @@ def main() -> None:
         teacher.tokenizer, data.source, data.seq_len + 1, data.heldout_fraction, data.seed, data.eval_sequences
     )
     depth_layers = {"50": _depth_for(teacher, 0.5), "35": _depth_for(teacher, 0.35)}
+    heal = make_heal(teacher, data, heal_cfg, out / "teacher-cache", echo=lambda m: print(m, flush=True))
 
     rows: dict[str, dict] = {}
     shapes: dict[str, dict] = {}
@@ -101,15 +110,16 @@ def main() -> None:
             settings = {**shapes[tag], "importance": "random"}
         slug = name.replace(" ", "-").replace("%", "").replace("+", "-")
         kept = out / slug / "row.json"
-        if kept.is_file() and json.loads(kept.read_text()).get("settings") == [args.steps, args.lr, args.calib]:
+        settings_key = [args.steps, args.lr, args.calib, args.search_steps]
+        if kept.is_file() and json.loads(kept.read_text()).get("settings") == settings_key:
             rows[name] = json.loads(kept.read_text())["row"]
             if name.startswith("width+depth"):
                 shapes[tag] = rows[name]["shape"]
             print(f"{name}: kept from {kept}", flush=True)
             continue
-        cfg = PruneConfig(enabled=True, calib_sequences=args.calib, **settings)
+        cfg = PruneConfig(enabled=True, calib_sequences=args.calib, search_steps=args.search_steps, **settings)
         t0 = time.perf_counter()
-        rec = prune_student(teacher_dir, out / slug / "pruned", cfg, calib, out / slug / "work")
+        rec = prune_student(teacher_dir, out / slug / "pruned", cfg, calib, out / slug / "work", heal=heal)
         prune_s = time.perf_counter() - t0
         if name.startswith("width+depth"):
             shapes[tag] = rec["shape"]
@@ -130,10 +140,12 @@ def main() -> None:
             "heal_s": round(heal_s, 1),
             "candidates": rec.get("candidates"),
         }
-        kept.write_text(json.dumps({"settings": [args.steps, args.lr, args.calib], "row": rows[name]}))
+        kept.write_text(json.dumps({"settings": settings_key, "row": rows[name]}))
         print(f"{name}: {rows[name]}", flush=True)
 
     export = _export_and_verify(out / "width-depth-35" / "healed", out / "width-depth-35" / "export")
+    if args.qad_steps:
+        export.update(_qad_q8_and_verify(teacher, out / "width-depth-35", data, heal_cfg, args.qad_steps))
     _print(rows, total, args, export, held.numel())
     j = lambda n: rows[n]["after"]["kl"]
     print(
@@ -160,7 +172,7 @@ def main() -> None:
     )
 
 
-def _export_and_verify(model_dir: Path, out: Path) -> dict:
+def _export_and_verify(model_dir: Path, out: Path, types=("F16", "Q8_0"), onnx: bool = True) -> dict:
     """GGUF F16 and Q8_0 and ONNX fp32 of a pruned student, each checked against torch with the
     pipeline's default thresholds; a failed check is recorded with its message."""
     from toolchain.errors import VerificationError
@@ -171,21 +183,36 @@ def _export_and_verify(model_dir: Path, out: Path) -> dict:
 
     v = VerifyConfig()
     res: dict = {}
-    for f in export_gguf(model_dir, out, ["F16", "Q8_0"]):
+    for f in export_gguf(model_dir, out, list(types)):
         try:
             r = verify_gguf(model_dir, f["path"], f["quant"], v.prompts, 32, v.max_nmse, v.min_greedy_agreement)
             res[f["quant"]] = {"bytes": f["bytes"], "passed": r["passed"], "nmse_max": r["nmse_max"],
                                "greedy_agreement": r["greedy_agreement"]}  # fmt: skip
         except VerificationError as e:
             res[f["quant"]] = {"bytes": f["bytes"], "passed": False, "failure": str(e)[:300]}
-    onnx = export_onnx(model_dir, out / "onnx", ["fp32"])
+    if not onnx:
+        return res
+    onnx_rec = export_onnx(model_dir, out / "onnx", ["fp32"])
     try:
         r = verify_onnx(model_dir, out / "onnx", v.prompts, greedy_tokens=32)
-        res["onnx fp32"] = {"bytes": onnx["bytes"], "passed": r["passed"], "max_abs_diff": r["max_abs_diff"],
+        res["onnx fp32"] = {"bytes": onnx_rec["bytes"], "passed": r["passed"], "max_abs_diff": r["max_abs_diff"],
                             "greedy_agreement": r["greedy_agreement"]}  # fmt: skip
     except VerificationError as e:
-        res["onnx fp32"] = {"bytes": onnx["bytes"], "passed": False, "failure": str(e)[:300]}
+        res["onnx fp32"] = {"bytes": onnx_rec["bytes"], "passed": False, "failure": str(e)[:300]}
     return res
+
+
+def _qad_q8_and_verify(teacher, student: Path, data: DataConfig, cfg: DistillConfig, steps: int) -> dict:
+    """The healed student distilled on through Q8_0's exact rounding, its Q8_0 verified again."""
+    from toolchain.config import QuantizeConfig
+    from toolchain.quantize.qat import qad_distill_config, qat_distill
+
+    qad = qad_distill_config(cfg, QuantizeConfig(qat="Q8_0", steps=steps))
+    res = qat_distill(teacher, student / "healed", student / "qad-q8_0", data, qad, student / "qad.work", "Q8_0")
+    out = _export_and_verify(student / "qad-q8_0", student / "export-qad", types=("Q8_0",), onnx=False)
+    out["Q8_0 after QAD"] = out.pop("Q8_0")
+    out["Q8_0 after QAD"]["qad"] = {"steps": steps, "kl_before": res["before"]["kl"], "kl_after": res["after"]["kl"]}
+    return out
 
 
 def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None:
@@ -208,7 +235,8 @@ def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None
         )
     for tag in ("50", "35"):
         cands = rows[f"width+depth {tag}%"]["candidates"] or []
-        print(f"width+depth {tag}% search (KL as pruned, before healing): " + ", ".join(
+        how = f"after {args.search_steps} healing steps" if args.search_steps else "as pruned, before healing"
+        print(f"width+depth {tag}% search (KL {how}): " + ", ".join(
             f"{c['shape']['layers']}L/{c['shape']['hidden_size']}h -> {c['kl']:.3f}" for c in cands
         ))  # fmt: skip
     for q, r in export.items():
@@ -218,6 +246,10 @@ def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None
         print(
             f"35% width+depth {q}: {r['bytes'] / 1e6:.1f} MB, verify {'passed' if r['passed'] else 'FAILED'}: {figures}"
         )
+        if "qad" in r:
+            qad = r["qad"]
+            kl = f"{qad['kl_before']:.3f} -> {qad['kl_after']:.3f}"
+            print(f"  (QAD Q8_0 {qad['steps']} steps: held-out KL to the teacher {kl})")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def test_trained_student_exports_to_exactly_its_weights(model, type_name, overri
     if type_name == "Q4_0":  # (Q8_0's rounding costs too little KL on a tiny model to win back)
         # held-out KL to the unrounded teacher: rounding costs some, training through it wins part back
         assert res["after"]["kl"] < res["before"]["kl"]
-    assert load_model(str(out)).meta["qat"] == {"type": type_name, "overrides": overrides}
+    assert load_model(str(out)).meta["qat"] == {"type": type_name, "overrides": overrides, "steps": 8}
 
     (rec,) = export_gguf(out, tmp_path / "export", [type_name], overrides=overrides)
     stored = _gguf_weights(rec["path"])

@@ -163,13 +163,11 @@ def distill_student(
     model = attach_lora(student.model, cfg.lora) if cfg.lora.r else student.model
     layer_map = layer_map_from_meta(read_meta(student_dir), student.model.config.get_text_config().num_hidden_layers)
     evals = _eval_sets(plan, data, cfg, student.tokenizer)
-    output = _Output(
-        student,
-        model,
-        cfg,
-        {**read_meta(student_dir), "distilled_steps": cfg.steps, "data_mode": data.mode},
-        transform,
-    )
+    made = read_meta(student_dir)
+    meta = {**made, "distilled_steps": cfg.steps, "data_mode": data.mode}
+    if transform is not None and "distilled_steps" in made:  # trained again: the transform's meta says how
+        meta["distilled_steps"] = made["distilled_steps"]
+    output = _Output(student, model, cfg, meta, transform)
     try:
         result = distill(
             t.model if t is not None else None,

@@ -130,10 +130,11 @@ class QuantAware:
 
     type_name: str
     overrides: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
 
     @property
     def meta(self) -> dict:
-        return {"qat": {"type": self.type_name, "overrides": dict(self.overrides)}}
+        return {"qat": {"type": self.type_name, "overrides": dict(self.overrides), "steps": self.steps}}
 
     def apply(self, model) -> None:
         round_through(model, tensor_types(model, self.type_name, self.overrides))
@@ -181,5 +182,5 @@ def qat_distill(
         progress=progress,
         teacher_cfg=teacher_cfg,
         task=task,
-        transform=QuantAware(type_name, dict(overrides or {})),
+        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps),
     )
