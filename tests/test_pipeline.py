@@ -188,7 +188,8 @@ def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_stu
         tiny_dir_6,
         student={"keep_layers": 4},
         prune={"enabled": True, "layers": 3, "hidden_size": 48, "intermediate_size": 96, "rounds": 2,
-               "heal_steps": 2, "calib_sequences": 4},
+               "heal_steps": 2, "calib_sequences": 4,
+               "again": {"intermediate_size": 64, "steps": 3}},  # and once more after distillation
         export={"gguf": ["F16"], "onnx": False},
         quantize={"qat": "none"},
         verify={"quality_tokens": 0},
@@ -198,16 +199,27 @@ def test_prune_stage_cuts_width_heals_between_rounds_and_distills_the_pruned_stu
     lines: list[str] = []
     run_pipeline(cfg, out, progress=False, echo=lines.append)
     student = json.loads((out / "student" / "config.json").read_text())
-    assert (student["num_hidden_layers"], student["hidden_size"], student["intermediate_size"]) == (3, 48, 96)
+    assert (student["num_hidden_layers"], student["hidden_size"], student["intermediate_size"]) == (3, 48, 64)
     r = json.loads((out / "report.json").read_text())
-    p = r["prune"]
+    p, again = r["prune"], r["prune_again"]
     assert [x["shape"]["intermediate_size"] for x in p["rounds"]] == [104, 96]  # geometric steps, multiples of 8
     assert p["rounds"][0]["healed_steps"] == 2 and p["rounds"][0]["params"] > p["rounds"][1]["params"]
     assert (out / "work" / "prune" / "round-1-healed" / "config.json").is_file()
     assert sum("healing round-1" in line for line in lines) == 1
     assert r["student"]["layers"] == 3 and set(r["student"]["kept_layers"]) <= set(range(6))
-    assert r["student"]["params"] == p["params"] < p["params_before"]
-    assert r["exports"][0]["parity"]["passed"] and r["distill"]["after"]["kl"] < r["distill"]["before"]["kl"]
+    assert r["distill"]["after"]["kl"] < r["distill"]["before"]["kl"]
+    # the distilled student (p["params"]) cut again to MLP 64, healed for 3 steps, and shipped
+    assert again["params_before"] == p["params"] > again["params"] == r["student"]["params"]
+    assert again["shape"]["intermediate_size"] == 64 and again["healed"]["steps"] == 3
+    import torch
+    from safetensors.torch import load_file
+
+    cut, shipped = (load_file(out / d / "model.safetensors") for d in ("work/student-pruned-again", "student"))
+    assert not torch.equal(cut["model.layers.0.mlp.down_proj.weight"], shipped["model.layers.0.mlp.down_proj.weight"])
+    assert (out / "work" / "student-distilled" / "model.safetensors").is_file()
+    assert r["exports"][0]["parity"]["passed"]
     meta = json.loads((out / "student" / "toolchain.json").read_text())
-    assert meta["pruning"]["shape"]["hidden_size"] == 48
-    assert "## Pruning" in (out / "report.md").read_text() and "prune" in r["stage_seconds"]
+    assert meta["pruning"]["shape"]["intermediate_size"] == 64 and meta["pruned_before"]["shape"]["hidden_size"] == 48
+    md = (out / "report.md").read_text()
+    assert "## Pruning" in md and "## Pruning again, after distillation" in md
+    assert "prune" in r["stage_seconds"] and "prune_again" in r["stage_seconds"]

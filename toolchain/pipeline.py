@@ -26,6 +26,7 @@ STAGES = (
     "student",
     "prune",
     "distill",
+    "prune_again",
     "quantize",
     "export_gguf",
     "export_onnx",
@@ -134,14 +135,11 @@ class Run:
         pruned = (self.record("prune") or {}).get("path")
         return Path(pruned) if pruned else self.path("work", "student-init")
 
-    def stage_prune(self) -> dict:
-        p = self.config.prune
-        if not p.enabled:
-            return {}
+    def _heal(self):
+        """The prune stages' healing: a short distillation from the teacher with the run's settings."""
         from toolchain.distill.heal import make_heal
-        from toolchain.prune import prune_student
 
-        heal = make_heal(
+        return make_heal(
             lambda: self.distill_teacher,
             self.config.data,
             self.config.distill,
@@ -150,13 +148,20 @@ class Run:
             self.config.task,
             self.echo,
         )
+
+    def stage_prune(self) -> dict:
+        p = self.config.prune
+        if not p.enabled:
+            return {}
+        from toolchain.prune import prune_student
+
         res = prune_student(
             self.path("work", "student-init"),
             self.path("work", "student-pruned"),
             p,
             self._calibration(p.calib_sequences),
             self.path("work", "prune"),
-            heal=heal,
+            heal=self._heal(),
         )
         self.echo(
             f"pruned to {res['shape']} ({res['params_before'] / 1e6:.1f} -> {res['params'] / 1e6:.1f} M params), "
@@ -189,6 +194,50 @@ class Run:
             f"{a['top1_agreement']:.1%}, CE {b['ce']:.3f} -> {a['ce']:.3f}"
             + (f" (teacher {a['teacher_ce']:.3f})" if a.get("teacher_ce") is not None else "")
         )
+        res["bytes"] = dir_bytes(self.path("student"))
+        return res
+
+    def stage_prune_again(self) -> dict:
+        """The distilled student cut again (prune.again) and healed by a second distillation, in
+        place: the distilled student is kept in work/student-distilled."""
+        second = self.config.prune.second_cut()
+        if second is None or self.config.prune.again is None:
+            return {}
+        import dataclasses
+
+        from toolchain.devices.parallel import SINGLE
+        from toolchain.distill.run import distill_student
+        from toolchain.prune import prune_student
+
+        distilled = self.path("work", "student-distilled")
+        if not distilled.is_dir():  # a rerun after a crash starts again from the distilled student
+            copy_dir(self.path("student"), distilled)
+        cut = self.path("work", "student-pruned-again")
+        calib = self._calibration(second.calib_sequences)
+        res = prune_student(distilled, cut, second, calib, self.path("work", "prune-again"), heal=self._heal())
+        self.echo(
+            f"pruned again to {res['shape']} ({res['params_before'] / 1e6:.1f} -> {res['params'] / 1e6:.1f} M "
+            f"params), held-out KL to the distilled student {res['heldout_kl']:.3f}"
+        )
+        # the second healing round: the run's distillation for prune.again.steps, in process 0
+        # alone (under a launcher the other processes ended with the distill stage)
+        cfg = dataclasses.replace(self.config.distill, steps=self.config.prune.again.steps)
+        healed = distill_student(
+            lambda: self.distill_teacher,
+            cut,
+            self.path("student"),
+            self.config.data,
+            cfg,
+            self.path("work", "distill-again"),
+            self.progress,
+            teacher_cfg=self.teacher_config,
+            task=self.config.task,
+            par=SINGLE,
+        )
+        write_json(self.path("logs", "prune_again_history.json"), healed.pop("history"))
+        b, a = healed["before"], healed["after"]
+        self.echo(f"  healed {cfg.steps} steps: held-out KL {b['kl']:.3f} -> {a['kl']:.3f}")
+        res["healed"] = {"steps": cfg.steps, "before": b, "after": a}
         res["bytes"] = dir_bytes(self.path("student"))
         return res
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_causal_lm
-from toolchain.config.prune import PruneConfig
+from toolchain.config import from_dict
+from toolchain.config.prune import PruneAgain, PruneConfig
 from toolchain.errors import UserError
 from toolchain.models.load import load_model
 from toolchain.prune import Shape, prune_model, prune_student
@@ -164,11 +165,24 @@ def test_budget_below_every_candidate_and_unknown_arch(tiny_models, tmp_path, mo
         ({"target": "no-such-target"}, "no-such-target"),
         ({"target": "phone-low", "quant": "Q3"}, "quant"),
         ({"num_attention_heads": 3, "num_key_value_heads": 2}, "not a multiple"),
+        ({"layers": 3, "again": PruneAgain()}, "prune.again needs a goal"),
+        ({"layers": 3, "again": PruneAgain(params="40M", hidden_size=32)}, "prune.again: a budget"),
+        ({"layers": 3, "again": PruneAgain(hidden_size=32, steps=0)}, "prune.again.steps"),
+        ({"layers": 3, "again": PruneAgain(num_attention_heads=3, num_key_value_heads=2)}, "not a multiple"),
     ],
 )
 def test_prune_config_errors(fields, message):
     with pytest.raises(UserError, match=message):
         PruneConfig(enabled=True, **fields).validate("prune")
+
+
+def test_prune_again_is_a_typed_section_of_its_own():
+    cfg = from_dict({"prune": {"enabled": True, "layers": 3}}, ["prune.again.params=0.7", "prune.again.steps=50"])
+    second = cfg.prune.second_cut()
+    assert cfg.prune.again == PruneAgain(params=0.7, steps=50)
+    assert second is not None and second.params == 0.7 and second.layers is None and second.again is None
+    with pytest.raises(UserError, match="prune.again.hiden_size"):
+        from_dict({}, ["prune.again.hiden_size=32"])
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])

@@ -25,6 +25,11 @@ def _coerce(value: Any, tp, key: str):
     """Check `value` against the annotation `tp`; return it converted where lossless."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:  # optional: the one type's own error (a nested section's unknown key)
+            return _coerce(value, args[0], key)
         errors = []
         for arg in typing.get_args(tp):
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from toolchain.config.checks import choice, non_negative, positive
 from toolchain.errors import UserError
@@ -25,6 +25,22 @@ def parse_params(value, full_params: int) -> int:
     if not suffix and number <= 1:
         return int(number * full_params)
     return int(number * _SUFFIX.get(suffix, 1))
+
+
+@dataclass
+class PruneAgain:
+    """A second cut, of the distilled student, healed by `steps` more distillation steps from
+    the teacher (Minitron's prune -> distil -> prune -> distil). The goal is set as for the
+    first cut; `params` as a fraction counts the distilled student's parameters."""
+
+    layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    params: str | float | None = None
+    target: str | None = None
+    steps: int = 100
 
 
 @dataclass
@@ -51,11 +67,28 @@ class PruneConfig:
     search_steps: int = 0  # distillation steps per budget candidate before scoring (0: scored as pruned)
     calib_sequences: int = 8  # calibration sequences of data.seq_len tokens (a quarter score candidates)
     seed: int = 0
+    again: PruneAgain | None = None  # cut the distilled student again (after the distill stage)
+
+    def second_cut(self) -> PruneConfig | None:
+        """The settings of the cut after distillation (`again`), or None."""
+        if self.again is None:
+            return None
+        goal = {k: getattr(self.again, k) for k in (*SHAPE_KEYS, "params", "target")}
+        return replace(self, enabled=True, rounds=1, again=None, **goal)
 
     def shape_fields(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in SHAPE_KEYS if getattr(self, k) is not None}
 
     def validate(self, where: str) -> None:
+        second = self.second_cut()
+        if second is not None and self.again is not None:
+            positive(f"{where}.again.steps", self.again.steps)
+            if second.params is None and second.target is None and not second.shape_fields():
+                raise UserError(
+                    f"{where}.again needs a goal: a shape (e.g. {where}.again.hidden_size=384), "
+                    f"{where}.again.params (e.g. 0.7 of the distilled student) or {where}.again.target"
+                )
+            second.validate(f"{where}.again")
         choice(f"{where}.importance", self.importance, IMPORTANCE_RULES)
         for k, v in self.shape_fields().items():
             positive(f"{where}.{k}", v)

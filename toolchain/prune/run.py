@@ -180,6 +180,8 @@ def prune_student(
     )
     record["params_ratio"] = round(record["params"] / record["params_before"], 4)
     meta["kept_layers"] = _compose_layers(student.meta, kept) or kept
+    if "pruning" in student.meta:  # cut again (after distillation): keep how it was cut before
+        meta["pruned_before"] = student.meta["pruning"]
     meta["pruning"] = record
     meta["name"] = f"{student.meta.get('name', 'model')}-pruned-{record['params'] / 1e6:.0f}M"
     save_model(model, student.tokenizer, out_dir, meta)

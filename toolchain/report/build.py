@@ -26,6 +26,8 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     student = stages.get("student", {})
     prune = stages.get("prune") or {}
     distill = stages.get("distill", {})
+    again = stages.get("prune_again") or {}
+    kept_layers = again.get("kept_layers") or prune.get("kept_layers") or student.get("kept_layers")
     exports = []
     onnx = stages.get("export_onnx") or {}
     onnx_all = ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))  # fp16/int8/int4 folders
@@ -45,14 +47,16 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
         "host": {"machine": platform.machine(), "python": platform.python_version(), "system": platform.system()},
         "name": config.get("name"),
         "teacher": stages.get("teacher", {}),
-        # the shipped student is the distilled one (same shape as the initial one)
+        # the shipped student: the distilled one (the initial or pruned shape), or the distilled
+        # one cut again and healed (prune.again)
         "student": {
-            "params": distill.get("params", student.get("params")),
-            "bytes": distill.get("bytes"),
-            "layers": len(prune.get("kept_layers") or student.get("kept_layers") or []),
-            "kept_layers": prune.get("kept_layers") or student.get("kept_layers"),
+            "params": again.get("params", distill.get("params", student.get("params"))),
+            "bytes": again.get("bytes", distill.get("bytes")),
+            "layers": len(kept_layers or []),
+            "kept_layers": kept_layers,
         },
         "prune": prune,
+        "prune_again": again,
         "distill": {k: v for k, v in distill.items() if k not in ("history", "params", "bytes")} if distill else {},
         "quantize": stages.get("quantize") or {},
         "exports": exports,

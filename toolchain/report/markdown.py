@@ -121,10 +121,10 @@ def _shape(sh: dict) -> str:
     return " / ".join(str(sh.get(k, "-")) for k in _SHAPE_KEYS)
 
 
-def _prune_section(p: dict) -> list[str]:
+def _prune_section(p: dict, title: str = "Pruning", reference: str = "the unpruned one") -> list[str]:
     """The width/depth cut: shapes, what the kept structures held, candidates of a budget search."""
     lines = [
-        "## Pruning",
+        f"## {title}",
         "",
         f"Importance: `{p.get('importance')}`" + (f"; budget {p['budget']}" if p.get("budget") else ""),
         "",
@@ -137,9 +137,16 @@ def _prune_section(p: dict) -> list[str]:
         rows.append([f"round {i}{healed}", _shape(r["shape"]), f"{r['params'] / 1e6:.1f} M", share])
     lines += _table(["", "layers / hidden / MLP / heads / KV heads", "params", "importance kept"], rows)
     lines += [
-        f"Held-out KL of the pruned model to the unpruned one, before distillation: {_f(p.get('heldout_kl'))}",
+        f"Held-out KL of the pruned model to {reference}, before distillation: {_f(p.get('heldout_kl'))}",
         "",
     ]
+    if p.get("healed"):
+        h = p["healed"]
+        lines += [
+            f"Healed by {h['steps']} distillation steps from the teacher: held-out KL {_f(h['before'].get('kl'))} "
+            f"-> {_f(h['after'].get('kl'))}, top-1 agreement {_f(h['after'].get('top1_agreement'), '.1%')}",
+            "",
+        ]
     if p.get("candidates"):
         cands = [[_shape(c["shape"]), f"{c['params'] / 1e6:.1f} M", _f(c["kl"])] for c in p["candidates"]]
         lines += ["Candidates of the budget search (lowest KL chosen):", ""]
@@ -286,6 +293,8 @@ def render(report: dict) -> str:
     lines += _models_section(t, s)
     if report.get("prune"):
         lines += _prune_section(report["prune"])
+    if report.get("prune_again"):
+        lines += _prune_section(report["prune_again"], "Pruning again, after distillation", "the distilled student")
     lines += _distill_section(d)
     if (report.get("quantize") or {}).get("qat"):
         lines += _qat_section(report["quantize"])
