@@ -297,6 +297,16 @@ class Run:
             self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
         return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
 
+    def _student_calibration(self, n: int):
+        """n calibration rows in the student's own tokenizer (the teacher's): no teacher weights
+        are loaded for them."""
+        from transformers import AutoTokenizer
+
+        from toolchain.student import calibration_rows
+
+        tok = AutoTokenizer.from_pretrained(self.path("student"))
+        return calibration_rows(tok, self.config.data, self.config.task, n)
+
     def _imatrix(self, types: list[str]):
         """The student's importance matrix on the run's calibration rows, when a type's rounding uses it."""
         from toolchain.formats import IMATRIX_TYPES
@@ -304,14 +314,9 @@ class Run:
         e = self.config.export
         if not e.imatrix or not any(t in IMATRIX_TYPES for t in types):
             return None
-        from transformers import AutoTokenizer
-
         from toolchain.quantize import imatrix as I
-        from toolchain.student import calibration_rows
 
-        # the student's own tokenizer (the teacher's): no teacher weights are loaded for this
-        tok = AutoTokenizer.from_pretrained(self.path("student"))
-        rows = calibration_rows(tok, self.config.data, self.config.task, e.imatrix_rows)
+        rows = self._student_calibration(e.imatrix_rows)
         dataset = str(self.config.task.path or self.config.data.source)
         values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
         self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
@@ -322,7 +327,10 @@ class Run:
             return {}
         from toolchain.export.onnx import export_onnx
 
-        return export_onnx(self.path("student"), self.path("export", "onnx"), self.config.export.onnx_precisions)
+        precisions = self.config.export.onnx_precisions
+        # the int4 blocks' grid is measured on the run's own calibration rows (the task's inputs)
+        calib = self._student_calibration(4) if "int4" in precisions else None
+        return export_onnx(self.path("student"), self.path("export", "onnx"), precisions, calib=calib)
 
     def _exports(self) -> list[Artifact]:
         from toolchain.pack.build import run_exports

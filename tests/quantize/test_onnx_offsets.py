@@ -127,3 +127,23 @@ def test_tied_embedding_shares_the_output_projections_codes():
     tokens = np.array([[1, 95, 40]], dtype=np.int64)
     w = dequantize(*fit_blocks(table.T, 8, 32), 8, 64)  # [hidden, vocab]
     np.testing.assert_allclose(_run(model, {"input_ids": tokens}), w.T[tokens] @ w, rtol=1e-4, atol=1e-5)
+
+
+def test_symmetric_blocks_are_q4_0s_rounding_with_zero_on_the_grid():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from toolchain.quantize.onnx_offsets import symmetric_blocks
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 24)) * 0.05).astype(np.float32)  # [K, N]
+    w[5, :] = 0.0
+    codes, scale, offset = symmetric_blocks(w, 4, 32)
+    assert not offset.any()
+    back = dequantize(codes, scale, offset, 4, 64)
+    assert np.array_equal(back[5], np.zeros(24, np.float32))  # a zero weight stays zero
+    # llama.cpp's Q4_0 of the same blocks (each GGUF row is one output's K weights): same codes
+    q4 = quantize(np.ascontiguousarray(w.T), GGMLQuantizationType.Q4_0).reshape(24, 2, 18)
+    ggml_codes = np.concatenate([q4[..., 2:] & 0x0F, q4[..., 2:] >> 4], axis=-1)
+    assert np.array_equal(codes, ggml_codes)
+    assert np.allclose(scale, q4[..., :2].copy().view(np.float16)[..., 0].astype(np.float32), rtol=1e-3)

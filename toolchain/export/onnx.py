@@ -291,8 +291,13 @@ def export_onnx(
     out_dir: str | Path,
     precisions: list[str] | tuple[str, ...] = ("fp32",),
     optimize: bool = True,
+    calib=None,
 ) -> Artifact:
     """Export an HF causal LM directory to `out_dir/model.onnx` (+ data, tokenizer, model_info.json).
+
+    With int4, the grid of its 4-bit blocks is chosen by measuring both on `calib` (token rows;
+    default: the opening blocks of the bundled text) and recorded as `int4_grid` in
+    model_info.json.
 
     fp32 is always written at `out_dir` (the reference the others are made from); each other
     precision in `precisions` (fp16, int8, int4) becomes its own self-contained folder beside
@@ -327,11 +332,30 @@ def export_onnx(
         qat = (read_meta(model_dir).get("qat") or {}).get("type")
         if qat:  # the grid the student was trained through (quantize.qat); its int4 export uses it
             info["qat"] = qat
+        elif "int4" in precisions:
+            info["int4_grid"] = _measured_int4_grid(model, model_dir, calib)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     record = _record(out_dir, "fp32", time.perf_counter() - t0)
     record["exporter"], record["fusions"] = exporter, fusions
     record["variants"] = [quantize_export(out_dir, p) for p in precisions if p != "fp32"]
     return record
+
+
+def _measured_int4_grid(model, model_dir: Path, calib) -> dict:
+    """The int4 blocks' grid for this model, measured (quantize/onnx_grid.py) on `calib` rows,
+    or on the opening training blocks of the bundled text."""
+    from toolchain.quantize.onnx_grid import choose_int4_grid
+
+    if calib is None:
+        from transformers import AutoTokenizer
+
+        from toolchain.config import DataConfig
+        from toolchain.student import calibration_rows
+
+        calib = calibration_rows(AutoTokenizer.from_pretrained(model_dir), DataConfig(seq_len=128), None, 4)
+    choice = choose_int4_grid(model, calib)
+    log.info("int4 grid: %s (held-out KL %s)", choice["grid"], choice["kl"])
+    return choice
 
 
 def _optimize_in_place(path: Path) -> dict:
@@ -368,8 +392,9 @@ def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = F
     out = precision_dir(fp32_dir, precision)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        # a student trained through the int4 blocks' min/max grid gets exactly those codes
-        grid = "minmax" if info.get("qat") == "int4" else "fit"
+        # a student trained through the int4 blocks' min/max grid gets exactly those codes;
+        # otherwise the grid measured at export (an older export's info has none: the fit)
+        grid = "minmax" if info.get("qat") == "int4" else (info.get("int4_grid") or {}).get("grid", "fit")
         quantize_file(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, keep_lm_head=keep_lm_head, int4_grid=grid)
         for name in TOKENIZER_FILES:
             if (fp32_dir / name).is_file():

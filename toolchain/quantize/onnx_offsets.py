@@ -59,6 +59,27 @@ def minmax_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.
     return codes, scale[..., 0], (lo + mid * scale)[..., 0]
 
 
+def symmetric_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`fit_blocks`' layout on a symmetric grid with zero on it (offset 0): llama.cpp's Q4_0
+    rounding (the signed value of largest magnitude -> the lowest code; ggml's trunc(x/d + mid
+    + 0.5)) with an fp32 scale. Small weights stay small: on a distilled student whose inputs
+    have a few very large channels, the fitted offsets' grids (zero not on them) cost
+    held-out KL ~3 where this costs ~0.1 (onnx_grid.py chooses by measuring)."""
+    k, n = w.shape
+    nb = -(-k // block)
+    if nb * block != k:
+        w = np.concatenate([w, np.repeat(w[-1:], nb * block - k, axis=0)], axis=0)
+    v = np.ascontiguousarray(w.astype(np.float32).reshape(nb, block, n).transpose(2, 0, 1))  # [N, nb, block]
+    top, mid = np.float32((1 << bits) - 1), np.float32(1 << (bits - 1))
+    d = np.take_along_axis(v, np.abs(v).argmax(-1)[..., None], -1) / -mid
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    codes = np.clip(np.trunc(v * inv + mid + np.float32(0.5)), 0, top).astype(np.uint8)
+    return codes, d[..., 0].astype(np.float32), np.zeros(d.shape[:-1], np.float32)
+
+
+GRIDS = {"fit": fit_blocks, "minmax": minmax_blocks, "symmetric": symmetric_blocks}
+
+
 def _fit_columns(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k, n = w.shape
     nb = -(-k // block)
@@ -189,8 +210,9 @@ def rewrite_matmuls(
     """Every MatMul with a 2-D constant weight (in `include` if given, not in `exclude`) ->
     MatMulNBits + offset term.
 
-    `grid`: "fit" (alternating least squares, `fit_blocks`) or "minmax" (`minmax_blocks`, for a
-    student trained through that grid: quantize.qat int4).
+    `grid`: "fit" (alternating least squares, `fit_blocks`), "symmetric" (`symmetric_blocks`:
+    zero on the grid, offsets 0) or "minmax" (`minmax_blocks`, for a student trained through
+    that grid: quantize.qat int4).
     Returns how many were rewritten. Nodes are replaced in place, so the graph stays sorted.
     `fitted` (if given) collects {digest of the fp32 weight: (codes name, offsets name, bits)},
     so a tied embedding can reuse the output projection's codes (rewrite_embeddings).
@@ -216,7 +238,7 @@ def rewrite_matmuls(
         assert w_name is not None  # None is in no graph's initializers
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         k, n = w.shape
-        codes, scale, offset = (minmax_blocks if grid == "minmax" else fit_blocks)(w, bits, block)
+        codes, scale, offset = GRIDS[grid](w, bits, block)
         base, x = node.name or w_name, node.input[0]
         q_name, s_name, o_name = f"{w_name}_Q{bits}o", f"{w_name}_Q{bits}o_scales", f"{w_name}_Q{bits}o_offsets"
         if fitted is not None:
