@@ -203,3 +203,54 @@ def test_int4_student_exports_the_codes_it_trained_with(tiny_dir, tmp_path):
         c, s, _ = trained[scale.astype(np.float32).tobytes()]  # KeyError: a scale the student never had
         # the MatMulNBits block is the trained one; the offsets' small product then runs in 8 bits
         assert np.array_equal(codes.reshape(c.shape), c) and np.array_equal(scale.reshape(s.shape), s)
+
+
+def test_symmetric_int4_in_torch_is_the_exports_to_the_bit():
+    from toolchain.quantize.fake_quant import quantize_values
+    from toolchain.quantize.onnx_offsets import dequantize, symmetric_blocks
+
+    w = _awkward_rows(np.random.default_rng(2))  # [64, 96]
+    ours = quantize_values(torch.from_numpy(w), "int4_sym").numpy()
+    codes, scale, offset = symmetric_blocks(np.ascontiguousarray(w.T), 4, 32)
+    assert np.array_equal(ours, dequantize(codes, scale, offset, 4, 96).T)
+
+
+def test_int4_student_with_large_inputs_trains_and_exports_the_symmetric_grid(tiny_dir, tmp_path):
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.quantize.test_onnx_grid import _large_input_channel
+    from toolchain.export.onnx import export_onnx, precision_dir
+    from toolchain.models.load import save_model
+    from toolchain.quantize.fake_quant import quantize_values
+    from toolchain.quantize.onnx_offsets import symmetric_blocks
+
+    src = load_model(str(tiny_dir))
+    _large_input_channel(src.model)
+    save_model(src.model, src.tokenizer, tmp_path / "src", dict(src.meta))
+    cfg = DistillConfig(
+        steps=4, batch_size=2, lr=1e-4, warmup_steps=1, alpha=0.0, temperature=1.0, eval_every=0, divergence_ratio=0
+    )
+    data = DataConfig(seq_len=32, eval_sequences=4)
+    teacher = load_model(str(tmp_path / "src"))
+    res = qat_distill(teacher, tmp_path / "src", tmp_path / "s", data, cfg, tmp_path / "w", "int4", progress=False)
+    student = load_model(str(tmp_path / "s"))
+    assert student.meta["qat"]["grid"] == "symmetric"
+    assert res["before"]["kl"] < 0.1  # (the min/max grid costs this model ~0.3: test_onnx_grid)
+    export_onnx(tmp_path / "s", tmp_path / "onnx", ["fp32", "int4"])
+    int4 = precision_dir(tmp_path / "onnx", "int4")
+    assert json.loads((int4 / "model_info.json").read_text())["qat_grid"] == "symmetric"
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int4 / "model.onnx")).graph.initializer}
+    scales = {inits[k].astype(np.float32).tobytes(): k for k in inits if k.endswith("_Q4o_scales")}
+    for name, module in student.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            w = module.weight.detach().numpy()
+            codes, scale, _ = symmetric_blocks(np.ascontiguousarray(w.T), 4, 32)
+            packed = inits[scales[scale.tobytes()].removesuffix("_scales")]  # KeyError: a scale never trained
+            stored = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(codes.shape)
+            assert np.array_equal(stored, codes)
+            # and those codes are the values the student trained through
+            trained = quantize_values(module.weight.detach(), "int4_sym").numpy()
+            assert np.array_equal(trained, ((codes.astype(np.float32) - 8) * scale[..., None]).reshape(w.shape[0], -1))

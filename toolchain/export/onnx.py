@@ -329,9 +329,11 @@ def export_onnx(
                 shutil.copy2(model_dir / name, tmp / name)
         info = model_info(model_dir, config)
         info.update(precision="fp32", exporter=exporter, fusions=fusions)
-        qat = (read_meta(model_dir).get("qat") or {}).get("type")
-        if qat:  # the grid the student was trained through (quantize.qat); its int4 export uses it
-            info["qat"] = qat
+        qat = read_meta(model_dir).get("qat") or {}
+        if qat.get("type"):  # the grid the student was trained through (quantize.qat); its int4 export uses it
+            info["qat"] = qat["type"]
+            if qat["type"] == "int4":
+                info["qat_grid"] = qat.get("grid", "minmax")
         elif "int4" in precisions:
             info["int4_grid"] = _measured_int4_grid(model, model_dir, calib)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -392,9 +394,12 @@ def quantize_export(fp32_dir: str | Path, precision: str, keep_lm_head: bool = F
     out = precision_dir(fp32_dir, precision)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        # a student trained through the int4 blocks' min/max grid gets exactly those codes;
-        # otherwise the grid measured at export (an older export's info has none: the fit)
-        grid = "minmax" if info.get("qat") == "int4" else (info.get("int4_grid") or {}).get("grid", "fit")
+        # a student trained through an int4 grid gets exactly those codes; otherwise the grid
+        # measured at export (an older export's info has none: the fit)
+        if info.get("qat") == "int4":
+            grid = info.get("qat_grid", "minmax")
+        else:
+            grid = (info.get("int4_grid") or {}).get("grid", "fit")
         quantize_file(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, keep_lm_head=keep_lm_head, int4_grid=grid)
         for name in TOKENIZER_FILES:
             if (fp32_dir / name).is_file():

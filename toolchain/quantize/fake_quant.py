@@ -10,9 +10,11 @@ a model trained through this function exports to exactly the weights it was trai
 `int4` is the ONNX int4 export's block: 4-bit codes and an fp32 scale in MatMulNBits plus a
 float offset per block of 32, here on the block's min/max grid, computed in fp32 with the same
 operations as `quantize.onnx_offsets.minmax_blocks`, which the export then uses for a student
-trained through it. That grid is not idempotent in float (re-fitting its own values can move
-the scale by an ulp), so such a student keeps its latent weights and the export recomputes the
-codes from them, identically.
+trained through it; `int4_sym` is its symmetric grid (offset 0, Q4_0's rounding with an fp32
+scale; `onnx_offsets.symmetric_blocks`), for students on which that grid measures better.
+These grids are not idempotent in float (re-fitting their own values can move the scale by an
+ulp), so such a student keeps its latent weights and the export recomputes the codes from
+them, identically.
 
 Why not torchao's fake-quant: its int4 grid (scale/zero-point per group, its own rounding) is
 not a GGUF block, so the codes it trains are not the ones the file stores.
@@ -64,13 +66,21 @@ def _int4(blocks: torch.Tensor) -> torch.Tensor:
     return (codes - 8) * scale + offset
 
 
+def _int4_sym(blocks: torch.Tensor) -> torch.Tensor:
+    # the int4 export's symmetric blocks (onnx_offsets.symmetric_blocks): Q4_0's rounding, fp32 scale
+    idx = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = torch.gather(blocks, -1, idx) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.trunc(blocks * inv + 8.5).clamp(0, 15) - 8) * d
+
+
 def quantize_values(w: torch.Tensor, type_name: str) -> torch.Tensor:
     """The values `type_name` stores for `w` (fp32, same shape), computed without gradient."""
     if type_name == "F32":
         return w.detach().float()
     if type_name == "F16":
         return w.detach().half().float()
-    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0, "int4": _int4}.get(type_name)
+    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0, "int4": _int4, "int4_sym": _int4_sym}.get(type_name)
     if fn is None:
         raise ValueError(f"no fake-quant for {type_name}; choose from {', '.join((*FAKE_QUANT_TYPES, 'int4'))}")
     if w.shape[-1] % BLOCK:

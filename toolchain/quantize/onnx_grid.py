@@ -23,13 +23,23 @@ import numpy as np
 import torch
 
 GRID_CHOICES = ("fit", "symmetric")
+BLOCK = 32
+
+
+def int4_types(model) -> dict[str, str]:
+    """{module name: "int4" or "F32"}: the int4 ONNX export's 4-bit matrices are every linear
+    layer of the decoder blocks whose rows split into blocks (the head and the token table go
+    to 8 bits there)."""
+    head = model.get_output_embeddings()
+    types = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            types[name] = "int4" if module.weight.shape[-1] % BLOCK == 0 else "F32"
+    return types
 
 
 def _block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    """The matrices the int4 export stores in 4 bits: the decoder blocks' (not the output head)."""
-    from toolchain.quantize.qat import tensor_types
-
-    names = set(tensor_types(model, "int4", {}))
+    names = {n for n, t in int4_types(model).items() if t == "int4"}
     return [(n, m) for n, m in model.named_modules() if n in names and isinstance(m, torch.nn.Linear)]
 
 

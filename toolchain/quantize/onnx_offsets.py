@@ -61,10 +61,11 @@ def minmax_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.
 
 def symmetric_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`fit_blocks`' layout on a symmetric grid with zero on it (offset 0): llama.cpp's Q4_0
-    rounding (the signed value of largest magnitude -> the lowest code; ggml's trunc(x/d + mid
-    + 0.5)) with an fp32 scale. Small weights stay small: on a distilled student whose inputs
-    have a few very large channels, the fitted offsets' grids (zero not on them) cost
-    held-out KL ~3 where this costs ~0.1 (onnx_grid.py chooses by measuring)."""
+    rounding (the signed value of largest magnitude -> the lowest code; ggml's trunc(x/d + 8.5))
+    with an fp32 scale, in float32 with the operations of quantize.fake_quant's `int4_sym`.
+    Small weights stay small: on a distilled student whose inputs have a few very large
+    channels, the fitted offsets' grids (zero not on them) cost held-out KL ~3 where this costs
+    ~0.1 (onnx_grid.py chooses by measuring)."""
     k, n = w.shape
     nb = -(-k // block)
     if nb * block != k:
@@ -73,7 +74,7 @@ def symmetric_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, 
     top, mid = np.float32((1 << bits) - 1), np.float32(1 << (bits - 1))
     d = np.take_along_axis(v, np.abs(v).argmax(-1)[..., None], -1) / -mid
     inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
-    codes = np.clip(np.trunc(v * inv + mid + np.float32(0.5)), 0, top).astype(np.uint8)
+    codes = np.clip(np.trunc(v * inv + (mid + np.float32(0.5))), 0, top).astype(np.uint8)
     return codes, d[..., 0].astype(np.float32), np.zeros(d.shape[:-1], np.float32)
 
 

@@ -7,10 +7,12 @@ the tensor's GGUF name, F16 for rows that do not split into blocks; vectors stay
 trained weights are the file's weights. After training each weight is replaced by its quantized
 value (fp32, on the grid): the GGUF writer then reproduces the codes bit for bit.
 
-For int4 (the ONNX int4 export) the decoder blocks' matrices train through the int4 blocks'
-min/max grid; the output projection and token table, which that export stores in 8 bits, are
-not rounded. The student keeps its latent weights (that grid is not idempotent in float) and
-records the grid, so the export recomputes exactly the trained codes (export/onnx.py).
+For int4 (the ONNX int4 export) the decoder blocks' matrices train through the grid the export
+measures as better for this student (quantize/onnx_grid.py): the int4 blocks' min/max grid (the
+trainable twin of its fitted offsets) or its symmetric grid; the output projection and token
+table, which that export stores in 8 bits, are not rounded. The student keeps its latent
+weights (these grids are not idempotent in float) and records the grid, so the export
+recomputes exactly the trained codes (export/onnx.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None)
     A head tied to the token embedding is stored once, as token_embd: it takes that type."""
     check_qat(type_name, overrides)
     if type_name == "int4":
-        return _int4_types(model)
+        from toolchain.quantize.onnx_grid import int4_types
+
+        return int4_types(model)
     tmap = _gguf_names(model)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -91,17 +95,6 @@ def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None)
         head_name = name if module is head else head_name
     if tied and head_name is not None and embed_name is not None:
         types[head_name] = types[embed_name]
-    return types
-
-
-def _int4_types(model) -> dict[str, str]:
-    """The int4 ONNX export's 4-bit matrices: every linear layer of the decoder blocks (the head
-    and the token table go to 8 bits there, and stay unrounded here)."""
-    head = model.get_output_embeddings()
-    types = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            types[name] = "int4" if module.weight.shape[-1] % BLOCK == 0 else "F32"
     return types
 
 
@@ -131,13 +124,18 @@ class QuantAware:
     type_name: str
     overrides: dict[str, str] = field(default_factory=dict)
     steps: int = 0
+    int4_grid: str = "minmax"  # int4: the export's grid the blocks train through (minmax | symmetric)
 
     @property
     def meta(self) -> dict:
-        return {"qat": {"type": self.type_name, "overrides": dict(self.overrides), "steps": self.steps}}
+        qat = {"type": self.type_name, "overrides": dict(self.overrides), "steps": self.steps}
+        return {"qat": {**qat, "grid": self.int4_grid} if self.type_name == "int4" else qat}
 
     def apply(self, model) -> None:
-        round_through(model, tensor_types(model, self.type_name, self.overrides))
+        types = tensor_types(model, self.type_name, self.overrides)
+        if self.int4_grid == "symmetric":
+            types = {n: "int4_sym" if t == "int4" else t for n, t in types.items()}
+        round_through(model, types)
 
     def finish(self, model) -> None:
         bake(model, keep_latent=self.type_name == "int4")
@@ -172,6 +170,7 @@ def qat_distill(
     check_qat(type_name, overrides)
     if cfg.lora.r:
         raise UserError("quantization-aware distillation trains the full weights: set distill.lora.r to 0")
+    grid = _measured_int4_grid(student_dir, data, task) if type_name == "int4" else "minmax"
     return distill_student(
         teacher,
         student_dir,
@@ -182,5 +181,19 @@ def qat_distill(
         progress=progress,
         teacher_cfg=teacher_cfg,
         task=task,
-        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps),
+        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps, grid),
     )
+
+
+def _measured_int4_grid(student_dir, data: DataConfig, task: TaskConfig | None) -> str:
+    """The int4 grid the export would choose for this student (quantize/onnx_grid.py): the blocks
+    train through that one (minmax, the fit's trainable twin, or symmetric)."""
+    import dataclasses
+
+    from toolchain.models.load import load_model
+    from toolchain.quantize.onnx_grid import choose_int4_grid
+    from toolchain.student import calibration_rows
+
+    student = load_model(str(student_dir))
+    rows = calibration_rows(student.tokenizer, dataclasses.replace(data, seq_len=128), task, 4)
+    return "symmetric" if choose_int4_grid(student.model, rows)["grid"] == "symmetric" else "minmax"
