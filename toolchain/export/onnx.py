@@ -356,7 +356,7 @@ def _measured_int4_grid(model, model_dir: Path, calib) -> dict:
 
         calib = calibration_rows(AutoTokenizer.from_pretrained(model_dir), DataConfig(seq_len=128), None, 4)
     choice = choose_int4_grid(model, calib)
-    log.info("int4 grid: %s (held-out KL %s)", choice["grid"], choice["kl"])
+    log.info("int4 grid: %s (KL on calibration rows %s)", choice["grid"], choice["kl"])
     return choice
 
 

@@ -3,7 +3,7 @@
 Two grids (quantize/onnx_offsets.py): fitted offsets (scale and float offset per block of 32
 by least squares; exact for weights that are a dequantized Q4_1/Q4_K file, as the bundled
 SmolLM2 and Gemma-3-270M are) and symmetric (llama.cpp's Q4_0 rounding, zero on the grid).
-Neither wins everywhere. Measured in torch on 4 x 128 calibration tokens (held-out KL of the
+Neither wins everywhere. Measured in torch on 4 x 128 calibration tokens (KL of the
 model with its block matrices on the grid, to itself):
 
     model                          fitted offsets   symmetric
