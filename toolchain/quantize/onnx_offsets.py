@@ -43,14 +43,19 @@ def fit_blocks(w: np.ndarray, bits: int, block: int, chunk: int = 8192) -> tuple
     return cast("tuple[np.ndarray, np.ndarray, np.ndarray]", tuple(np.concatenate(p, axis=0) for p in zip(*parts)))
 
 
-def minmax_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`fit_blocks`' layout on each block's min/max grid, in float32 with the operations of
-    quantize.fake_quant.int4_grid: the codes a student trained through that grid was trained with."""
+def _float32_blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """[K, N] -> [N, blocks, block] in float32, K padded to whole blocks by repeating the last row."""
     k, n = w.shape
     nb = -(-k // block)
     if nb * block != k:
         w = np.concatenate([w, np.repeat(w[-1:], nb * block - k, axis=0)], axis=0)
-    v = np.ascontiguousarray(w.astype(np.float32).reshape(nb, block, n).transpose(2, 0, 1))  # [N, nb, block]
+    return np.ascontiguousarray(w.astype(np.float32).reshape(nb, block, n).transpose(2, 0, 1))
+
+
+def minmax_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`fit_blocks`' layout on each block's min/max grid, in float32 with the operations of
+    quantize.fake_quant.int4_grid: the codes a student trained through that grid was trained with."""
+    v = _float32_blocks(w, block)
     top, mid = np.float32((1 << bits) - 1), np.float32(1 << (bits - 1))
     lo = v.min(-1, keepdims=True)
     scale = (v.max(-1, keepdims=True) - lo) / top
@@ -66,11 +71,7 @@ def symmetric_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, 
     Small weights stay small: on a distilled student whose inputs have a few very large
     channels, the fitted offsets' grids (zero not on them) cost held-out KL ~3 where this costs
     ~0.1 (onnx_grid.py chooses by measuring)."""
-    k, n = w.shape
-    nb = -(-k // block)
-    if nb * block != k:
-        w = np.concatenate([w, np.repeat(w[-1:], nb * block - k, axis=0)], axis=0)
-    v = np.ascontiguousarray(w.astype(np.float32).reshape(nb, block, n).transpose(2, 0, 1))  # [N, nb, block]
+    v = _float32_blocks(w, block)
     top, mid = np.float32((1 << bits) - 1), np.float32(1 << (bits - 1))
     d = np.take_along_axis(v, np.abs(v).argmax(-1)[..., None], -1) / -mid
     inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
