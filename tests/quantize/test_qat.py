@@ -238,7 +238,7 @@ def test_int4_student_with_large_inputs_trains_and_exports_the_symmetric_grid(ti
     res = qat_distill(teacher, tmp_path / "src", tmp_path / "s", data, cfg, tmp_path / "w", "int4", progress=False)
     student = load_model(str(tmp_path / "s"))
     assert student.meta["qat"]["grid"] == "symmetric"
-    assert res["before"]["kl"] < 0.1  # (the min/max grid costs this model ~0.3: test_onnx_grid)
+    assert res["before"]["kl"] < 0.1  # (the fitted grid costs this model 0.35: test_onnx_grid)
     export_onnx(tmp_path / "s", tmp_path / "onnx", ["fp32", "int4"])
     int4 = precision_dir(tmp_path / "onnx", "int4")
     assert json.loads((int4 / "model_info.json").read_text())["qat_grid"] == "symmetric"
