@@ -7,6 +7,7 @@ a rerun with a different config is refused rather than mixing two runs in one di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,19 +22,8 @@ from toolchain.formats import Artifact
 log = logging.getLogger(__name__)
 
 STAGES = (
-    "finetune",
-    "teacher",
-    "student",
-    "prune",
-    "distill",
-    "prune_again",
-    "quantize",
-    "export_gguf",
-    "export_onnx",
-    "verify",
-    "eval",
-    "bench",
-    "pack",
+    *("finetune", "teacher", "student", "prune", "distill", "prune_again", "quantize"),
+    *("export_gguf", "export_onnx", "verify", "eval", "bench", "pack"),
 )
 
 
@@ -53,8 +43,6 @@ class Run:
     @property
     def teacher_config(self):
         """The teacher every stage after `finetune` starts from: the fine-tuned one when it ran."""
-        import dataclasses
-
         tuned = (self.record("finetune") or {}).get("path")
         return dataclasses.replace(self.config.teacher, model=tuned, adapter=None) if tuned else self.config.teacher
 
@@ -200,44 +188,31 @@ class Run:
     def stage_prune_again(self) -> dict:
         """The distilled student cut again (prune.again) and healed by a second distillation, in
         place: the distilled student is kept in work/student-distilled."""
-        second = self.config.prune.second_cut()
-        if second is None or self.config.prune.again is None:
+        second, again = self.config.prune.second_cut(), self.config.prune.again
+        if second is None or again is None:
             return {}
-        import dataclasses
-
-        from toolchain.devices.parallel import SINGLE
-        from toolchain.distill.run import distill_student
-        from toolchain.prune import prune_student
+        from toolchain.distill.heal import prune_again
 
         distilled = self.path("work", "student-distilled")
         if not distilled.is_dir():  # a rerun after a crash starts again from the distilled student
             copy_dir(self.path("student"), distilled)
-        cut = self.path("work", "student-pruned-again")
-        calib = self._calibration(second.calib_sequences)
-        res = prune_student(distilled, cut, second, calib, self.path("work", "prune-again"), heal=self._heal())
-        self.echo(
-            f"pruned again to {res['shape']} ({res['params_before'] / 1e6:.1f} -> {res['params'] / 1e6:.1f} M "
-            f"params), held-out KL to the distilled student {res['heldout_kl']:.3f}"
-        )
-        # the second healing round: the run's distillation for prune.again.steps, in process 0
-        # alone (under a launcher the other processes ended with the distill stage)
-        cfg = dataclasses.replace(self.config.distill, steps=self.config.prune.again.steps)
-        healed = distill_student(
-            lambda: self.distill_teacher,
-            cut,
+        cfg = dataclasses.replace(self.config.distill, steps=again.steps)
+        res, history = prune_again(
+            distilled,
             self.path("student"),
+            second,
+            self._calibration(second.calib_sequences),
+            self.path("work"),
+            self._heal(),
+            lambda: self.distill_teacher,
             self.config.data,
             cfg,
-            self.path("work", "distill-again"),
             self.progress,
             teacher_cfg=self.teacher_config,
             task=self.config.task,
-            par=SINGLE,
+            echo=self.echo,
         )
-        write_json(self.path("logs", "prune_again_history.json"), healed.pop("history"))
-        b, a = healed["before"], healed["after"]
-        self.echo(f"  healed {cfg.steps} steps: held-out KL {b['kl']:.3f} -> {a['kl']:.3f}")
-        res["healed"] = {"steps": cfg.steps, "before": b, "after": a}
+        write_json(self.path("logs", "prune_again_history.json"), history)
         res["bytes"] = dir_bytes(self.path("student"))
         return res
 
@@ -338,21 +313,11 @@ class Run:
         return cast(list[Artifact], run_exports(self.out))
 
     def stage_verify(self) -> dict:
-        from toolchain.verify.exports import verify_exports
+        from toolchain.verify.exports import summary_lines, verify_exports
 
         results = verify_exports(self.path("student"), self._exports(), self.config.verify, data=self.config.data)
-        for r in results:
-            ties = f"{r['near_ties']} near-ties ({r['near_tie_flips']} flipped)"
-            if r["format"] == "gguf":
-                self.echo(
-                    f"  {r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
-                    f"greedy {r['greedy_agreement']:.1%} where clear, {ties}"
-                )
-            else:
-                self.echo(
-                    f"  onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r['top1_agreement']:.1%}, "
-                    f"mean KL {r['mean_kl']:.2e}, greedy {r['greedy_agreement']:.1%} where clear, {ties}"
-                )
+        for line in summary_lines(results):
+            self.echo(f"  {line}")
         if any(r.get("quality") for r in results):
             from toolchain.verify.quality import format_table
 
@@ -372,22 +337,12 @@ class Run:
 
     def _eval_models(self) -> dict:
         """name -> (Artifact, tokenizer directory): teachers and students in torch, exports as shipped."""
-        from toolchain.models.artifacts import describe_model
+        from toolchain.eval.run import models_to_evaluate
+        from toolchain.models.load import resolve_model_dir
 
-        student = self.path("student")
-        models = {}
-        if (self.record("finetune") or {}).get("path"):
-            from toolchain.models.load import resolve_model_dir
-
-            base = resolve_model_dir(self.config.teacher.model)
-            models["base teacher"] = (describe_model(base), base)
-        tdir = self.teacher.path
-        models["teacher"] = (describe_model(tdir), tdir)
-        models["student, before"] = (describe_model(self.student_init), student)
-        models["student"] = (describe_model(student), student)
-        for e in self._exports():
-            models[f"student {e['format']} {e['quant']}"] = (e, student)
-        return models
+        tuned = (self.record("finetune") or {}).get("path")
+        base = resolve_model_dir(self.config.teacher.model) if tuned else None
+        return models_to_evaluate(self.teacher.path, base, self.student_init, self.path("student"), self._exports())
 
     def stage_bench(self) -> dict:
         from toolchain.bench.run import bench_targets, describe_model
@@ -412,19 +367,13 @@ class Run:
         p = self.config.pack
         if not p.enabled or not self._exports():
             return {}
-        from toolchain.pack.build import pack_run
+        from toolchain.pack.build import pack_run, pack_summary
 
         m = pack_run(self.out, self.path("bundle"), p.gguf, p.onnx, p.zip, p.temperature,
                      p.calibrate, p.max_accuracy_drop, echo=self.echo)  # fmt: skip
-        total = sum(f["bytes"] for f in m["files"])
-        self.echo(f"  bundle: {len(m['files'])} files, {total / 1e6:.1f} MB -> {self.path('bundle')}")
-        return {
-            "path": str(self.path("bundle")),
-            "files": len(m["files"]),
-            "bytes": total,
-            "models": [f"{x['format']} {x['quant']}" for x in m["models"]],
-            "calibration": {k: v for k, v in (m.get("calibration") or {}).items() if k != "curve"} or None,
-        }
+        res = pack_summary(m, self.path("bundle"))
+        self.echo(f"  bundle: {res['files']} files, {res['bytes'] / 1e6:.1f} MB -> {res['path']}")
+        return res
 
     # ------------------------------------------------------------------ driver
     def write_report(self, seconds: dict, extra: dict | None = None) -> dict:

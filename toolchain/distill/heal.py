@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from toolchain.config import DataConfig, DistillConfig, TaskConfig, TeacherConfig
+from toolchain.config import DataConfig, DistillConfig, PruneConfig, TaskConfig, TeacherConfig
 
 
 def make_heal(
@@ -47,3 +47,42 @@ def make_heal(
         echo(f"  held-out KL {res['before']['kl']:.3f} -> {res['after']['kl']:.3f}")
 
     return heal
+
+
+def prune_again(
+    distilled: Path,
+    out: Path,
+    second: PruneConfig,
+    calib,
+    work: Path,
+    heal: Callable[[Path, Path, int], None],
+    teacher: Callable,
+    data: DataConfig,
+    cfg: DistillConfig,
+    progress: bool = True,
+    teacher_cfg: TeacherConfig | None = None,
+    task: TaskConfig | None = None,
+    echo: Callable[[str], None] = print,
+) -> tuple[dict, list]:
+    """Cut a distilled student again (`second`, healed between rounds by `heal`) and heal the
+    result with a second distillation of `cfg.steps` into `out`, in this process alone (under a
+    launcher the other processes ended with the distill stage). Returns the pruning record with
+    the healing's before/after figures, and the healing's history."""
+    from toolchain.devices.parallel import SINGLE
+    from toolchain.distill.run import distill_student
+    from toolchain.prune import prune_student
+
+    cut = work / "student-pruned-again"
+    res = prune_student(distilled, cut, second, calib, work / "prune-again", heal=heal)
+    echo(
+        f"pruned again to {res['shape']} ({res['params_before'] / 1e6:.1f} -> {res['params'] / 1e6:.1f} M "
+        f"params), held-out KL to the distilled student {res['heldout_kl']:.3f}"
+    )
+    healed = distill_student(
+        teacher, cut, out, data, cfg, work / "distill-again", progress, teacher_cfg=teacher_cfg, task=task, par=SINGLE
+    )
+    history = healed.pop("history")
+    b, a = healed["before"], healed["after"]
+    echo(f"  healed {cfg.steps} steps: held-out KL {b['kl']:.3f} -> {a['kl']:.3f}")
+    res["healed"] = {"steps": cfg.steps, "before": b, "after": a}
+    return res, history

@@ -122,3 +122,25 @@ def evaluate_models(
     ref = out.get(reference)
     kept = {n: retention(v["score"], ref["score"]) for n, v in out.items() if ref and n.startswith("student")}
     return {"models": out, "reference": reference, "retention": kept, "examples": len(examples)}
+
+
+def models_to_evaluate(
+    teacher: Path,
+    base_teacher: Path | None,
+    student_before: Path,
+    student: Path,
+    exports: list[Artifact],
+) -> dict[str, tuple[Artifact, Path]]:
+    """name -> (Artifact, tokenizer directory) for a run's models: the teachers (the base one
+    when it was fine-tuned) and students in torch, then each export as shipped."""
+    from toolchain.models.artifacts import describe_model
+
+    models = {}
+    if base_teacher is not None:
+        models["base teacher"] = (describe_model(base_teacher), base_teacher)
+    models["teacher"] = (describe_model(teacher), teacher)
+    models["student, before"] = (describe_model(student_before), student)
+    models["student"] = (describe_model(student), student)
+    for e in exports:
+        models[f"student {e['format']} {e['quant']}"] = (e, student)
+    return models

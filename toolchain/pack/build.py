@@ -288,3 +288,15 @@ def zip_bundle(folder: Path) -> Path:
                 zipfile.ZIP_STORED if big else zipfile.ZIP_DEFLATED,
             )
     return target
+
+
+def pack_summary(manifest: dict, bundle: Path) -> dict:
+    """What a run records of its bundle: where, how many files and bytes, which models, and the
+    calibration's figures without its curve."""
+    return {
+        "path": str(bundle),
+        "files": len(manifest["files"]),
+        "bytes": sum(f["bytes"] for f in manifest["files"]),
+        "models": [f"{x['format']} {x['quant']}" for x in manifest["models"]],
+        "calibration": {k: v for k, v in (manifest.get("calibration") or {}).items() if k != "curve"} or None,
+    }

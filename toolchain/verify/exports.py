@@ -111,3 +111,21 @@ def verify_exports(
     if failures:
         raise VerificationError("verification failed: " + " | ".join(failures), {"results": results})
     return results
+
+
+def summary_lines(results: list[dict]) -> list[str]:
+    """One line per checked export, the figures a user reads first."""
+    lines = []
+    for r in results:
+        ties = f"{r['near_ties']} near-ties ({r['near_tie_flips']} flipped)"
+        if r["format"] == "gguf":
+            lines.append(
+                f"{r['quant']}: tokenizer {r['tokenizer_parity']:.0%}, NMSE {r['nmse_max']:.2e}, "
+                f"greedy {r['greedy_agreement']:.1%} where clear, {ties}"
+            )
+        else:
+            lines.append(
+                f"onnx {r['quant']}: max |dlogit| {r['max_abs_diff']:.2e}, top-1 {r['top1_agreement']:.1%}, "
+                f"mean KL {r['mean_kl']:.2e}, greedy {r['greedy_agreement']:.1%} where clear, {ties}"
+            )
+    return lines
