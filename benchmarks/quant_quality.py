@@ -8,7 +8,9 @@ torch on calibration text (the training side of the corpus; the scored text is i
 side). Then the model distils from itself (its fp32 weights as the teacher, forward KL on the
 training side) for --qad-steps steps through Q4_0's exact rounding, with the tensor types
 llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as llama.cpp keeps it when its
-rows do not split into Q6_K's 256), and our writer stores that Q4_0 file. Figures: PPL ratio,
+rows do not split into Q6_K's 256), and our writer stores that Q4_0 file; likewise through
+Q4_K_M (llama.cpp's per-tensor mix for the model: Q4_K, Q6_K and its fallbacks for rows that do
+not split into 256, the K-quants in our rounding, which our writer stores). Figures: PPL ratio,
 mean KLD and top-1 agreement vs the F16 file on held-out tokens, and file bytes.
 
 The ONNX int4 export (fitted offsets; head and token table in 8 bits) is scored the same way
@@ -19,7 +21,7 @@ Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix
 <type>_qad_kld and _bytes of each).
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR ...] [--tokens 4096] [--rows 64]
-        [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,int4] [--qad-steps 100] [--int4-qad-steps N]
+        [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,Q4_K_M,int4] [--qad-steps 100] [--int4-qad-steps N]
         [--qad-lr 1e-4]
 """
 
@@ -38,6 +40,7 @@ TYPES = ("Q4_0", "Q4_K_M", "IQ4_XS")
 def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict) -> tuple[Path, dict]:
     """The model distilled from itself through `qat`'s rounding; (its directory, the run's figures)."""
     from toolchain.config import DataConfig, DistillConfig
+    from toolchain.export.gguf import qat_tensor_types
     from toolchain.models.load import load_model
     from toolchain.quantize.qat import qat_distill
 
@@ -48,7 +51,7 @@ def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides:
     t0 = time.perf_counter()
     res = qat_distill(
         load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, out.with_suffix(".work"), qat,
-        overrides, progress=False,
+        overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides),
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
@@ -89,7 +92,7 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
     from transformers import AutoTokenizer
 
     from toolchain.config import DataConfig
-    from toolchain.export.gguf import write_gguf
+    from toolchain.export.gguf import export_gguf, write_gguf
     from toolchain.quantize import imatrix as I
     from toolchain.quantize.gguf_types import llama_cpp_quantize
     from toolchain.student import calibration_rows
@@ -116,6 +119,15 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
         figures.update(types=_gguf_types(path), default_types=_gguf_types(default_q4))
         out["qad"]["Q4_0"] = figures
         rows.add("Q4_0 qad", llama_scored(path, chunks), path.stat().st_size)
+    if "Q4_K_M" in args.qad:
+        # llama.cpp's Q4_K_M mix for this model; its K-quant tensors in our rounding, trained through
+        qad_dir, figures = _qad(model_dir, work / "qad-q4_k_m", "Q4_K_M", args.qad_steps, args.qad_lr, {})
+        (rec,) = export_gguf(qad_dir, work / "qad-q4_k_m-export", ["Q4_K_M"])
+        path = Path(rec["path"])
+        default_k = work / "model-Q4_K_M-default.gguf"
+        figures.update(types=_gguf_types(path), default_types=_gguf_types(default_k) if default_k.is_file() else None)
+        out["qad"]["Q4_K_M"] = figures
+        rows.add("Q4_K_M qad", llama_scored(path, chunks), path.stat().st_size)
     if args.onnx_int4:
         _int4_rows(model_dir, work, args, rows, out)
     return out
@@ -176,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--rows", type=int, default=64, help="calibration rows of 256 tokens for the imatrix")
     p.add_argument("--types", default=",".join(TYPES), help="GGUF types by llama.cpp, with and without the imatrix")
-    p.add_argument("--qad", default="Q4_0,int4", help="quantization-aware distillation runs (Q4_0, int4; '' none)")
+    p.add_argument(
+        "--qad", default="Q4_0,Q4_K_M,int4", help="quantization-aware distillation runs (Q4_0, Q4_K_M, int4; '' none)"
+    )
     p.add_argument("--qad-steps", type=int, default=100)
     p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "q4_0_qad",
         "q4_k_m",
         "q4_k_m_imatrix",
+        "q4_k_m_qad",
         "iq4_xs",
         "iq4_xs_imatrix",
         "int4",

@@ -195,7 +195,7 @@ def _add_distill(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
-    from toolchain.formats import QAT_TYPES
+    from toolchain.formats import FAKE_QUANT_TYPES, QAT_TYPES
 
     q = sub.add_parser(
         "quantize",
@@ -219,7 +219,7 @@ def _add_quantize(sub) -> None:
         "--override",
         "export.gguf_overrides",
         "per-tensor type, as for `export gguf` (give the export the same): PATTERN=TYPE, TYPE one of "
-        "Q4_0, Q8_0, F16, F32; repeatable",
+        f"{', '.join(FAKE_QUANT_TYPES)}; repeatable",
         action=_PatternTypes,
         metavar="PATTERN=TYPE",
     )

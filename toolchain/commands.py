@@ -145,6 +145,7 @@ def cmd_distill(args) -> None:
 
 def cmd_quantize(args) -> None:
     from toolchain.devices.placement import resolve_device
+    from toolchain.export.gguf import qat_tensor_types
     from toolchain.fileio import check_writable_dir
     from toolchain.models.load import teacher_from_config
     from toolchain.quantize.qat import qad_distill_config, qat_distill
@@ -172,6 +173,7 @@ def cmd_quantize(args) -> None:
         progress=not args.no_progress,
         teacher_cfg=cfg.teacher,
         task=cfg.task,
+        gguf_types=qat_tensor_types(args.student, q.qat, cfg.export.gguf_overrides),
     )
     res.pop("history", None)
     _echo(json.dumps(res, indent=2))

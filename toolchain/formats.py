@@ -72,10 +72,14 @@ def check_type(name: str) -> str:
 
 # quantization-aware distillation: GGUF file types whose every tensor has an exact torch
 # rounding (quantize/fake_quant.py), and the tensor types an override may give them; int4 is
-# the ONNX int4 export's 4-bit blocks
-QAT_GGUF_TYPES = ("Q4_0", "Q8_0")
+# the ONNX int4 export's 4-bit blocks. Q4_K_M takes llama.cpp's per-tensor mix for the model
+# (Q4_K, Q6_K, and its Q5_0/Q8_0 fallbacks for rows that do not split into 256) and is then
+# written by our writer with our K-quant rounding (quantize/kquants.py).
+QAT_GGUF_TYPES = ("Q4_0", "Q8_0", "Q4_K_M")
 QAT_TYPES = (*QAT_GGUF_TYPES, "int4")
-FAKE_QUANT_TYPES = ("Q4_0", "Q8_0", "F16", "F32")
+FAKE_QUANT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32")
+# the file types whose QAD student keeps its latent weights: the export recomputes the codes
+QAT_LATENT_TYPES = ("Q4_K_M", "int4")
 
 # tensor types a per-tensor override may name in a Python-written file
 PYTHON_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")

@@ -222,11 +222,13 @@ class Run:
         q = self.config.quantize
         if q.qat == "none":
             return {}
+        from toolchain.export.gguf import qat_tensor_types
         from toolchain.quantize.qat import qad_distill_config, qat_distill
 
         before = self.path("work", "student-float")
         if not before.is_dir():  # a rerun after a crash starts again from the distilled weights
             copy_dir(self.path("student"), before)
+        overrides = self.config.export.gguf_overrides
         res = qat_distill(
             lambda: self.distill_teacher,
             before,
@@ -235,10 +237,11 @@ class Run:
             qad_distill_config(self.config.distill, q),
             self.path("work", "quantize"),
             q.qat,
-            self.config.export.gguf_overrides,
+            overrides,
             self.progress,
             teacher_cfg=self.teacher_config,
             task=self.config.task,
+            gguf_types=qat_tensor_types(before, q.qat, overrides),
         )
         write_json(self.path("logs", "quantize_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]

@@ -66,12 +66,34 @@ def _repo_url(source: str | None) -> str | None:
     return source if source and "://" in source else None
 
 
+def qat_tensor_types(model_dir: str | os.PathLike, type_name: str, overrides: dict[str, str] | None) -> dict | None:
+    """{GGUF tensor name: type} of llama.cpp's own `type_name` file of this model (its mix, its
+    fallbacks), for a K-quant that quantization-aware distillation trains through; None for the
+    types whose every tensor our writer decides (Q4_0, Q8_0) and for int4."""
+    from toolchain.formats import QAT_LATENT_TYPES
+    from toolchain.models.file_checks import open_gguf
+
+    if type_name not in QAT_LATENT_TYPES or type_name in PYTHON_TYPES or type_name == "int4":
+        return None
+    with tempfile.TemporaryDirectory(prefix="qat-mix-") as tmp:
+        f16, mixed = Path(tmp) / "f16.gguf", Path(tmp) / "mixed.gguf"
+        write_gguf(model_dir, f16, "F16")
+        llama_cpp_quantize(f16, mixed, type_name, overrides=overrides)
+        return {t.name: t.tensor_type.name for t in open_gguf(mixed).tensors if len(t.shape) >= 2}
+
+
 def _qat_gguf_type(meta: dict) -> str | None:
     """The GGUF type whose grid the weights were trained on (quantize.qat), if any."""
     from toolchain.formats import QAT_GGUF_TYPES
 
     t = (meta.get("qat") or {}).get("type")
     return t if t in QAT_GGUF_TYPES else None
+
+
+def _trained_mix(model_dir: Path, type_name: str) -> dict[str, str] | None:
+    """The per-tensor types a student was trained through for a `type_name` file, if it was."""
+    qat = read_meta(model_dir).get("qat") or {}
+    return qat.get("tensors") if qat.get("type") == type_name else None
 
 
 def _write_provenance(w, meta: dict) -> None:
@@ -119,19 +141,21 @@ def write_gguf(
     name: str | None = None,
     overrides: dict[str, str] | None = None,
     imatrix: tuple[dict, dict] | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> Path:
     """Write one GGUF of a Python-quantizable type (F32/F16/BF16/Q8_0/Q4_0/...).
 
     `overrides` maps GGUF tensor-name regexes to tensor types (e.g. {"token_embd": "Q8_0"}).
     `imatrix` ((importance per GGUF tensor name, facts)) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding
     (quantize/weighted.py), except for a student trained through its rounding (quantize.qat),
-    whose weights are already the reference rounding's grid."""
+    whose weights are already the reference rounding's grid. `tensor_types` ({GGUF tensor name:
+    type}) types every matrix instead: a K-quant file of a student trained through that mix."""
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if type_name not in PYTHON_TYPES:
+    if type_name not in PYTHON_TYPES and not tensor_types:
         raise UserError(f"{type_name} is not written in Python; use export_gguf() which routes it through llama.cpp")
-    overrides = check_overrides(overrides, type_name)
+    overrides = {} if tensor_types else check_overrides(overrides, type_name)
     config, state, tokenizer = _load_hf(model_dir)
     arch = get_arch(config.model_type)
     meta = read_meta(model_dir)
@@ -146,9 +170,8 @@ def write_gguf(
             if gguf_name is None:
                 raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
             n_params += data.size
-            qdata, qtype = quantize_tensor(
-                data, type_name, override_for(gguf_name, overrides), importance.get(gguf_name)
-            )
+            own = (tensor_types or {}).get(gguf_name) or override_for(gguf_name, overrides)
+            qdata, qtype = quantize_tensor(data, type_name, own, importance.get(gguf_name))
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name
@@ -204,7 +227,10 @@ def export_gguf(
         path = out_dir / gguf_filename(t)
         start = time.perf_counter()
         own = None if t in ("F16", "F32") else overrides
-        if t in PYTHON_TYPES:
+        trained_mix = _trained_mix(model_dir, t)
+        if trained_mix:  # a student trained through this file's K-quant mix: our writer, its codes
+            write_gguf(model_dir, path, t, name, tensor_types=trained_mix)
+        elif t in PYTHON_TYPES:
             write_gguf(model_dir, path, t, name, own, imatrix)
         else:
             src = f16_path

@@ -4,8 +4,10 @@ straight-through gradient.
 `fake_quantize(w, "Q4_0")` is the weight the GGUF file will hold after our writer quantizes
 `w` (gguf.quants, which is bit-exact with ggml's reference rounding): same blocks of 32 along
 each row, same fp32 scale arithmetic and rounding, the scale stored as fp16 and multiplied
-back. The values are on the format's grid, so quantizing them again gives back the same codes:
-a model trained through this function exports to exactly the weights it was trained with.
+back (likewise Q5_0 and Q8_0). The values are on the format's grid, so quantizing them again
+gives back the same codes: a model trained through this function exports to exactly the
+weights it was trained with. Q4_K and Q6_K are our writer's K-quant rounding
+(quantize/kquants.py), the same function the file's codes come from.
 
 `int4` is the ONNX int4 export's block: 4-bit codes and an fp32 scale in MatMulNBits plus a
 float offset per block of 32, here on the block's min/max grid, computed in fp32 with the same
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from toolchain.formats import FAKE_QUANT_TYPES
+from toolchain.quantize.kquants import QK_K, q4_k_values, q6_k_values
 
 BLOCK = 32  # Q4_0 and Q8_0 blocks: 32 weights share one fp16 scale
 
@@ -43,13 +46,22 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     return codes * d.half().float()
 
 
-def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    # the signed value of largest magnitude maps to code 0 (-8 * d); the first one on ties
+def _symmetric(blocks: torch.Tensor, half: int) -> torch.Tensor:
+    # Q4_0 (half 8) and Q5_0 (half 16): the signed value of largest magnitude maps to code 0
+    # (-half * d); the first one on ties
     idx = blocks.abs().argmax(dim=-1, keepdim=True)
-    d = torch.gather(blocks, -1, idx) / -8
+    d = torch.gather(blocks, -1, idx) / -half
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    codes = torch.trunc(blocks * inv + 8.5).clamp(0, 15)
-    return (codes - 8) * d.half().float()
+    codes = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1)
+    return (codes - half) * d.half().float()
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _symmetric(blocks, 8)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _symmetric(blocks, 16)
 
 
 def int4_grid(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,14 +92,31 @@ def quantize_values(w: torch.Tensor, type_name: str) -> torch.Tensor:
         return w.detach().float()
     if type_name == "F16":
         return w.detach().half().float()
-    fn = {"Q4_0": _q4_0, "Q8_0": _q8_0, "int4": _int4, "int4_sym": _int4_sym}.get(type_name)
+    fn = _ROUNDINGS.get(type_name)
     if fn is None:
         raise ValueError(f"no fake-quant for {type_name}; choose from {', '.join((*FAKE_QUANT_TYPES, 'int4'))}")
-    if w.shape[-1] % BLOCK:
-        raise ValueError(f"rows of {w.shape[-1]} do not split into blocks of {BLOCK} for {type_name}")
+    block = block_size(type_name)
+    if w.shape[-1] % block:
+        raise ValueError(f"rows of {w.shape[-1]} do not split into blocks of {block} for {type_name}")
     with torch.no_grad():
         x = w.detach().float()
-        return fn(x.reshape(-1, BLOCK)).reshape(w.shape)
+        return fn(x.reshape(-1, block)).reshape(w.shape)
+
+
+def block_size(type_name: str) -> int:
+    """Weights per block along a row: 256 for the K-quants' super-blocks, else 32."""
+    return QK_K if type_name in ("Q4_K", "Q6_K") else BLOCK
+
+
+_ROUNDINGS = {
+    "Q4_0": _q4_0,
+    "Q5_0": _q5_0,
+    "Q8_0": _q8_0,
+    "Q4_K": q4_k_values,
+    "Q6_K": q6_k_values,
+    "int4": _int4,
+    "int4_sym": _int4_sym,
+}
 
 
 class _StraightThrough(torch.autograd.Function):

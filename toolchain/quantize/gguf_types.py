@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def file_type(name: str):
     import gguf
 
-    return gguf.LlamaFileType[PYTHON_TYPES[name][1]]
+    return gguf.LlamaFileType[PYTHON_TYPES[name][1] if name in PYTHON_TYPES else f"MOSTLY_{name}"]
 
 
 def quantize_tensor(
@@ -38,15 +38,19 @@ def quantize_tensor(
     do not split into whole quantization blocks falls back to F16. `tensor_type` (a
     per-tensor override, e.g. keep token_embd at Q8_0) replaces the file type's tensor type.
     `importance` (the tensor's importance-matrix column weights) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding.
+    Q4_K/Q6_K (a quantization-aware student's K-quant file) are our rounding (quantize/kquants.py).
     """
     import gguf
     from gguf.quants import quantize
 
+    from toolchain.quantize.kquants import q4_k_bytes, q6_k_bytes
     from toolchain.quantize.weighted import WEIGHTED_TYPES, quantize_weighted
 
     data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim <= 1:
+        return data, gguf.GGMLQuantizationType.F32
     tensor_type = tensor_type or PYTHON_TYPES[type_name][0]
-    if data.ndim <= 1 or tensor_type == "F32":
+    if tensor_type == "F32":
         return data, gguf.GGMLQuantizationType.F32
     if tensor_type == "F16":
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -54,6 +58,9 @@ def quantize_tensor(
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if data.shape[-1] % block:
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if tensor_type in ("Q4_K", "Q6_K"):
+        pack = q4_k_bytes if tensor_type == "Q4_K" else q6_k_bytes
+        return pack(data.reshape(-1, data.shape[-1])).reshape(*data.shape[:-1], -1), qtype
     if importance is not None and tensor_type in WEIGHTED_TYPES and data.ndim == 2:
         return quantize_weighted(data, importance, tensor_type), qtype
     return quantize(data, qtype), qtype

@@ -7,6 +7,12 @@ the tensor's GGUF name, F16 for rows that do not split into blocks; vectors stay
 trained weights are the file's weights. After training each weight is replaced by its quantized
 value (fp32, on the grid): the GGUF writer then reproduces the codes bit for bit.
 
+Q4_K_M takes its per-tensor types from llama.cpp's own Q4_K_M of the student (Q4_K, Q6_K where
+llama.cpp spends more bits, Q5_0/Q8_0 where a row does not split into 256), so the trained file
+has llama.cpp's layout and size; its K-quant tensors are our rounding (quantize/kquants.py),
+which our writer then stores. K grids are not idempotent (re-fitting a block's own values can
+change its scales), so the student keeps its latent weights and the writer recomputes the codes.
+
 For int4 (the ONNX int4 export) the decoder blocks' matrices train through the grid the export
 measures as better for this student (quantize/onnx_grid.py): the int4 blocks' min/max grid (the
 trainable twin of its fitted offsets) or its symmetric grid; the output projection and token
@@ -25,7 +31,14 @@ import torch
 from torch.nn.utils import parametrize
 
 from toolchain.errors import UserError
-from toolchain.formats import FAKE_QUANT_TYPES, PYTHON_TYPES, QAT_GGUF_TYPES, QAT_TYPES, override_for
+from toolchain.formats import (
+    FAKE_QUANT_TYPES,
+    PYTHON_TYPES,
+    QAT_GGUF_TYPES,
+    QAT_LATENT_TYPES,
+    QAT_TYPES,
+    override_for,
+)
 from toolchain.quantize.fake_quant import BLOCK, fake_quantize
 
 if TYPE_CHECKING:
@@ -67,11 +80,16 @@ def _gguf_names(model):
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
 
 
-def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """{module name: GGUF tensor type} for each weight matrix, as export.gguf writes `type_name`.
+def tensor_types(
+    model, type_name: str, overrides: dict[str, str] | None = None, gguf_types: dict[str, str] | None = None
+) -> dict[str, str]:
+    """{module name: GGUF tensor type} for each weight matrix, as export.gguf writes `type_name`;
+    `gguf_types` ({GGUF tensor name: type}, llama.cpp's mix for a K-quant file) decides instead.
 
     A head tied to the token embedding is stored once, as token_embd: it takes that type."""
     check_qat(type_name, overrides)
+    if type_name in QAT_LATENT_TYPES and type_name != "int4" and not gguf_types:
+        raise ValueError(f"{type_name}: pass the file's per-tensor types (export.gguf.qat_tensor_types)")
     if type_name == "int4":
         from toolchain.quantize.onnx_grid import int4_types
 
@@ -87,15 +105,32 @@ def tensor_types(model, type_name: str, overrides: dict[str, str] | None = None)
         gguf_name = tmap.get_name(f"{name}.weight", try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"no GGUF name for {name}.weight of {model.config.model_type}: cannot match its rounding")
-        t = override_for(gguf_name, overrides) or PYTHON_TYPES[type_name][0]
-        if t not in ("F32", "F16") and module.weight.shape[-1] % BLOCK:
-            t = "F16"  # as quantize_tensor does for rows that do not split into blocks
+        if tied and module is head:
+            t = ""  # stored once, as token_embd: takes its type below
+        elif gguf_types:
+            t = _mixed_type(gguf_types, gguf_name, type_name)
+        else:
+            t = override_for(gguf_name, overrides) or PYTHON_TYPES[type_name][0]
+            if t not in ("F32", "F16") and module.weight.shape[-1] % BLOCK:
+                t = "F16"  # as quantize_tensor does for rows that do not split into blocks
         types[name] = t
         embed_name = name if module is embed else embed_name
         head_name = name if module is head else head_name
     if tied and head_name is not None and embed_name is not None:
         types[head_name] = types[embed_name]
     return types
+
+
+def _mixed_type(gguf_types: dict[str, str], gguf_name: str, type_name: str) -> str:
+    t = gguf_types.get(gguf_name)
+    if t is None:
+        raise UserError(f"{type_name}: llama.cpp's mix names no type for {gguf_name}")
+    if t not in FAKE_QUANT_TYPES:
+        raise UserError(
+            f"{type_name}: llama.cpp stores {gguf_name} as {t}, which has no exact training rounding "
+            f"(quantization-aware tensors can be {', '.join(FAKE_QUANT_TYPES)}); override it"
+        )
+    return t
 
 
 def round_through(model, types: dict[str, str]) -> None:
@@ -125,20 +160,25 @@ class QuantAware:
     overrides: dict[str, str] = field(default_factory=dict)
     steps: int = 0
     int4_grid: str = "minmax"  # int4: the export's grid the blocks train through (minmax | symmetric)
+    gguf_types: dict[str, str] = field(default_factory=dict)  # a K-quant file's per-tensor types
 
     @property
     def meta(self) -> dict:
-        qat = {"type": self.type_name, "overrides": dict(self.overrides), "steps": self.steps}
-        return {"qat": {**qat, "grid": self.int4_grid} if self.type_name == "int4" else qat}
+        qat: dict = {"type": self.type_name, "overrides": dict(self.overrides), "steps": self.steps}
+        if self.type_name == "int4":
+            qat["grid"] = self.int4_grid
+        if self.gguf_types:
+            qat["tensors"] = dict(self.gguf_types)
+        return {"qat": qat}
 
     def apply(self, model) -> None:
-        types = tensor_types(model, self.type_name, self.overrides)
+        types = tensor_types(model, self.type_name, self.overrides, self.gguf_types)
         if self.int4_grid == "symmetric":
             types = {n: "int4_sym" if t == "int4" else t for n, t in types.items()}
         round_through(model, types)
 
     def finish(self, model) -> None:
-        bake(model, keep_latent=self.type_name == "int4")
+        bake(model, keep_latent=self.type_name in QAT_LATENT_TYPES)
 
 
 def qad_distill_config(distill: DistillConfig, quantize: QuantizeConfig) -> DistillConfig:
@@ -162,9 +202,12 @@ def qat_distill(
     progress: bool = True,
     teacher_cfg: TeacherConfig | None = None,
     task: TaskConfig | None = None,
+    gguf_types: dict[str, str] | None = None,
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
-    weights are the values its `type_name` GGUF stores (see the module docstring)."""
+    weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
+    export computes those values from (see the module docstring). `gguf_types`: Q4_K_M's
+    per-tensor types for this student (export.gguf.qat_tensor_types)."""
     from toolchain.distill.run import distill_student
 
     check_qat(type_name, overrides)
@@ -181,7 +224,7 @@ def qat_distill(
         progress=progress,
         teacher_cfg=teacher_cfg,
         task=task,
-        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps, grid),
+        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps, grid, dict(gguf_types or {})),
     )
 
 
