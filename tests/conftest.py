@@ -32,7 +32,9 @@ def teacher_dir() -> Path:
     return resolve_model_dir("smollm2-135m-instruct")
 
 
-def make_tiny_llama(out: Path, tokenizer_src: Path, layers: int = 4, seed: int = 0, vocab_pad: int = 0) -> Path:
+def make_tiny_llama(
+    out: Path, tokenizer_src: Path, layers: int = 4, seed: int = 0, vocab_pad: int = 0, hidden: int = 64
+) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -40,8 +42,8 @@ def make_tiny_llama(out: Path, tokenizer_src: Path, layers: int = 4, seed: int =
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok) + vocab_pad,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

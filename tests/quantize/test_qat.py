@@ -56,8 +56,8 @@ def test_tensor_types_follow_the_gguf_writer(tiny_dir):
 
 
 def test_unmatched_roundings_are_refused(tiny_dir, tmp_path):
-    with pytest.raises(UserError, match="'Q4_K_M' has no exact fake-quant"):
-        check_qat("Q4_K_M", None)
+    with pytest.raises(UserError, match="'Q5_K_M' has no exact fake-quant"):
+        check_qat("Q5_K_M", None)
     with pytest.raises(UserError, match="Q4_1 has no exact fake-quant"):
         check_qat("Q4_0", {"token_embd": "Q4_1"})
     cfg = DistillConfig(steps=1)
@@ -125,26 +125,33 @@ def test_trained_student_exports_to_exactly_its_weights(model, type_name, overri
         assert np.array_equal(stored[name], trained[name].astype(np.float32)), name
 
 
-def test_cli_quantize_then_export_records_it(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K_M"])
+def test_cli_quantize_then_export_records_it(type_name, tiny_dir, tmp_path, capsys):
     from toolchain.cli import main
     from toolchain.models.file_checks import open_gguf
 
     out = tmp_path / "qat"
     args = ["--teacher", str(tiny_dir), "--student", str(tiny_dir), "--out", str(out), "--no-progress"]
     sets = ["data.seq_len=32", "data.eval_sequences=4", "distill.batch_size=2", "distill.eval_every=0"]
-    code = main(["quantize", *args, "--type", "Q8_0", "--steps", "2", *(x for s in sets for x in ("--set", s))])
+    code = main(["quantize", *args, "--type", type_name, "--steps", "2", *(x for s in sets for x in ("--set", s))])
     assert code == 0 and "then: toolchain export gguf" in capsys.readouterr().out
-    assert main(["export", "gguf", str(out), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--no-modelfile"]) == 0
-    assert open_gguf(tmp_path / "g" / "model-Q8_0.gguf").fields["toolchain.qat.type"].contents() == "Q8_0"
+    export = ["export", "gguf", str(out), "--out", str(tmp_path / "g"), "--types", type_name, "--no-modelfile"]
+    assert main(export) == 0
+    written = open_gguf(tmp_path / "g" / f"model-{type_name}.gguf")
+    assert written.fields["toolchain.qat.type"].contents() == type_name
+    if type_name == "Q4_K_M":  # 64-wide rows: llama.cpp's fallbacks for Q4_K and Q6_K, as trained
+        trained = load_model(str(out)).meta["qat"]["tensors"]
+        assert {t.name: t.tensor_type.name for t in written.tensors if len(t.shape) >= 2} == trained
+        assert set(trained.values()) == {"Q5_0", "Q8_0"}
 
 
 def test_cli_refuses_an_override_it_cannot_round(tiny_dir, tmp_path, capsys):
     from toolchain.cli import main
 
     args = ["--teacher", str(tiny_dir), "--student", str(tiny_dir), "--out", str(tmp_path / "q"), "--type", "Q4_0"]
-    assert main(["quantize", *args, "--override", "token_embd=Q5_0"]) == 2
+    assert main(["quantize", *args, "--override", "token_embd=Q4_1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Q5_0, which has no exact training rounding" in err
+    assert len(err.splitlines()) == 1 and "Q4_1, which has no exact training rounding" in err
 
 
 def test_pipeline_config_names_the_file_it_trains_for():
@@ -157,6 +164,7 @@ def test_pipeline_config_names_the_file_it_trains_for():
     with pytest.raises(UserError, match="include int4"):
         load_config(None, ["quantize.qat=int4", "export.onnx_precisions=[fp32,int8]"])
     assert load_config(None, ["quantize.qat=int4", "export.onnx_precisions=[fp32,int4]"]).quantize.qat == "int4"
+    assert load_config(None, ["quantize.qat=Q4_K_M", "export.gguf=[F16,Q4_K_M]"]).quantize.qat == "Q4_K_M"
 
 
 def test_int4_grid_in_torch_is_the_exports_to_the_bit():
@@ -254,3 +262,58 @@ def test_int4_student_with_large_inputs_trains_and_exports_the_symmetric_grid(ti
             # and those codes are the values the student trained through
             trained = quantize_values(module.weight.detach(), "int4_sym").numpy()
             assert np.array_equal(trained, ((codes.astype(np.float32) - 8) * scale[..., None]).reshape(w.shape[0], -1))
+
+
+def test_k_quant_student_trains_through_llamacpps_mix_and_exports_its_codes(teacher_dir, tmp_path):
+    """Q4_K_M: llama.cpp's per-tensor mix for the model, our K-quant rounding in torch, and a
+    file whose every matrix is that rounding of the student's weights, which llama.cpp runs."""
+    from conftest import make_tiny_llama
+
+    from toolchain.config import VerifyConfig
+    from toolchain.export.gguf import qat_tensor_types
+    from toolchain.models.file_checks import open_gguf
+    from toolchain.verify.exports import verify_exports
+
+    src = make_tiny_llama(tmp_path / "wide", teacher_dir, layers=2, hidden=256)  # rows split into 256
+    mix = qat_tensor_types(src, "Q4_K_M", None)
+    assert {"Q4_K", "Q6_K"} <= set(mix.values())  # attn_v / ffn_down / the tied embedding at Q6_K
+    teacher = load_model(str(src))
+    cfg = DistillConfig(
+        steps=8, batch_size=2, lr=2e-4, warmup_steps=1, alpha=0.0, temperature=1.0, eval_every=0, divergence_ratio=0
+    )
+    out = tmp_path / "qat"
+    data = DataConfig(seq_len=32, eval_sequences=4)
+    res = qat_distill(teacher, src, out, data, cfg, tmp_path / "w", "Q4_K_M", progress=False, gguf_types=mix)
+    assert res["after"]["kl"] < res["before"]["kl"]
+    assert load_model(str(out)).meta["qat"]["tensors"] == mix
+
+    (rec,) = export_gguf(out, tmp_path / "export", ["Q4_K_M"])
+    reader = open_gguf(rec["path"])
+    assert {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2} == mix
+    assert reader.fields["toolchain.qat.type"].contents() == "Q4_K_M"
+    stored, latent = _gguf_weights(rec["path"]), _torch_weights_as_gguf(out)
+    for name, t in mix.items():
+        trained = quantize_values(torch.from_numpy(latent[name].astype(np.float32)), t).numpy()
+        assert np.array_equal(stored[name], trained), name
+    # verify compares the file with torch running the trained rounding: llama.cpp runs exactly
+    # those weights, so only its activation rounding differs (vs the latent weights: NMSE ~0.1)
+    (checked,) = verify_exports(out, [rec], VerifyConfig(max_nmse={"default": 2e-3}))
+    assert checked["passed"] and checked["tokenizer_parity"] == 1.0
+    assert checked["nmse_max"] < 2e-3 and "rounded as trained" in checked["reference"]
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_k_quant_rounding_is_the_files_to_the_bit(type_name):
+    from toolchain.quantize.gguf_types import quantize_tensor
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((16, 512)) * rng.uniform(1e-3, 2.0, (16, 1))).astype(np.float32)
+    w[0, :256] = 0  # an all-zero super-block
+    w[1, :256] = np.abs(w[1, :256])  # no negative value: Q4_K's min offset is 0
+    w[2, :256] = -np.abs(w[2, :256])
+    w[3, 5] = 40.0  # one outlier
+    data, qtype = quantize_tensor(w, "F16", type_name)
+    assert qtype.name == type_name
+    assert np.array_equal(dequantize(data, qtype), quantize_values(torch.from_numpy(w), type_name).numpy())
+    rel = np.mean((dequantize(data, qtype) - w) ** 2) / np.mean(w**2)
+    assert rel < (0.01 if type_name == "Q4_K" else 0.001)

@@ -51,6 +51,7 @@ def verify_exports(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toolchain.models.load import read_meta
     from toolchain.verify.gguf import verify_gguf, verify_prompts
     from toolchain.verify.onnx import verify_onnx
     from toolchain.verify.reference import Reference
@@ -63,7 +64,7 @@ def verify_exports(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = data or DataConfig()
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts, data)
-    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens)
+    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens, read_meta(model_dir).get("qat"))
     quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads, data)
     limits = {
         "max_ppl_ratio": cfg.max_ppl_ratio,

@@ -24,6 +24,7 @@ import numpy as np
 
 from toolchain.config import DataConfig
 from toolchain.errors import VerificationError
+from toolchain.models.load import read_meta
 from toolchain.runtime.llama import open_llama
 from toolchain.verify.metrics import greedy_figures, nmse
 from toolchain.verify.reference import LABELS, PromptReference, Reference, rounding_for
@@ -165,7 +166,7 @@ def _torch_reference(
     if reference is None or not reference.matches(prompts, greedy_tokens):
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        reference = Reference(model, tokenizer, prompts, greedy_tokens)
+        reference = Reference(model, tokenizer, prompts, greedy_tokens, read_meta(model_dir).get("qat"))
     return tokenizer, reference
 
 
@@ -269,7 +270,7 @@ def verify_gguf(
     "min_top1_agreement": {...}}, each per type with a "default").
     """
     tokenizer, reference = _torch_reference(model_dir, prompts, greedy_tokens, model, tokenizer, reference)
-    rounding = rounding_for("gguf", type_name)
+    rounding = rounding_for("gguf", type_name, reference.trained_type)
     refs = reference.get(rounding)
     run = _run_llama(gguf_path, tokenizer, prompts, refs, greedy_tokens, threads)
     thresholds = {

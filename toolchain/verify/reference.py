@@ -16,13 +16,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ROUNDINGS = ("fp32", "fp16", "bf16")
+ROUNDINGS = ("fp32", "fp16", "bf16", "trained")
 _ROUNDING = {("gguf", "F16"): "fp16", ("gguf", "BF16"): "bf16", ("onnx", "fp16"): "fp16"}
-LABELS = {"fp32": "torch fp32", "fp16": "torch fp32, fp16-rounded weights", "bf16": "torch fp32, bf16-rounded weights"}
+LABELS = {
+    "fp32": "torch fp32",
+    "fp16": "torch fp32, fp16-rounded weights",
+    "bf16": "torch fp32, bf16-rounded weights",
+    "trained": "torch fp32, weights rounded as trained (quantize.qat)",
+}
 
 
-def rounding_for(fmt: str, quant: str) -> str:
-    """The weight rounding of an export's reference: fp16 for F16/fp16 files, bf16 for BF16."""
+def rounding_for(fmt: str, quant: str, trained: str | None = None) -> str:
+    """The weight rounding of an export's reference: fp16 for F16/fp16 files, bf16 for BF16, and
+    for the GGUF type a student was trained through while keeping its latent weights (Q4_K_M),
+    the rounding it was trained with: that file holds exactly those weights."""
+    from toolchain.formats import QAT_LATENT_TYPES
+
+    if fmt == "gguf" and quant == trained and quant in QAT_LATENT_TYPES:
+        return "trained"
     return _ROUNDING.get((fmt, quant), "fp32")
 
 
@@ -39,10 +50,20 @@ class PromptReference:
         return np.concatenate([self.prompt_logits[-1:], self.step_logits])
 
 
-def _rounded(model, rounding: str):
+def _rounded(model, rounding: str, qat: dict | None = None):
     if rounding == "fp32":
         return model
     import torch
+
+    if rounding == "trained":
+        from toolchain.quantize.qat import QuantAware, bake
+
+        out = copy.deepcopy(model)
+        assert qat is not None
+        rounding_of = QuantAware(qat["type"], qat.get("overrides") or {}, gguf_types=qat.get("tensors") or {})
+        rounding_of.apply(out)
+        bake(out)
+        return out
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[rounding]
     out = copy.deepcopy(model)
@@ -113,10 +134,12 @@ def _run_prompts(model, prompts: list[list[int]], greedy_tokens: int) -> list[Pr
 class Reference:
     """Torch's figures for `prompts`, per weight rounding, each computed on first use."""
 
-    def __init__(self, model, tokenizer, prompts: list[str], greedy_tokens: int):
+    def __init__(self, model, tokenizer, prompts: list[str], greedy_tokens: int, qat: dict | None = None):
+        """`qat`: the student's quantize.qat record (its toolchain.json), for the "trained" rounding."""
         from toolchain.errors import UserError
 
         self.model, self.prompts, self.greedy_tokens = model, list(prompts), greedy_tokens
+        self.qat = qat or {}
         # the model's own special tokens: Gemma needs its BOS (without it the reference itself is
         # off-distribution); SmolLM2's tokenizer adds none
         self.ids = [list(tokenizer(p).input_ids) for p in self.prompts]
@@ -127,9 +150,13 @@ class Reference:
 
     def get(self, rounding: str) -> list[PromptReference]:
         if rounding not in self._runs:
-            model = _rounded(self.model, rounding)
+            model = _rounded(self.model, rounding, self.qat)
             self._runs[rounding] = _run_prompts(model, self.ids, self.greedy_tokens)
         return self._runs[rounding]
+
+    @property
+    def trained_type(self) -> str | None:
+        return self.qat.get("type")
 
     def matches(self, prompts: list[str], greedy_tokens: int) -> bool:
         return self.prompts == list(prompts) and self.greedy_tokens == greedy_tokens
