@@ -165,8 +165,14 @@ def test_task_flow_fine_tunes_distills_on_the_task_and_scores_every_model(tiny_d
     ]  # fmt: skip
     from toolchain.models.file_checks import open_gguf
 
-    fields = open_gguf(out / "export" / "model-Q4_K_M.gguf").fields  # quantized with the task's imatrix
-    assert int(fields["quantize.imatrix.chunks_count"].contents()) == 4 and (out / "export" / "imatrix.gguf").is_file()
+    # the task's importance matrix, kept only if the file it weighs measures closer to the F16
+    fields = open_gguf(out / "export" / "model-Q4_K_M.gguf").fields
+    choice = next(e for e in r["exports"] if e["quant"] == "Q4_K_M")["imatrix"]
+    assert choice["tokens"] > 0 and choice["used"] == (choice["imatrix_kld"] <= choice["plain_kld"])
+    assert ("quantize.imatrix.chunks_count" in fields) == choice["used"] and (out / "export" / "imatrix.gguf").is_file()
+    if choice["used"]:
+        assert int(fields["quantize.imatrix.chunks_count"].contents()) == 4
+    assert "Q4_K_M: importance matrix" in (out / "report.md").read_text()
     assert models["student gguf F16"]["format"] == "gguf" and models["base teacher"]["format"] == "hf"
     n_eval = len(cfg.task.splits().eval)
     assert all(sum(b["n"] for b in m["score"]["buckets"].values()) == n_eval for m in models.values())

@@ -30,6 +30,7 @@ class Artifact(_ArtifactKeys, total=False):
     variants: list[Artifact]  # ONNX fp32: the fp16/int8/int4 folders made from it
     exporter: str
     fusions: dict[str, int]
+    imatrix: dict  # GGUF: whether the importance matrix was kept, and the KLDs that decided it
 
 
 # labels at this index carry no loss (prompt tokens, padding): torch's cross_entropy default

@@ -21,6 +21,9 @@ from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
+# calibration rows the importance matrix is not measured on, that decide per type whether it helps
+JUDGE_ROWS = 4
+
 STAGES = (
     *("finetune", "teacher", "student", "prune", "distill", "prune_again", "quantize"),
     *("export_gguf", "export_onnx", "verify", "eval", "bench", "pack"),
@@ -252,27 +255,29 @@ class Run:
         return {"qat": q.qat, "overrides": dict(self.config.export.gguf_overrides), **res}
 
     def stage_export_gguf(self) -> dict:
-        from toolchain.export.gguf import export_gguf, gguf_filename
+        from toolchain.export.gguf import export_gguf, gguf_filename, summary_lines
         from toolchain.export.ollama import write_modelfile
 
         types = self.config.export.gguf
         if not types:
             return {"files": []}
+        imatrix, judge = self._imatrix(types)
         files = export_gguf(
             self.path("student"),
             self.path("export"),
             types,
             name=self.config.name,
             overrides=self.config.export.gguf_overrides,
-            imatrix=self._imatrix(types),
+            imatrix=imatrix,
+            judge=judge,
         )
         # Ollama gets the smallest file by default; users can point FROM at another.
         pick = min(files, key=lambda f: f["bytes"])
         mf, warning = write_modelfile(self.path("student"), self.path("export", gguf_filename(pick["quant"])))
         if warning:
             self.echo(f"  warning: {warning}")
-        for f in files:
-            self.echo(f"  {Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f['seconds']:.1f} s")
+        for line in summary_lines(files):
+            self.echo(f"  {line}")
         return {"files": files, "modelfile": str(mf), "modelfile_warning": warning}
 
     def _student_calibration(self, n: int):
@@ -286,19 +291,23 @@ class Run:
         return calibration_rows(tok, self.config.data, self.config.task, n)
 
     def _imatrix(self, types: list[str]):
-        """The student's importance matrix on the run's calibration rows, when a type's rounding uses it."""
+        """(the student's importance matrix on the run's calibration rows, a judge that keeps it
+        for a type only where its file measures closer to the F16 on other calibration rows),
+        when a type's rounding uses one; else (None, None)."""
         from toolchain.formats import IMATRIX_TYPES
 
         e = self.config.export
         if not e.imatrix or not any(t in IMATRIX_TYPES for t in types):
-            return None
+            return None, None
         from toolchain.quantize import imatrix as I
+        from toolchain.verify.quality import kld_judge
 
-        rows = self._student_calibration(e.imatrix_rows)
+        rows = self._student_calibration(e.imatrix_rows + JUDGE_ROWS)
+        rows, judged = rows[:-JUDGE_ROWS], rows[-JUDGE_ROWS:]
         dataset = str(self.config.task.path or self.config.data.source)
         values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
         self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
-        return values, facts
+        return (values, facts), kld_judge([[int(t) for t in r] for r in judged])
 
     def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:

@@ -78,3 +78,42 @@ def test_cli_measures_an_imatrix(tiny_dir, tmp_path, capsys):
     assert main(["imatrix", str(tiny_dir), "--out", str(out), "--rows", "2", "--set", "data.seq_len=16"]) == 0
     values, facts = I.read(out)
     assert facts["chunks"] == 2 and "blk.0.ffn_up.weight" in values
+
+
+def test_the_file_closer_to_f16_is_kept_with_its_figures(tiny_dir, measured, tmp_path):
+    """With a judge, each type the matrix weighs is written both ways and scored by llama.cpp
+    against the F16; the kept file is the lower-KLD one and says so."""
+    from toolchain.models.file_checks import open_gguf
+    from toolchain.verify.quality import compare, kld_judge, llama_scored
+
+    _, path, _ = measured
+    chunks = [[int(t) for t in r] for r in torch.randint(10, 2000, (2, 48), generator=torch.Generator().manual_seed(1))]
+    files = export_gguf(tiny_dir, tmp_path / "x", ["F16", "Q4_0", "Q4_K_M", "Q8_0"], imatrix=I.read(path),
+                        judge=kld_judge(chunks))  # fmt: skip
+    by_type = {f["quant"]: f for f in files}
+    assert "imatrix" not in by_type["F16"] and "imatrix" not in by_type["Q8_0"]  # nothing to weigh
+    ref = llama_scored(by_type["F16"]["path"], chunks)
+    for t in ("Q4_0", "Q4_K_M"):
+        c = by_type[t]["imatrix"]
+        assert c["used"] == (c["imatrix_kld"] <= c["plain_kld"]) and c["tokens"] == 2 * 23
+        kept = compare(ref, llama_scored(by_type[t]["path"], chunks))["mean_kld"]
+        assert kept == pytest.approx(min(c["imatrix_kld"], c["plain_kld"]), abs=1e-5)
+        assert ("quantize.imatrix.file" in open_gguf(by_type[t]["path"]).fields) == c["used"]
+    assert not list((tmp_path / "x").glob(".*"))  # no plain copies or temporary F16 left
+
+
+def test_a_worse_weighted_file_is_replaced_by_the_plain_one(tiny_dir, measured, tmp_path):
+    from toolchain.models.file_checks import open_gguf
+
+    _, path, _ = measured
+    (plain,) = export_gguf(tiny_dir, tmp_path / "plain", ["Q4_0"])
+
+    def prefers_plain(reference, weighted, plain_file):  # the decision, given figures that favour plain
+        assert reference.is_file() and weighted.is_file() and plain_file.is_file()
+        return {"imatrix_kld": 0.2, "plain_kld": 0.1, "tokens": 1}
+
+    (rec,) = export_gguf(tiny_dir, tmp_path / "x", ["Q4_0"], imatrix=I.read(path), judge=prefers_plain)
+    assert rec["imatrix"] == {"used": False, "imatrix_kld": 0.2, "plain_kld": 0.1, "tokens": 1}
+    assert rec["sha256"] == plain["sha256"]  # the file written without the matrix, byte for byte
+    assert "quantize.imatrix.file" not in open_gguf(rec["path"]).fields
+    assert not list((tmp_path / "x").glob(".*"))

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from toolchain import __version__
@@ -206,11 +207,16 @@ def export_gguf(
     name: str | None = None,
     overrides: dict[str, str] | None = None,
     imatrix: tuple[dict, dict] | None = None,
+    judge: Judge | None = None,
 ) -> list[Artifact]:
     """Write `model-<TYPE>.gguf` for each type into out_dir; returns one record per file.
 
     `imatrix` ((importance per tensor, facts), quantize.imatrix) weighs llama.cpp's rounding of
     the types it quantizes (K-quants, IQ types) and our writer's Q4_0/Q4_1/Q5_0/Q5_1 (quantize/weighted.py).
+    With a `judge` (F16 file, weighted file, plain file -> {"imatrix_kld", "plain_kld", ...}),
+    each such type is also written without it and the file with the lower KLD is kept (the
+    record's `imatrix` says which and why): an importance matrix does not help every model
+    and type (it made Q4_0 worse on both distilled students measured).
 
     `overrides` ({GGUF tensor-name regex: tensor type}) apply to every type written, except the
     F16/F32 files, which stay exact references for verify and for the K-quants made from them."""
@@ -221,38 +227,102 @@ def export_gguf(
             check_overrides(overrides, t)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    f16_path = out_dir / gguf_filename("F16")
-    tmp_f16 = None
-    for t in sorted(types, key=lambda t: t not in PYTHON_TYPES):  # Python types first: K-quants reuse F16
+    f16 = _F16Source(model_dir, out_dir, name)
+    # F16 first, then the other Python types, then llama.cpp's (made from the F16)
+    for t in sorted(types, key=lambda t: (t != "F16", t not in PYTHON_TYPES)):
         path = out_dir / gguf_filename(t)
         start = time.perf_counter()
         own = None if t in ("F16", "F32") else overrides
         trained_mix = _trained_mix(model_dir, t)
         if trained_mix:  # a student trained through this file's K-quant mix: our writer, its codes
             write_gguf(model_dir, path, t, name, tensor_types=trained_mix)
-        elif t in PYTHON_TYPES:
-            write_gguf(model_dir, path, t, name, own, imatrix)
         else:
-            src = f16_path
-            if not src.is_file():
-                if tmp_f16 is None:
-                    fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=out_dir, prefix=".f16-source-")
-                    os.close(fd)
-                    tmp_f16 = Path(tmp)
-                    write_gguf(model_dir, tmp_f16, "F16", name)
-                src = tmp_f16
-            llama_cpp_quantize(src, path, t, overrides=own, imatrix=imatrix)
-        records.append(
-            Artifact(
-                format="gguf",
-                quant=t,
-                path=str(path),
-                bytes=path.stat().st_size,
-                sha256=sha256_file(path),
-                seconds=round(time.perf_counter() - start, 2),
-            )
+            _write_type(model_dir, path, t, name, own, imatrix, f16)
+        choice = None
+        if judge and imatrix and not trained_mix and _weighs(t, read_meta(model_dir)):
+            plain = out_dir / f".{path.name}.plain"
+            _write_type(model_dir, plain, t, name, own, None, f16)
+            choice = _keep_better_rounding(path, plain, f16.path(), judge)
+        record = Artifact(
+            format="gguf",
+            quant=t,
+            path=str(path),
+            bytes=path.stat().st_size,
+            sha256=sha256_file(path),
+            seconds=round(time.perf_counter() - start, 2),
         )
+        if choice is not None:
+            record["imatrix"] = choice
+        records.append(record)
         log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
-    if tmp_f16 is not None:
-        tmp_f16.unlink(missing_ok=True)
+    f16.cleanup()
     return records
+
+
+Judge = Callable[[Path, Path, Path], dict]
+
+
+class _F16Source:
+    """The F16 file K-quants are made from and judged against: the run's own when it writes
+    one (written first), else a temporary one, made on first use."""
+
+    def __init__(self, model_dir: Path, out_dir: Path, name: str | None):
+        self.model_dir, self.out_dir, self.name = model_dir, out_dir, name
+        self.tmp: Path | None = None
+
+    def path(self) -> Path:
+        own = self.out_dir / gguf_filename("F16")
+        if own.is_file():
+            return own
+        if self.tmp is None:
+            fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=self.out_dir, prefix=".f16-source-")
+            os.close(fd)
+            self.tmp = Path(tmp)
+            write_gguf(self.model_dir, self.tmp, "F16", self.name)
+        return self.tmp
+
+    def cleanup(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _write_type(model_dir: Path, path: Path, t: str, name, overrides, imatrix, f16: _F16Source) -> None:
+    if t in PYTHON_TYPES:
+        write_gguf(model_dir, path, t, name, overrides, imatrix)
+    else:
+        llama_cpp_quantize(f16.path(), path, t, overrides=overrides, imatrix=imatrix)
+
+
+def _weighs(type_name: str, meta: dict) -> bool:
+    """Whether an importance matrix changes this type's file (and it can be made without one)."""
+    from toolchain.formats import NEEDS_IMATRIX
+
+    if type_name in NEEDS_IMATRIX or _qat_gguf_type(meta):
+        return False
+    return type_name in WEIGHTED_TYPES or type_name not in PYTHON_TYPES
+
+
+def _keep_better_rounding(path: Path, plain: Path, reference: Path, judge: Judge) -> dict:
+    """Keep at `path` the imatrix-weighted file (there now) or the plain one, whichever has the
+    lower mean KLD to the F16 file; ties keep the importance matrix."""
+    figures = judge(reference, path, plain)
+    used = figures["imatrix_kld"] <= figures["plain_kld"]
+    if used:
+        plain.unlink()
+    else:
+        os.replace(plain, path)
+    return {"used": used, **figures}
+
+
+def summary_lines(files: list[Artifact]) -> list[str]:
+    """What a user reads of each written file: size, time, and the importance-matrix choice."""
+    lines = []
+    for f in files:
+        lines.append(f"{Path(f['path']).name}: {f['bytes'] / 1e6:.1f} MB in {f.get('seconds', 0):.1f} s")
+        if "imatrix" in f:
+            c = f["imatrix"]
+            lines.append(
+                f"  importance matrix {'kept' if c['used'] else 'left out'}: mean KLD to F16 "
+                f"{c['imatrix_kld']:.4f} with it, {c['plain_kld']:.4f} without"
+            )
+    return lines

@@ -252,10 +252,24 @@ def _exports_section(ex: list[dict]) -> list[str]:
             ]
         )
     lines += _table(["format", "type", "size", "parity", "verdict", "sha256"], rows)
+    lines += _imatrix_lines(ex)
     sample = next((e.get("sample") for e in ex if e.get("sample")), None)
     if sample:
         lines += ["Sample (greedy, llama.cpp):", "", "```", sample["prompt"] + sample["llama_cpp"], "```", ""]
     return lines
+
+
+def _imatrix_lines(ex: list[dict]) -> list[str]:
+    """Per GGUF type, whether the importance matrix was kept, with the figures that decided it."""
+    lines = []
+    for e in ex:
+        c = e.get("imatrix")
+        if c:
+            verdict = "kept" if c["used"] else "left out"
+            lines.append(f"- {e['quant']}: importance matrix {verdict} (mean KLD to the F16 file on "
+                         f"{c['tokens']} calibration tokens: {c['imatrix_kld']:.4f} with it, "
+                         f"{c['plain_kld']:.4f} without)")  # fmt: skip
+    return lines + [""] if lines else []
 
 
 def _task_section(task: dict, finetune: dict) -> list[str]:

@@ -146,3 +146,19 @@ def format_table(rows: list[dict], title: str = "") -> str:
     if ref:
         lines.append(f"(reference: {ref}; PPL ratio and KLD against it)")
     return "\n".join(lines)
+
+
+def kld_judge(chunks: list[list[int]], threads: int = 0):
+    """A judge for export_gguf's importance-matrix choice: (F16 file, weighted file, plain file)
+    -> each file's mean KLD to the F16 on `chunks` (llama.cpp runs all three; the F16's figures
+    are computed once per file)."""
+    references: dict[str, Scored] = {}
+
+    def judge(reference: Path, weighted: Path, plain: Path) -> dict:
+        if str(reference) not in references:
+            references[str(reference)] = llama_scored(reference, chunks, threads)
+        ref = references[str(reference)]
+        w, p = (compare(ref, llama_scored(f, chunks, threads))["mean_kld"] for f in (weighted, plain))
+        return {"imatrix_kld": round(w, 5), "plain_kld": round(p, 5), "tokens": len(ref.targets)}
+
+    return judge
