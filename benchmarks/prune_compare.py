@@ -17,7 +17,7 @@ many steps of quantization-aware distillation through Q8_0 (quantize.qat, the re
 narrow student's Q8_0 misses the bound).
 
     .venv/bin/python benchmarks/prune_compare.py [--steps 60] [--search-steps 0] [--qad-steps 0]
-        [--threads 2] [--out runs/prune-compare]
+        [--threads 2] [--out runs/prune-compare] [--only 'depth 50%,width+depth 50%']
 
 Each student's figures are kept in OUT/<student>/row.json: a rerun with the same --out and
 settings reuses them (the run takes ~35 min on 2 cores); --fresh starts over. Prints a table,
@@ -83,7 +83,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/prune-compare")
     ap.add_argument("--fresh", action="store_true", help="discard the figures kept in --out")
+    ap.add_argument("--only", default="", help="these students alone, e.g. 'depth 50%%,width+depth 50%%'")
     args = ap.parse_args()
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -106,6 +108,8 @@ def main() -> None:
     rows: dict[str, dict] = {}
     shapes: dict[str, dict] = {}
     for name, tag, settings in _variants(teacher.model.config.num_hidden_layers, depth_layers):
+        if only and name not in only:
+            continue
         if settings.get("importance") == "random":
             settings = {**shapes[tag], "importance": "random"}
         slug = name.replace(" ", "-").replace("%", "").replace("+", "-")
@@ -143,17 +147,20 @@ def main() -> None:
         kept.write_text(json.dumps({"settings": settings_key, "row": rows[name]}))
         print(f"{name}: {rows[name]}", flush=True)
 
-    export = _export_and_verify(out / "width-depth-35" / "healed", out / "width-depth-35" / "export")
-    if args.qad_steps:
+    export = {}
+    if "width+depth 35%" in rows:
+        export = _export_and_verify(out / "width-depth-35" / "healed", out / "width-depth-35" / "export")
+    if args.qad_steps and export:
         export.update(_qad_q8_and_verify(teacher, out / "width-depth-35", data, heal_cfg, args.qad_steps))
     _print(rows, total, args, export, held.numel())
-    j = lambda n: rows[n]["after"]["kl"]
+    j = lambda n: rows[n]["after"]["kl"] if n in rows else None
+    p = lambda n, k: rows[n][k] if n in rows else None
     print(
         json.dumps(
             {
                 "teacher_params": total,
-                "params_50": rows["width+depth 50%"]["params"],
-                "params_35": rows["width+depth 35%"]["params"],
+                "params_50": p("width+depth 50%", "params"),
+                "params_35": p("width+depth 35%", "params"),
                 "depth_kl_50": j("depth 50%"),
                 "width_kl_50": j("width 50%"),
                 "width_depth_kl_50": j("width+depth 50%"),
@@ -161,8 +168,8 @@ def main() -> None:
                 "depth_kl_35": j("depth 35%"),
                 "width_depth_kl_35": j("width+depth 35%"),
                 "random_width_kl_35": j("random width 35%"),
-                "shape_50": rows["width+depth 50%"]["shape"],
-                "shape_35": rows["width+depth 35%"]["shape"],
+                "shape_50": p("width+depth 50%", "shape"),
+                "shape_35": p("width+depth 35%", "shape"),
                 "heal_steps": args.steps,
                 "export_35": export,
                 "rows": rows,
@@ -234,6 +241,8 @@ def _print(rows: dict, total: int, args, export: dict, held_tokens: int) -> None
             f"{r['after']['kl']:9.3f} {r['after']['ce']:9.3f} {r['after']['top1_agreement']:12.1%} {r['heal_s']:7.0f}"
         )
     for tag in ("50", "35"):
+        if f"width+depth {tag}%" not in rows:
+            continue
         cands = rows[f"width+depth {tag}%"]["candidates"] or []
         how = f"after {args.search_steps} healing steps" if args.search_steps else "as pruned, before healing"
         print(f"width+depth {tag}% search (KL {how}): " + ", ".join(
