@@ -131,8 +131,14 @@ def test_rerun_with_other_config_is_refused(run_dir, tiny_dir_6):
 
 
 def test_failed_verification_fails_the_run(tiny_dir_6, tmp_path):
-    cfg = tiny_config(tiny_dir_6, export={"gguf": ["Q8_0"], "onnx": False}, verify={"max_nmse": {"default": 1e-12}})
-    with pytest.raises(UserError, match="verification failed.*NMSE"):
+    cfg = tiny_config(
+        tiny_dir_6,
+        export={"gguf": ["Q8_0"], "onnx": False},
+        verify={"max_nmse": {"default": 1e-12}},
+        quantize={"qat": "none"},
+    )
+    # the error says what would bring the file within bounds: training through its rounding
+    with pytest.raises(UserError, match="verification failed.*NMSE.*quantize.qat: Q8_0 in a run"):
         run_pipeline(cfg, tmp_path, progress=False, echo=lambda m: None)
     assert not (tmp_path / "stages" / "verify.json").exists()
     assert json.loads((tmp_path / "logs" / "verify_failed.json").read_text())["results"][0]["passed"] is False

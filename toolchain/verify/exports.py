@@ -110,8 +110,24 @@ def verify_exports(
             r.setdefault("bytes", e["bytes"])
         results.append(r)
     if failures:
-        raise VerificationError("verification failed: " + " | ".join(failures), {"results": results})
+        remedy = _remedy(results, (read_meta(model_dir).get("qat") or {}).get("type"))
+        raise VerificationError("verification failed: " + " | ".join(failures) + remedy, {"results": results})
     return results
+
+
+def _remedy(results: list[dict], trained: str | None) -> str:
+    """What to do about a failed GGUF type the student can be trained through (quantize.qat)."""
+    from toolchain.formats import QAT_GGUF_TYPES
+
+    failed = [r["quant"] for r in results if r["format"] == "gguf" and not r.get("passed")]
+    fixable = [t for t in failed if t in QAT_GGUF_TYPES and t != trained]
+    if not fixable:
+        return ""
+    t = fixable[0]
+    return (
+        f". To bring {t} within its bound, train the student through its rounding: quantize.qat: {t} "
+        f"in a run, or `toolchain quantize --type {t}`"
+    )
 
 
 def summary_lines(results: list[dict]) -> list[str]:
