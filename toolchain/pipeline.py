@@ -303,11 +303,13 @@ class Run:
         from toolchain.verify.quality import kld_judge
 
         rows = self._student_calibration(e.imatrix_rows + JUDGE_ROWS)
-        rows, judged = rows[:-JUDGE_ROWS], rows[-JUDGE_ROWS:]
+        n_judged = min(JUDGE_ROWS, len(rows) // 2)  # a small task's calibration split: fewer, or none
+        rows, judged = rows[: len(rows) - n_judged], rows[len(rows) - n_judged :]
         dataset = str(self.config.task.path or self.config.data.source)
         values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
         self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
-        return (values, facts), kld_judge([[int(t) for t in r] for r in judged])
+        judge = kld_judge([[int(t) for t in r] for r in judged]) if n_judged else None
+        return (values, facts), judge
 
     def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:
