@@ -79,8 +79,10 @@ def check_type(name: str) -> str:
 QAT_GGUF_TYPES = ("Q4_0", "Q8_0", "Q4_K_M")
 QAT_TYPES = (*QAT_GGUF_TYPES, "int4")
 FAKE_QUANT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F16", "F32")
-# the file types whose QAD student keeps its latent weights: the export recomputes the codes
-QAT_LATENT_TYPES = ("Q4_K_M", "int4")
+# GGUF file types trained through llama.cpp's per-tensor mix, and all file types whose QAD
+# student keeps its latent weights (the export recomputes the codes)
+QAT_MIX_TYPES = ("Q4_K_M",)
+QAT_LATENT_TYPES = (*QAT_MIX_TYPES, "int4")
 
 # tensor types a per-tensor override may name in a Python-written file
 PYTHON_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")

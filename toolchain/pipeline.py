@@ -21,9 +21,6 @@ from toolchain.formats import Artifact
 
 log = logging.getLogger(__name__)
 
-# calibration rows the importance matrix is not measured on, that decide per type whether it helps
-JUDGE_ROWS = 4
-
 STAGES = (
     *("finetune", "teacher", "student", "prune", "distill", "prune_again", "quantize"),
     *("export_gguf", "export_onnx", "verify", "eval", "bench", "pack"),
@@ -91,20 +88,10 @@ class Run:
         return res
 
     def stage_teacher(self) -> dict:
-        from toolchain.models.load import count_params
+        from toolchain.models.artifacts import describe_teacher
 
-        t = self.teacher
-        params = count_params(t.model)
-        return {
-            "name": t.meta.get("name"),
-            "source": t.meta.get("source"),
-            "license": t.meta.get("license"),
-            "params": params,
-            "bytes": params * 4,
-            "layers": t.model.config.num_hidden_layers,
-            "adapter": self.config.teacher.adapter,
-            "finetuned": bool((self.record("finetune") or {}).get("path")),
-        }
+        finetuned = bool((self.record("finetune") or {}).get("path"))
+        return describe_teacher(self.teacher, self.config.teacher.adapter, finetuned)
 
     def _calibration(self, n: int):
         from toolchain.student import calibration_rows
@@ -302,14 +289,11 @@ class Run:
         from toolchain.quantize import imatrix as I
         from toolchain.verify.quality import kld_judge
 
-        rows = self._student_calibration(e.imatrix_rows + JUDGE_ROWS)
-        n_judged = min(JUDGE_ROWS, len(rows) // 2)  # a small task's calibration split: fewer, or none
-        rows, judged = rows[: len(rows) - n_judged], rows[len(rows) - n_judged :]
-        dataset = str(self.config.task.path or self.config.data.source)
-        values, facts = I.measure(self.path("student"), rows, dataset, self.path("export", "imatrix.gguf"))
-        self.echo(f"  importance matrix: {len(values)} tensors from {len(rows)} x {rows.shape[1]} tokens")
-        judge = kld_judge([[int(t) for t in r] for r in judged]) if n_judged else None
-        return (values, facts), judge
+        rows = self._student_calibration(e.imatrix_rows + I.JUDGE_ROWS)
+        dataset, out = str(self.config.task.path or self.config.data.source), self.path("export", "imatrix.gguf")
+        values, facts, judged = I.measure_holding_out(self.path("student"), rows, dataset, out)
+        self.echo(f"  importance matrix: {len(values)} tensors from {facts['chunks']} x {rows.shape[1]} tokens")
+        return (values, facts), (kld_judge(judged) if judged else None)
 
     def stage_export_onnx(self) -> Artifact | dict:
         if not self.config.export.onnx:

@@ -71,10 +71,10 @@ def qat_tensor_types(model_dir: str | os.PathLike, type_name: str, overrides: di
     """{GGUF tensor name: type} of llama.cpp's own `type_name` file of this model (its mix, its
     fallbacks), for a K-quant that quantization-aware distillation trains through; None for the
     types whose every tensor our writer decides (Q4_0, Q8_0) and for int4."""
-    from toolchain.formats import QAT_LATENT_TYPES
+    from toolchain.formats import QAT_MIX_TYPES
     from toolchain.models.file_checks import open_gguf
 
-    if type_name not in QAT_LATENT_TYPES or type_name in PYTHON_TYPES or type_name == "int4":
+    if type_name not in QAT_MIX_TYPES:
         return None
     with tempfile.TemporaryDirectory(prefix="qat-mix-") as tmp:
         f16, mixed = Path(tmp) / "f16.gguf", Path(tmp) / "mixed.gguf"
@@ -91,9 +91,9 @@ def _qat_gguf_type(meta: dict) -> str | None:
     return t if t in QAT_GGUF_TYPES else None
 
 
-def _trained_mix(model_dir: Path, type_name: str) -> dict[str, str] | None:
+def _trained_mix(meta: dict, type_name: str) -> dict[str, str] | None:
     """The per-tensor types a student was trained through for a `type_name` file, if it was."""
-    qat = read_meta(model_dir).get("qat") or {}
+    qat = meta.get("qat") or {}
     return qat.get("tensors") if qat.get("type") == type_name else None
 
 
@@ -228,18 +228,19 @@ def export_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     f16 = _F16Source(model_dir, out_dir, name)
+    meta = read_meta(model_dir)
     # F16 first, then the other Python types, then llama.cpp's (made from the F16)
     for t in sorted(types, key=lambda t: (t != "F16", t not in PYTHON_TYPES)):
         path = out_dir / gguf_filename(t)
         start = time.perf_counter()
         own = None if t in ("F16", "F32") else overrides
-        trained_mix = _trained_mix(model_dir, t)
+        trained_mix = _trained_mix(meta, t)
         if trained_mix:  # a student trained through this file's K-quant mix: our writer, its codes
             write_gguf(model_dir, path, t, name, tensor_types=trained_mix)
         else:
             _write_type(model_dir, path, t, name, own, imatrix, f16)
         choice = None
-        if judge and imatrix and not trained_mix and _weighs(t, read_meta(model_dir)):
+        if judge and imatrix and not trained_mix and _weighs(t, meta):
             plain = out_dir / f".{path.name}.plain"
             _write_type(model_dir, plain, t, name, own, None, f16)
             choice = _keep_better_rounding(path, plain, f16.path(), judge)

@@ -33,3 +33,20 @@ def describe_model(path: str | os.PathLike) -> Artifact:
         f"{path}: expected a .gguf file or an ONNX folder (holding model.onnx), "
         "or an HF model directory (config.json + *.safetensors)"
     )
+
+
+def describe_teacher(teacher, adapter: str | None, finetuned: bool) -> dict:
+    """What a run records of its teacher (a loaded model): provenance, size, shape."""
+    from toolchain.models.load import count_params
+
+    params = count_params(teacher.model)
+    return {
+        "name": teacher.meta.get("name"),
+        "source": teacher.meta.get("source"),
+        "license": teacher.meta.get("license"),
+        "params": params,
+        "bytes": params * 4,
+        "layers": teacher.model.config.num_hidden_layers,
+        "adapter": adapter,
+        "finetuned": finetuned,
+    }

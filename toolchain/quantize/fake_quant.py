@@ -46,14 +46,14 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     return codes * d.half().float()
 
 
-def _symmetric(blocks: torch.Tensor, half: int) -> torch.Tensor:
+def _symmetric(blocks: torch.Tensor, half: int, fp16_scale: bool = True) -> torch.Tensor:
     # Q4_0 (half 8) and Q5_0 (half 16): the signed value of largest magnitude maps to code 0
-    # (-half * d); the first one on ties
+    # (-half * d); the first one on ties. The int4 export's symmetric blocks keep d in fp32.
     idx = blocks.abs().argmax(dim=-1, keepdim=True)
     d = torch.gather(blocks, -1, idx) / -half
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     codes = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1)
-    return (codes - half) * d.half().float()
+    return (codes - half) * (d.half().float() if fp16_scale else d)
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -80,10 +80,7 @@ def _int4(blocks: torch.Tensor) -> torch.Tensor:
 
 def _int4_sym(blocks: torch.Tensor) -> torch.Tensor:
     # the int4 export's symmetric blocks (onnx_offsets.symmetric_blocks): Q4_0's rounding, fp32 scale
-    idx = blocks.abs().argmax(dim=-1, keepdim=True)
-    d = torch.gather(blocks, -1, idx) / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    return (torch.trunc(blocks * inv + 8.5).clamp(0, 15) - 8) * d
+    return _symmetric(blocks, 8, fp16_scale=False)
 
 
 def quantize_values(w: torch.Tensor, type_name: str) -> torch.Tensor:

@@ -69,6 +69,18 @@ def measure(model_dir: str | os.PathLike, rows, dataset: str, out_file: str | os
     return read(write(out_file, values, len(rows), int(rows.shape[1]), dataset))
 
 
+# calibration rows the importance matrix is not measured on, that decide per type whether it helps
+JUDGE_ROWS = 4
+
+
+def measure_holding_out(model_dir: str | os.PathLike, rows, dataset: str, out_file: str | os.PathLike):
+    """`measure` on all but the last JUDGE_ROWS rows (fewer, or none, when there are few);
+    returns (values, facts, the rows held out as token lists)."""
+    n_held = min(JUDGE_ROWS, len(rows) // 2)
+    values, facts = measure(model_dir, rows[: len(rows) - n_held], dataset, out_file)
+    return values, facts, [[int(t) for t in r] for r in rows[len(rows) - n_held :]]
+
+
 def write(path: str | os.PathLike, imatrix: dict[str, np.ndarray], chunks: int, chunk_size: int, dataset: str) -> Path:
     """llama.cpp's GGUF imatrix file: per tensor `.in_sum2` (here mean * count) and `.counts`."""
     import gguf

@@ -36,6 +36,7 @@ from toolchain.formats import (
     PYTHON_TYPES,
     QAT_GGUF_TYPES,
     QAT_LATENT_TYPES,
+    QAT_MIX_TYPES,
     QAT_TYPES,
     override_for,
 )
@@ -88,7 +89,7 @@ def tensor_types(
 
     A head tied to the token embedding is stored once, as token_embd: it takes that type."""
     check_qat(type_name, overrides)
-    if type_name in QAT_LATENT_TYPES and type_name != "int4" and not gguf_types:
+    if type_name in QAT_MIX_TYPES and not gguf_types:
         raise ValueError(f"{type_name}: pass the file's per-tensor types (export.gguf.qat_tensor_types)")
     if type_name == "int4":
         from toolchain.quantize.onnx_grid import int4_types

@@ -35,9 +35,7 @@ def build_report(config: dict, stages: dict, seconds: dict) -> dict:
     onnx = stages.get("export_onnx") or {}
     onnx_all = ([onnx] if onnx.get("path") else []) + list(onnx.get("variants", []))  # fp16/int8/int4 folders
     for e in stages.get("export_gguf", {}).get("files", []) + onnx_all:
-        exports.append(
-            {k: e[k] for k in ("format", "quant", "path", "bytes", "sha256", "files_sha256", "imatrix") if k in e}
-        )
+        exports.append({k: e[k] for k in _EXPORT_KEYS if k in e})
     verify = {(v["format"], v["quant"]): v for v in stages.get("verify", {}).get("results", [])}
     for e in exports:
         v = verify.get((e["format"], e["quant"]))

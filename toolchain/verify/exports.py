@@ -64,7 +64,8 @@ def verify_exports(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = data or DataConfig()
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts, data)
-    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens, read_meta(model_dir).get("qat"))
+    qat = read_meta(model_dir).get("qat")
+    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens, qat)
     quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads, data)
     limits = {
         "max_ppl_ratio": cfg.max_ppl_ratio,
@@ -110,7 +111,7 @@ def verify_exports(
             r.setdefault("bytes", e["bytes"])
         results.append(r)
     if failures:
-        remedy = _remedy(results, (read_meta(model_dir).get("qat") or {}).get("type"))
+        remedy = _remedy(results, (qat or {}).get("type"))
         raise VerificationError("verification failed: " + " | ".join(failures) + remedy, {"results": results})
     return results
 

@@ -30,9 +30,9 @@ def rounding_for(fmt: str, quant: str, trained: str | None = None) -> str:
     """The weight rounding of an export's reference: fp16 for F16/fp16 files, bf16 for BF16, and
     for the GGUF type a student was trained through while keeping its latent weights (Q4_K_M),
     the rounding it was trained with: that file holds exactly those weights."""
-    from toolchain.formats import QAT_LATENT_TYPES
+    from toolchain.formats import QAT_MIX_TYPES
 
-    if fmt == "gguf" and quant == trained and quant in QAT_LATENT_TYPES:
+    if fmt == "gguf" and quant == trained and quant in QAT_MIX_TYPES:
         return "trained"
     return _ROUNDING.get((fmt, quant), "fp32")
 
@@ -59,7 +59,7 @@ def _rounded(model, rounding: str, qat: dict | None = None):
         from toolchain.quantize.qat import QuantAware, bake
 
         out = copy.deepcopy(model)
-        assert qat is not None
+        qat = qat or {}
         rounding_of = QuantAware(qat["type"], qat.get("overrides") or {}, gguf_types=qat.get("tensors") or {})
         rounding_of.apply(out)
         bake(out)
