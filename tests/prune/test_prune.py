@@ -210,3 +210,26 @@ def test_norm_rescale_makes_dropping_silent_channels_exact(tiny_models, model_ty
         )
         torch.testing.assert_close(exact(x).logits, want, atol=2e-3, rtol=1e-3)
         assert (plain(x).logits - want).abs().max() > 1e-2
+
+
+def test_budget_candidates_also_keep_width_and_pay_with_the_mlp():
+    from transformers import LlamaConfig
+
+    from toolchain.prune.axes import params_of
+    from toolchain.prune.budget import candidate_shapes
+
+    # SmolLM2-135M's shape: 9 heads over 3 KV heads make most narrower widths drop heads
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=576, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    limit = 0.5 * params_of(config, Shape.of(config))
+    shapes = candidate_shapes(config, lambda s: params_of(config, s) <= limit, True, 32)
+    assert all(params_of(config, s) <= limit for s in shapes) and len(set(shapes)) == len(shapes)
+    # every head and the whole width kept at some depth, the MLP narrowed to fit
+    full_width = [s for s in shapes if s.hidden_size == 576 and s.num_attention_heads == 9]
+    assert full_width and all(s.intermediate_size < 1536 for s in full_width)
+    # a width between, at the most heads it accepts (6 of 9: 480 is no multiple of 9)
+    assert any(s.hidden_size == 480 and s.num_attention_heads == 6 for s in shapes)
+    for s in full_width:  # the widest MLP: one more step of 32 would not fit
+        assert params_of(config, Shape(**{**vars(s), "intermediate_size": s.intermediate_size + 32})) > limit

@@ -85,17 +85,61 @@ def _fewer_heads_until_accepted(config, s: Shape) -> Shape:
     return s
 
 
+def _widest_mlp(config, s: Shape, fits: Callable[[Shape], bool], align: int) -> Shape | None:
+    """`s` with the widest MLP (a multiple of `align`, at least `align`) that fits, or None."""
+    lo, hi = 1, config.intermediate_size // align  # in units of align
+    if not fits(replace(s, intermediate_size=align)):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(replace(s, intermediate_size=mid * align)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return replace(s, intermediate_size=min(config.intermediate_size, lo * align))
+
+
+def _wider_with_narrower_mlp(
+    config, layers: int, fits: Callable[[Shape], bool], align: int, floor: int
+) -> list[Shape]:
+    """Shapes that keep more of the width and attention than the one-ratio cut and take the rest
+    from the MLP (Minitron's finding: cutting heads costs more than cutting neurons): for each
+    count of query heads a width at `align` accepts, the widest such width down to `floor`,
+    with the widest MLP that fits."""
+    full = replace(Shape.of(config), layers=layers)
+    out: list[Shape] = []
+    seen_heads: set[tuple[int, int]] = set()
+    for hidden in range(full.hidden_size // align * align, floor, -align):
+        s = _fewer_heads_until_accepted(config, replace(full, hidden_size=hidden))
+        heads = (s.num_attention_heads, s.num_key_value_heads)
+        if heads in seen_heads or config_refusal(config, s) is not None:
+            continue
+        seen_heads.add(heads)
+        c = _widest_mlp(config, s, fits, align)
+        if c is not None and c.intermediate_size >= align:
+            out.append(c)
+    return out
+
+
 def candidate_shapes(
     config, fits: Callable[[Shape], bool], depth: bool, align: int, width_is_heads: bool = False
 ) -> list[Shape]:
     """Shapes that fit, from width-only to half the depth: at each depth the widest fitting width
-    keeping every head, and the widest at `align` with the most heads that width allows."""
+    keeping every head, the widest at `align` with the most heads that width allows (hidden and
+    MLP cut by one ratio), and wider ones paying with their MLP (`_wider_with_narrower_mlp`)."""
     n = config.num_hidden_layers
     depths = sorted({n, *(max(2, math.ceil(n * f)) for f in (0.8, 0.65, 0.5))}, reverse=True) if depth else [n]
-    out = []
+    out: list[Shape] = []
+
+    def add(s: Shape | None) -> None:
+        if s is not None and s not in out and config_refusal(config, s) is None:
+            out.append(s)
+
     for layers in depths:
         for keep_heads in (False,) if width_is_heads else (True, False):
-            s = _widest_within(config, layers, fits, align, width_is_heads, keep_heads)
-            if s is not None and s not in out and config_refusal(config, s) is None:
-                out.append(s)
+            add(_widest_within(config, layers, fits, align, width_is_heads, keep_heads))
+        one_ratio = _widest_within(config, layers, fits, align, width_is_heads)
+        if one_ratio is not None and not width_is_heads:
+            for s in _wider_with_narrower_mlp(config, layers, fits, align, one_ratio.hidden_size):
+                add(s)
     return out

@@ -43,10 +43,18 @@ def _kept_share(scores: Scores, keep: Keep) -> dict[str, float]:
 
 
 def prune_model(
-    model, calib: torch.Tensor, shape: Shape, importance: str = "activation", seed: int = 0, rescale_norms: bool = True
+    model,
+    calib: torch.Tensor,
+    shape: Shape,
+    importance: str = "activation",
+    seed: int = 0,
+    rescale_norms: bool = True,
+    cache: dict | None = None,
 ):
     """(pruned model, record): `model` cut to `shape`; `model` itself is left as it was. With
-    `rescale_norms`, a narrower width keeps its norms' outputs at their scale (prune/rescale.py)."""
+    `rescale_norms`, a narrower width keeps its norms' outputs at their scale (prune/rescale.py).
+    `cache` (a dict the caller keeps for one model and calib) holds each depth's blocks and
+    importance, so shapes of the same depth measure them once."""
     from toolchain.student import choose_layers, with_layers
 
     arch = get_arch(model.config.model_type)
@@ -66,18 +74,23 @@ def prune_model(
         raise UserError(f"prune: transformers refuses the shape {vars(shape)}: {refusal}")
     if importance not in IMPORTANCE:
         raise UserError(f"prune.importance must be one of {', '.join(IMPORTANCE)}, got '{importance}'")
-    kept_layers = list(range(full.layers))
-    if shape.layers < full.layers:
-        if shape.layers < 2:
-            raise UserError("prune: layers must be >= 2 (the first and last blocks are always kept)")
-        kept_layers = choose_layers(model, calib, shape.layers)
-        model = with_layers(model, kept_layers)
+    if shape.layers < 2:
+        raise UserError("prune: layers must be >= 2 (the first and last blocks are always kept)")
+    cache = {} if cache is None else cache
+    key = (shape.layers, importance, seed)
+    if key not in cache:
+        kept_layers = list(range(full.layers))
+        if shape.layers < full.layers:
+            kept_layers = choose_layers(model, calib, shape.layers)
+        cache[key] = (kept_layers, with_layers(model, kept_layers) if shape.layers < full.layers else model, None)
+    kept_layers, model, scores = cache[key]
     record: dict = {"importance": importance, "from": vars(full), "to": vars(shape), "kept_layers": kept_layers}
     if Shape.of(model.config) == shape:
         return model, record
-    fn = IMPORTANCE[importance]
-    kwargs = {"seed": seed} if importance == "random" else {}
-    scores = fn(model, calib, arch.block_norms, **kwargs)
+    if scores is None:
+        kwargs = {"seed": seed} if importance == "random" else {}
+        scores = IMPORTANCE[importance](model, calib, arch.block_norms, **kwargs)
+        cache[key] = (kept_layers, model, scores)
     keep = select(scores, shape)
     record["kept_importance"] = _kept_share(scores, keep)
     record["kept_kv_heads"] = [b["kv"].tolist() for b in keep.blocks]

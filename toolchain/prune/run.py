@@ -82,8 +82,9 @@ def _search(student: LoadedModel, calib, score_rows, cfg: PruneConfig, work: Pat
         )
     records: list[dict] = []
     kls: list[float] = []
+    cache: dict = {}
     for i, shape in enumerate(shapes):
-        model, _ = prune_model(student.model, calib, shape, cfg.importance, cfg.seed, cfg.rescale_norms)
+        model, _ = prune_model(student.model, calib, shape, cfg.importance, cfg.seed, cfg.rescale_norms, cache)
         if heal is not None and cfg.search_steps:
             save_model(model, student.tokenizer, work / f"candidate-{i}", dict(student.meta))
             heal(work / f"candidate-{i}", work / f"candidate-{i}-healed", cfg.search_steps)
