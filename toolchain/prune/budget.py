@@ -99,9 +99,7 @@ def _widest_mlp(config, s: Shape, fits: Callable[[Shape], bool], align: int) -> 
     return replace(s, intermediate_size=min(config.intermediate_size, lo * align))
 
 
-def _wider_with_narrower_mlp(
-    config, layers: int, fits: Callable[[Shape], bool], align: int, floor: int
-) -> list[Shape]:
+def _wider_with_narrower_mlp(config, layers: int, fits: Callable[[Shape], bool], align: int, floor: int) -> list[Shape]:
     """Shapes that keep more of the width and attention than the one-ratio cut and take the rest
     from the MLP (Minitron's finding: cutting heads costs more than cutting neurons): for each
     count of query heads a width at `align` accepts, the widest such width down to `floor`,
