@@ -1,21 +1,24 @@
 """4-bit GGUF quality: llama.cpp's default, our importance matrix, and quantization-aware
 distillation, each against the F16 file.
 
-For each model (the bundled SmolLM2-135M-Instruct, and any HF directory given with --model):
-the F16 GGUF is the reference; Q4_0, Q4_K_M and IQ4_XS are made by llama.cpp's quantizer from
-it as llama.cpp does by default, and again with the importance matrix toolchain measures in
-torch on calibration text (the training side of the corpus; the scored text is its held-out
-side). Then the model distils from itself (its fp32 weights as the teacher, forward KL on the
-training side) for --qad-steps steps through Q4_0's exact rounding, with the tensor types
-llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as llama.cpp keeps it when its
-rows do not split into Q6_K's 256), and our writer stores that Q4_0 file; likewise through
-Q4_K_M (llama.cpp's per-tensor mix for the model: Q4_K, Q6_K and its fallbacks for rows that do
-not split into 256, the K-quants in our rounding, which our writer stores). Figures: PPL ratio,
-mean KLD and top-1 agreement vs the F16 file on held-out tokens, and file bytes.
+For each model (the bundled SmolLM2-135M-Instruct, and any HF directory given with --model): the
+F16 GGUF is the reference; Q4_0, Q4_K_M and IQ4_XS are made by llama.cpp's quantizer from it as
+llama.cpp does by default, and again with the importance matrix toolchain measures in torch on
+calibration text (the training side of the corpus; the scored text is its held-out side). The
+"run" row is what a toolchain run ships for that type: the pipeline's judge scores both files
+against the F16 on 4 calibration rows the importance matrix was not measured on and keeps the
+closer one (named in brackets). Then the model distils from itself (its fp32 weights as the
+teacher, forward KL on the training side) for --qad-steps steps through Q4_0's exact rounding,
+with the tensor types llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as
+llama.cpp keeps it when its rows do not split into Q6_K's 256), and our writer stores that Q4_0
+file; likewise through Q4_K_M (llama.cpp's per-tensor mix for the model: Q4_K, Q6_K and its
+fallbacks for rows that do not split into 256, the K-quants in our rounding, which our writer
+stores). Figures: PPL ratio, mean KLD and top-1 agreement vs the F16 file on held-out tokens,
+and file bytes.
 
 The ONNX int4 export (fitted offsets; head and token table in 8 bits) is scored the same way
 (onnxruntime, against the same F16 GGUF), and again after the model distils from itself
-through the int4 blocks' min/max grid, which that export then stores exactly.
+through the int4 grid that export measures as better for it, whose codes it then stores exactly.
 
 Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix_kld,
 <type>_qad_kld and _bytes of each).
@@ -96,19 +99,27 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
     from toolchain.quantize import imatrix as I
     from toolchain.quantize.gguf_types import llama_cpp_quantize
     from toolchain.student import calibration_rows
-    from toolchain.verify.quality import heldout_chunks, llama_scored
+    from toolchain.verify.quality import heldout_chunks, kld_judge, llama_scored
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     f16 = write_gguf(model_dir, work / "model-F16.gguf", "F16")
     chunks = heldout_chunks(tok, args.tokens, args.ctx, add_bos=False)
     rows = _Rows(model_dir, llama_scored(f16, chunks), chunks)
-    calib = calibration_rows(tok, DataConfig(seq_len=256), None, args.rows)
+    # the imatrix from --rows calibration rows; the pipeline's judge scores on JUDGE_ROWS more
+    calib = calibration_rows(tok, DataConfig(seq_len=256), None, args.rows + I.JUDGE_ROWS)
+    calib, judged = calib[: args.rows], [[int(t) for t in r] for r in calib[args.rows :]]
     values = I.collect(model_dir, calib)
     imatrix = I.read(I.write(work / "imatrix.gguf", values, len(calib), calib.shape[1], "pydoc (train side)"))
+    judge = kld_judge(judged)
     for t in args.types:
+        paths = {}
         for label, im in (("default", None), ("imatrix", imatrix)):
-            path = llama_cpp_quantize(f16, work / f"model-{t}-{label}.gguf", t, imatrix=im)
-            rows.add(f"{t} {label}", llama_scored(path, chunks), path.stat().st_size)
+            paths[label] = llama_cpp_quantize(f16, work / f"model-{t}-{label}.gguf", t, imatrix=im)
+            rows.add(f"{t} {label}", llama_scored(paths[label], chunks), paths[label].stat().st_size)
+        # what a run ships: the imatrix file where the judge finds it closer to the F16, else the plain one
+        choice = judge(f16, paths["imatrix"], paths["default"])
+        kept = "imatrix" if choice["imatrix_kld"] <= choice["plain_kld"] else "default"
+        rows.rows[f"{t} run"] = {**rows.rows[f"{t} {kept}"], "kept": kept, "judge": choice}
     out: dict = {"tokens_scored": len(rows.ref.targets), "rows": rows.rows, "qad": {}}
     if "Q4_0" in args.qad:
         # llama.cpp's Q4_0 file for this model, tensor type by tensor type, so the bytes compare
@@ -169,11 +180,12 @@ def _summary(key: str, r: dict) -> dict:
 def _print_table(results: dict) -> None:
     first = next(iter(results.values()))
     print(f"\nvs each model's F16 GGUF on held-out pydoc text ({first['tokens_scored']} tokens scored)")
-    print(f"{'model':<28} {'type':<8} {'made by':<12} {'MB':>7} {'PPL ratio':>10} {'mean KLD':>9} {'top-1':>7}")
+    print(f"{'model':<28} {'type':<8} {'made by':<16} {'MB':>7} {'PPL ratio':>10} {'mean KLD':>9} {'top-1':>7}")
     for name, r in results.items():
         for label, q in r["rows"].items():
             t, how = label.split()
-            print(f"{name[:28]:<28} {t:<8} {how:<12} {q['bytes'] / 1e6:>7.1f} "
+            how = f"run ({q['kept']})" if "kept" in q else how
+            print(f"{name[:28]:<28} {t:<8} {how:<16} {q['bytes'] / 1e6:>7.1f} "
                   f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
     for name, r in results.items():
         for qat, f in r["qad"].items():
