@@ -74,7 +74,7 @@ def prune_model(
         raise UserError(f"prune: transformers refuses the shape {vars(shape)}: {refusal}")
     if importance not in IMPORTANCE:
         raise UserError(f"prune.importance must be one of {', '.join(IMPORTANCE)}, got '{importance}'")
-    if shape.layers < 2:
+    if shape.layers < min(2, full.layers):
         raise UserError("prune: layers must be >= 2 (the first and last blocks are always kept)")
     cache = {} if cache is None else cache
     key = (shape.layers, importance, seed)
