@@ -106,7 +106,12 @@ def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
     q = r["quantize"]
     assert q["qat"] == "Q8_0" and q["steps"] == 2
     meta = load_model(str(run_dir / "student")).meta  # how it was distilled, and then trained through Q8_0
-    assert meta["distilled_steps"] == 4 and meta["qat"] == {"type": "Q8_0", "overrides": {}, "steps": 2}
+    assert meta["distilled_steps"] == 4 and meta["qat"] == {
+        "type": "Q8_0",
+        "overrides": {},
+        "steps": 2,
+        "activations": True,
+    }
     assert "## Quantization-aware distillation (Q8_0)" in (run_dir / "report.md").read_text()
     assert (run_dir / "work" / "student-float" / "model.safetensors").is_file()  # the distilled weights
     gguf_file = open_gguf(run_dir / "export" / "model-Q8_0.gguf")

@@ -113,7 +113,12 @@ def test_trained_student_exports_to_exactly_its_weights(model, type_name, overri
     if type_name == "Q4_0":  # (Q8_0's rounding costs too little KL on a tiny model to win back)
         # held-out KL to the unrounded teacher: rounding costs some, training through it wins part back
         assert res["after"]["kl"] < res["before"]["kl"]
-    assert load_model(str(out)).meta["qat"] == {"type": type_name, "overrides": overrides, "steps": 8}
+    assert load_model(str(out)).meta["qat"] == {
+        "type": type_name,
+        "overrides": overrides,
+        "steps": 8,
+        "activations": True,
+    }
 
     (rec,) = export_gguf(out, tmp_path / "export", [type_name], overrides=overrides)
     stored = _gguf_weights(rec["path"])
@@ -317,3 +322,43 @@ def test_k_quant_rounding_is_the_files_to_the_bit(type_name):
     assert np.array_equal(dequantize(data, qtype), quantize_values(torch.from_numpy(w), type_name).numpy())
     rel = np.mean((dequantize(data, qtype) - w) ** 2) / np.mean(w**2)
     assert rel < (0.01 if type_name == "Q4_K" else 0.001)
+
+
+def test_activation_rounding_is_llamacpps_8bit_blocks_with_a_straight_gradient():
+    from toolchain.quantize.fake_quant import activation_values, round_activations
+
+    x = torch.randn(3, 5, 256) * 2
+    x[0, 0, :32] *= 40  # an outlier block: its step is coarser than its neighbours'
+    # Q8_0 blocks of 32 (the partner of Q4_0/Q5_0/Q8_0 weights), as gguf's reference rounds them
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    flat = x.reshape(-1, 256).numpy()
+    assert np.array_equal(activation_values(x, 32).reshape(-1, 256).numpy(), dequantize(quantize(flat, q8_0), q8_0))
+    # Q8_K super-blocks of 256 (the K-quants' partner): 8-bit codes under one fp32 scale
+    k = activation_values(x, 256)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.allclose(k / step, torch.round(k / step), atol=1e-4) and (k - x).abs().max() <= step.max() / 2 + 1e-6
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (round_activations(xg, 32) * g).sum().backward()
+    assert torch.equal(xg.grad, g)
+
+
+def test_qad_rounds_matmul_inputs_while_training_and_not_after(tiny_dir):
+    from toolchain.quantize.qat import QuantAware
+
+    model = load_model(str(tiny_dir)).model
+    ids = torch.randint(100, 2000, (1, 12))
+    transform = QuantAware("Q8_0")
+    transform.apply(model)
+    with torch.no_grad():
+        during = model(ids).logits
+    assert transform.meta["qat"]["activations"] is True and transform._hooks
+    transform.finish(model)
+    with torch.no_grad():
+        after = model(ids).logits  # baked Q8_0 weights, inputs as they come
+    plain = QuantAware("Q8_0", activations=False)
+    plain.apply(model)
+    with torch.no_grad():
+        weights_only = model(ids).logits
+    plain.finish(model)
+    assert torch.equal(after, weights_only) and not torch.equal(during, after)

@@ -129,3 +129,26 @@ class _StraightThrough(torch.autograd.Function):
 def fake_quantize(w: torch.Tensor, type_name: str) -> torch.Tensor:
     """`quantize_values` in the forward pass, the identity in the backward (straight-through)."""
     return _StraightThrough.apply(w, type_name)
+
+
+# llama.cpp's CPU matmul multiplies a block-quantized weight with its activations rounded to an
+# 8-bit partner type (ggml's vec_dot_type): Q8_0 blocks of 32 (fp16 scale) for the 32-weight
+# types, Q8_K super-blocks of 256 (fp32 scale) for the K-quants. F16/F32 weights see no rounding.
+ACTIVATION_BLOCK = {"Q4_0": 32, "Q5_0": 32, "Q8_0": 32, "Q4_K": QK_K, "Q6_K": QK_K}
+
+
+def activation_values(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`x` as llama.cpp's CPU matmul rounds it (8-bit blocks along the last dimension), up to
+    its ties: Q8_0's rounding for blocks of 32, Q8_K's (scale kept in fp32) for 256."""
+    with torch.no_grad():
+        b = x.detach().float().reshape(-1, block)
+        if block == BLOCK:
+            return _q8_0(b).reshape(x.shape).to(x.dtype)
+        d = b.abs().amax(dim=-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        return (torch.round(b * inv).clamp(-127, 127) * d).reshape(x.shape).to(x.dtype)
+
+
+def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`activation_values` in the forward pass, the identity in the backward."""
+    return x + (activation_values(x, block) - x).detach()

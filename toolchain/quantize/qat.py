@@ -143,6 +143,19 @@ def round_through(model, types: dict[str, str]) -> None:
             parametrize.register_parametrization(modules[name], "weight", _Rounding(t), unsafe=True)
 
 
+def round_inputs(model, types: dict[str, str]) -> list:
+    """Round the input of every matmul whose weight is block-quantized in `types` as llama.cpp's
+    CPU matmul does (fake_quant.ACTIVATION_BLOCK), straight-through; returns the hook handles."""
+    from toolchain.quantize.fake_quant import ACTIVATION_BLOCK, round_activations
+
+    handles = []
+    for name, module in model.named_modules():
+        block = ACTIVATION_BLOCK.get(types.get(name, ""))
+        if block and isinstance(module, torch.nn.Linear) and module.in_features % block == 0:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, b=block: (round_activations(args[0], b),)))
+    return handles
+
+
 def bake(model, keep_latent: bool = False) -> None:
     """Replace each rounded weight by its stored values (fp32), or with `keep_latent` by the
     weights it rounds; the model is plain again."""
@@ -162,6 +175,8 @@ class QuantAware:
     steps: int = 0
     int4_grid: str = "minmax"  # int4: the export's grid the blocks train through (minmax | symmetric)
     gguf_types: dict[str, str] = field(default_factory=dict)  # a K-quant file's per-tensor types
+    activations: bool = True  # GGUF types: also round matmul inputs as llama.cpp's CPU matmul does
+    _hooks: list = field(default_factory=list, repr=False)
 
     @property
     def meta(self) -> dict:
@@ -170,6 +185,8 @@ class QuantAware:
             qat["grid"] = self.int4_grid
         if self.gguf_types:
             qat["tensors"] = dict(self.gguf_types)
+        if self.type_name in QAT_GGUF_TYPES:
+            qat["activations"] = self.activations
         return {"qat": qat}
 
     def apply(self, model) -> None:
@@ -177,8 +194,13 @@ class QuantAware:
         if self.int4_grid == "symmetric":
             types = {n: "int4_sym" if t == "int4" else t for n, t in types.items()}
         round_through(model, types)
+        if self.activations and self.type_name in QAT_GGUF_TYPES:
+            self._hooks = round_inputs(model, types)
 
     def finish(self, model) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         bake(model, keep_latent=self.type_name in QAT_LATENT_TYPES)
 
 
@@ -204,6 +226,7 @@ def qat_distill(
     teacher_cfg: TeacherConfig | None = None,
     task: TaskConfig | None = None,
     gguf_types: dict[str, str] | None = None,
+    round_activations: bool = True,
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
     weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
@@ -225,7 +248,9 @@ def qat_distill(
         progress=progress,
         teacher_cfg=teacher_cfg,
         task=task,
-        transform=QuantAware(type_name, dict(overrides or {}), cfg.steps, grid, dict(gguf_types or {})),
+        transform=QuantAware(
+            type_name, dict(overrides or {}), cfg.steps, grid, dict(gguf_types or {}), round_activations
+        ),
     )
 
 
