@@ -174,6 +174,7 @@ def cmd_quantize(args) -> None:
         teacher_cfg=cfg.teacher,
         task=cfg.task,
         gguf_types=qat_tensor_types(args.student, q.qat, cfg.export.gguf_overrides),
+        round_activations=q.round_activations,
     )
     res.pop("history", None)
     _echo(json.dumps(res, indent=2))

@@ -232,6 +232,7 @@ class Run:
             teacher_cfg=self.teacher_config,
             task=self.config.task,
             gguf_types=qat_tensor_types(before, q.qat, overrides),
+            round_activations=q.round_activations,
         )
         write_json(self.path("logs", "quantize_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]

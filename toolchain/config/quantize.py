@@ -16,6 +16,9 @@ class QuantizeConfig:
     qat: str = "none"
     steps: int = 100
     lr: float = 1e-4  # measured on SmolLM2's Q4_0: benchmarks/quant_quality.py
+    # GGUF types: also round each matmul's input to 8 bits as llama.cpp's CPU matmul does (off
+    # for a backend that multiplies in float, e.g. GPU builds that dequantize the weights)
+    round_activations: bool = True
 
     def validate(self, where: str) -> None:
         choice(f"{where}.qat", self.qat, ("none", *QAT_TYPES))
