@@ -107,9 +107,8 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
     rows = _Rows(model_dir, llama_scored(f16, chunks), chunks)
     # the imatrix from --rows calibration rows; the pipeline's judge scores on JUDGE_ROWS more
     calib = calibration_rows(tok, DataConfig(seq_len=256), None, args.rows + I.JUDGE_ROWS)
-    calib, judged = calib[: args.rows], [[int(t) for t in r] for r in calib[args.rows :]]
-    values = I.collect(model_dir, calib)
-    imatrix = I.read(I.write(work / "imatrix.gguf", values, len(calib), calib.shape[1], "pydoc (train side)"))
+    values, facts, judged = I.measure_holding_out(model_dir, calib, "pydoc (train side)", work / "imatrix.gguf")
+    imatrix = (values, facts)
     judge = kld_judge(judged)
     for t in args.types:
         paths = {}

@@ -114,7 +114,7 @@ def _wider_with_narrower_mlp(config, layers: int, fits: Callable[[Shape], bool],
             continue
         seen_heads.add(heads)
         c = _widest_mlp(config, s, fits, align)
-        if c is not None and c.intermediate_size >= align:
+        if c is not None:
             out.append(c)
     return out
 
@@ -134,9 +134,10 @@ def candidate_shapes(
             out.append(s)
 
     for layers in depths:
-        for keep_heads in (False,) if width_is_heads else (True, False):
-            add(_widest_within(config, layers, fits, align, width_is_heads, keep_heads))
+        if not width_is_heads:
+            add(_widest_within(config, layers, fits, align, width_is_heads, keep_heads=True))
         one_ratio = _widest_within(config, layers, fits, align, width_is_heads)
+        add(one_ratio)
         if one_ratio is not None and not width_is_heads:
             for s in _wider_with_narrower_mlp(config, layers, fits, align, one_ratio.hidden_size):
                 add(s)
