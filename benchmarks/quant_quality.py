@@ -40,7 +40,9 @@ from pathlib import Path
 TYPES = ("Q4_0", "Q4_K_M", "IQ4_XS")
 
 
-def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict) -> tuple[Path, dict]:
+def _qad(
+    model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict, learn_scales: bool = False
+) -> tuple[Path, dict]:
     """The model distilled from itself through `qat`'s rounding; (its directory, the run's figures)."""
     from toolchain.config import DataConfig, DistillConfig
     from toolchain.export.gguf import qat_tensor_types
@@ -54,7 +56,7 @@ def _qad(model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides:
     t0 = time.perf_counter()
     res = qat_distill(
         load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, out.with_suffix(".work"), qat,
-        overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides),
+        overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides), learn_scales=learn_scales,
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
@@ -124,7 +126,10 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
         # llama.cpp's Q4_0 file for this model, tensor type by tensor type, so the bytes compare
         default_q4 = llama_cpp_quantize(f16, work / "model-Q4_0-default.gguf", "Q4_0")
         overrides = {"token_embd": _tensor_type(default_q4, "token_embd.weight")}
-        qad_dir, figures = _qad(model_dir, work / "qad-q4_0", "Q4_0", args.qad_steps, args.qad_lr, overrides)
+        qad_dir, figures = _qad(
+            model_dir, work / "qad-q4_0", "Q4_0", args.qad_steps, args.qad_lr, overrides, args.learn_scales
+        )
+        figures["learn_scales"] = args.learn_scales
         path = write_gguf(qad_dir, work / "model-Q4_0-qad.gguf", "Q4_0", overrides=overrides)
         figures.update(types=_gguf_types(path), default_types=_gguf_types(default_q4))
         out["qad"]["Q4_0"] = figures
@@ -188,7 +193,8 @@ def _print_table(results: dict) -> None:
                   f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
     for name, r in results.items():
         for qat, f in r["qad"].items():
-            print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}, held-out KL to itself "
+            scales = ", learned block scales" if f.get("learn_scales") else ""
+            print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}{scales}, held-out KL to itself "
                   f"{f['kl_before']:.4f} -> {f['kl_after']:.4f}, {f['seconds']:.0f} s")  # fmt: skip
 
 
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qad-steps", type=int, default=100)
     p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
+    p.add_argument("--learn-scales", action="store_true", help="Q4_0 QAD also trains each block's scale")
     p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
     p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")
     args = p.parse_args(argv)

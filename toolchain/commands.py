@@ -175,6 +175,7 @@ def cmd_quantize(args) -> None:
         task=cfg.task,
         gguf_types=qat_tensor_types(args.student, q.qat, cfg.export.gguf_overrides),
         round_activations=q.round_activations,
+        learn_scales=q.learn_scales,
     )
     res.pop("history", None)
     _echo(json.dumps(res, indent=2))

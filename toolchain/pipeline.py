@@ -233,6 +233,7 @@ class Run:
             task=self.config.task,
             gguf_types=qat_tensor_types(before, q.qat, overrides),
             round_activations=q.round_activations,
+            learn_scales=q.learn_scales,
         )
         write_json(self.path("logs", "quantize_history.json"), res.pop("history"))
         b, a = res["before"], res["after"]

@@ -19,6 +19,10 @@ class QuantizeConfig:
     # GGUF types: also round each matmul's input to 8 bits as llama.cpp's CPU matmul does (off
     # for a backend that multiplies in float, e.g. GPU builds that dequantize the weights)
     round_activations: bool = True
+    # Q4_0/Q8_0 tensors: each block's scale trains with the weights (LSQ) instead of following
+    # its largest weight; the file stores the trained scales (the student keeps them beside its
+    # weights, in qat/scales.safetensors)
+    learn_scales: bool = False
 
     def validate(self, where: str) -> None:
         choice(f"{where}.qat", self.qat, ("none", *QAT_TYPES))

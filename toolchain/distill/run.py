@@ -89,7 +89,8 @@ def _eval_sets(plan: DataPlan, data: DataConfig, cfg: DistillConfig, tokenizer) 
 
 class StudentTransform(Protocol):
     """A change to the student for the length of the training (e.g. quantize.qat's rounding):
-    applied after loading, finished before saving, its meta recorded in the student's."""
+    applied after loading, finished before saving, its meta recorded in the student's and its
+    tensor files ({relative path: tensors}, e.g. learned scales) saved beside the weights."""
 
     @property
     def meta(self) -> dict: ...
@@ -97,6 +98,9 @@ class StudentTransform(Protocol):
     def apply(self, model) -> None: ...
 
     def finish(self, model) -> None: ...
+
+    @property
+    def files(self) -> dict[str, dict]: ...
 
 
 @dataclass
@@ -117,7 +121,8 @@ class _Output:
         if lora.r:
             self.student.model = merge_lora(self.model)
             self.meta["lora"] = {"r": lora.r, "alpha": lora.alpha, "targets": list(lora.targets), "merged": True}
-        save_model(self.student.model, self.student.tokenizer, to, self.meta)
+        files = self.transform.files if self.transform is not None else {}
+        save_model(self.student.model, self.student.tokenizer, to, self.meta, files)
 
     def save_best(self, e: DivergenceError, work_dir: str | os.PathLike) -> DivergenceError:
         """Save the best weights a diverged run handed back; the error that says where they are."""

@@ -97,6 +97,23 @@ def _trained_mix(meta: dict, type_name: str) -> dict[str, str] | None:
     return qat.get("tensors") if qat.get("type") == type_name else None
 
 
+def _learned_scales(model_dir: Path, meta: dict, type_name: str, overrides: dict | None, mix: dict | None) -> dict:
+    """{HF weight name: block scales} a learned-scale student trained for this file ({} when it
+    did not, or for another type); a one-line error when the file's tensor types would differ
+    from the trained ones (the scales belong to those types)."""
+    from toolchain.quantize.qat import load_scales
+
+    qat = meta.get("qat") or {}
+    if not qat.get("scales") or qat.get("type") != type_name:
+        return {}
+    if not mix and dict(overrides or {}) != dict(qat.get("overrides") or {}):
+        raise UserError(
+            f"{model_dir} learned its {type_name} block scales with export.gguf_overrides "
+            f"{qat.get('overrides') or {}}; export {type_name} with the same overrides"
+        )
+    return load_scales(model_dir, qat)
+
+
 def _write_provenance(w, meta: dict) -> None:
     """general.source / general.base_model.* and toolchain.* keys: where the weights come from.
 
@@ -150,7 +167,8 @@ def write_gguf(
     `imatrix` ((importance per GGUF tensor name, facts)) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding
     (quantize/weighted.py), except for a student trained through its rounding (quantize.qat),
     whose weights are already the reference rounding's grid. `tensor_types` ({GGUF tensor name:
-    type}) types every matrix instead: a K-quant file of a student trained through that mix."""
+    type}) types every matrix instead: a K-quant file of a student trained through that mix.
+    A student that learned its block scales (quantize.learn_scales) has them written as trained."""
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
@@ -162,6 +180,7 @@ def write_gguf(
     meta = read_meta(model_dir)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
     importance = imatrix[0] if imatrix is not None and not _qat_gguf_type(meta) else {}
+    scales = _learned_scales(model_dir, meta, type_name, overrides, tensor_types)
 
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
@@ -172,7 +191,10 @@ def write_gguf(
                 raise UserError(f"no GGUF name for tensor '{hf_name}' of architecture {config.model_type}")
             n_params += data.size
             own = (tensor_types or {}).get(gguf_name) or override_for(gguf_name, overrides)
-            qdata, qtype = quantize_tensor(data, type_name, own, importance.get(gguf_name))
+            scale = scales.get(hf_name)
+            if scale is not None:  # rows permuted as the weight's are (arch.transform)
+                scale = arch.transform(hf_name, scale.float().numpy(), config)
+            qdata, qtype = quantize_tensor(data, type_name, own, importance.get(gguf_name), scale)
             w.add_tensor(gguf_name, qdata, raw_dtype=qtype)
 
         model_name = name or meta.get("name") or model_dir.name

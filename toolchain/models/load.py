@@ -225,11 +225,17 @@ def attach_adapter(model, adapter: str | os.PathLike):
     return PeftModel.from_pretrained(model, adapter)
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, meta: dict) -> Path:
-    """Save an HF safetensors directory atomically, with tokenizer and provenance."""
+def save_model(model, tokenizer, out_dir: str | os.PathLike, meta: dict, files: dict | None = None) -> Path:
+    """Save an HF safetensors directory atomically, with tokenizer and provenance; `files`
+    ({path relative to the directory: {name: tensor}}) are saved in it as safetensors too."""
+    from safetensors.torch import save_file
+
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for rel, tensors in (files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / rel))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir)
 

@@ -64,6 +64,62 @@ def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
     return _symmetric(blocks, 16)
 
 
+# types whose block scale can be learned while training (quantize.learn_scales): the signed code
+# range of their blocks of 32 (value = code * fp16 scale). Any fp16 scale is a valid block, so
+# the file can hold a trained scale exactly; the reference rounding is where training starts.
+LEARNED_SCALE_CODES = {"Q4_0": (-8, 7), "Q8_0": (-128, 127)}
+
+
+def reference_scales(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """[rows, cols / 32] fp32: the scale the reference rounding gives each block of `w`
+    (Q4_0: its signed largest-magnitude weight over -8; Q8_0: its largest magnitude over 127)."""
+    blocks = w.detach().float().reshape(*w.shape[:-1], -1, BLOCK)
+    if type_name == "Q8_0":
+        return blocks.abs().amax(dim=-1) / 127
+    idx = blocks.abs().argmax(dim=-1, keepdim=True)
+    return (torch.gather(blocks, -1, idx) / -8).squeeze(-1)
+
+
+def scaled_codes(w: torch.Tensor, scale: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [rows, cols / 32, 32] in the type's signed range, fp16 scale as fp32 [rows, cols / 32]):
+    the block `w` stores under `scale` (the codes are rounded against the fp16 scale the file holds)."""
+    lo, hi = LEARNED_SCALE_CODES[type_name]
+    with torch.no_grad():
+        d = scale.detach().float().half().float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        blocks = w.detach().float().reshape(*d.shape, BLOCK)
+        return _round_half_away(blocks * inv[..., None]).clamp(lo, hi), d
+
+
+class _LearnedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scale, type_name):
+        lo, hi = LEARNED_SCALE_CODES[type_name]
+        codes, d = scaled_codes(w, scale, type_name)
+        x = w.detach().float().reshape(codes.shape) * torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
+        ctx.save_for_backward(codes, x)
+        ctx.bounds = (lo, hi)
+        return (codes * d[..., None]).reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, x = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        g = grad.float().reshape(codes.shape)
+        inside = (x >= lo) & (x <= hi)
+        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(grad.shape).to(grad.dtype)
+        grad_scale = (g * torch.where(inside, codes - x, codes)).sum(-1)
+        return grad_w, grad_scale, None
+
+
+def learned_scale_values(w: torch.Tensor, scale: torch.Tensor, type_name: str) -> torch.Tensor:
+    """`scaled_codes` times the fp16 scale in the forward pass (exactly the file's values); in the
+    backward, LSQ's gradients (Esser et al., "Learned Step Size Quantization"): to `w` where its
+    code is not clamped; to `scale`, per weight, code - w / scale within the range and the
+    clamped code outside it (the scale's fp16 rounding passes straight through)."""
+    return _LearnedScale.apply(w, scale, type_name)
+
+
 def int4_grid(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes 0..15, scale, offset) of [n, 32] blocks: w ~= (codes - 8) * scale + offset."""
     lo = blocks.amin(dim=-1, keepdim=True)

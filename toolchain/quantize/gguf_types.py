@@ -29,8 +29,30 @@ def file_type(name: str):
     return gguf.LlamaFileType[PYTHON_TYPES[name][1] if name in PYTHON_TYPES else f"MOSTLY_{name}"]
 
 
+def scaled_bytes(data: np.ndarray, scales: np.ndarray, tensor_type: str) -> np.ndarray:
+    """Q4_0/Q8_0 blocks of `data` [rows, cols] under given scales [rows, cols / 32] (a student's
+    learned scales, quantize.learn_scales), packed as ggml lays them out: the fp16 scale, then
+    Q8_0's 32 int8 codes, or Q4_0's 16 bytes (code j + 8 in the low nibble, code j + 16 + 8 in
+    the high one). The codes are fake_quant.scaled_codes', the ones the student trained with."""
+    import torch
+
+    from toolchain.quantize.fake_quant import scaled_codes
+    from toolchain.quantize.weighted import pack_blocks
+
+    codes, d = scaled_codes(torch.from_numpy(data), torch.from_numpy(scales), tensor_type)
+    q, scale = codes.numpy().reshape(-1, codes.shape[-1]), d.numpy().reshape(-1)
+    if tensor_type == "Q4_0":
+        return pack_blocks(scale, (q + 8).astype(np.uint8), "Q4_0").reshape(data.shape[0], -1)
+    head = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return np.concatenate([head, q.astype(np.int8).view(np.uint8)], axis=-1).reshape(data.shape[0], -1)
+
+
 def quantize_tensor(
-    data: np.ndarray, type_name: str, tensor_type: str | None = None, importance: np.ndarray | None = None
+    data: np.ndarray,
+    type_name: str,
+    tensor_type: str | None = None,
+    importance: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
 ):
     """(array, GGMLQuantizationType) for one tensor under a Python-written file type.
 
@@ -38,6 +60,7 @@ def quantize_tensor(
     do not split into whole quantization blocks falls back to F16. `tensor_type` (a
     per-tensor override, e.g. keep token_embd at Q8_0) replaces the file type's tensor type.
     `importance` (the tensor's importance-matrix column weights) weighs Q4_0/Q4_1/Q5_0/Q5_1 rounding.
+    `scales` (a learned-scale student's, [rows, cols / 32]) give a Q4_0/Q8_0 tensor its block scales.
     Q4_K/Q6_K (a quantization-aware student's K-quant file) are our rounding (quantize/kquants.py).
     """
     import gguf
@@ -58,6 +81,8 @@ def quantize_tensor(
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if data.shape[-1] % block:
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if scales is not None and tensor_type in ("Q4_0", "Q8_0"):
+        return scaled_bytes(data, scales, tensor_type), qtype
     if tensor_type in ("Q4_K", "Q6_K"):
         pack = q4_k_bytes if tensor_type == "Q4_K" else q6_k_bytes
         return pack(data.reshape(-1, data.shape[-1])).reshape(*data.shape[:-1], -1), qtype

@@ -40,7 +40,13 @@ from toolchain.formats import (
     QAT_TYPES,
     override_for,
 )
-from toolchain.quantize.fake_quant import BLOCK, fake_quantize
+from toolchain.quantize.fake_quant import (
+    BLOCK,
+    LEARNED_SCALE_CODES,
+    fake_quantize,
+    learned_scale_values,
+    reference_scales,
+)
 
 if TYPE_CHECKING:
     from toolchain.config import DataConfig, DistillConfig, QuantizeConfig, TaskConfig, TeacherConfig
@@ -60,6 +66,9 @@ def check_qat(type_name: str, overrides: dict[str, str] | None, where: str = "qu
             )
 
 
+SCALES_FILE = "qat/scales.safetensors"  # in a learned-scale student's directory, beside its weights
+
+
 class _Rounding(torch.nn.Module):
     """A weight parametrization: the GGUF type's stored values, straight-through gradient."""
 
@@ -69,6 +78,30 @@ class _Rounding(torch.nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self.type_name)
+
+
+class _LearnedRounding(torch.nn.Module):
+    """A weight parametrization whose block scales train with the weights (LSQ): Q4_0/Q8_0 codes
+    rounded against the fp16 scale the file will hold, starting from the reference rounding's
+    scales (or a trained student's, to train further).
+
+    The parameter is each block's range, scale x the largest code magnitude (8 for Q4_0, 127 for
+    Q8_0): a step of the optimizer then moves a block's extreme value as far as it moves a
+    weight, so one learning rate suits both (a raw scale would move 8x or 127x faster)."""
+
+    def __init__(self, type_name: str, weight: torch.Tensor, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.type_name = type_name
+        self.reach = float(-LEARNED_SCALE_CODES[type_name][0])
+        start = reference_scales(weight, type_name) if scale is None else scale.detach().float()
+        self.range = torch.nn.Parameter((start * self.reach).to(weight.device))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.range / self.reach
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return learned_scale_values(w, self.scale, self.type_name)
 
 
 def _gguf_names(model):
@@ -134,13 +167,39 @@ def _mixed_type(gguf_types: dict[str, str], gguf_name: str, type_name: str) -> s
     return t
 
 
-def round_through(model, types: dict[str, str]) -> None:
+def round_through(model, types: dict[str, str], scales: dict[str, torch.Tensor] | None = None) -> None:
     """Register the rounding on every weight in `types` (a tied weight is rounded once per use,
-    the same way, and its gradient still reaches the one shared tensor)."""
+    the same way, and its gradient still reaches the one shared tensor). With `scales` (None:
+    the reference rounding) each Q4_0/Q8_0 weight learns its block scales, starting from
+    `scales[weight name]` where given, else from the reference rounding's; a tied weight's
+    uses share one scale tensor, as the file stores the matrix once."""
     modules = dict(model.named_modules())
+    shared: dict[int, torch.nn.Module] = {}
     for name, t in types.items():
-        if t != "F32":
-            parametrize.register_parametrization(modules[name], "weight", _Rounding(t), unsafe=True)
+        if t == "F32":
+            continue
+        weight = modules[name].weight
+        rounding: torch.nn.Module = _Rounding(t)
+        if scales is not None and t in LEARNED_SCALE_CODES:
+            if id(weight) not in shared:
+                shared[id(weight)] = _LearnedRounding(t, weight, scales.get(f"{name}.weight"))
+            rounding = shared[id(weight)]
+        parametrize.register_parametrization(modules[name], "weight", rounding, unsafe=True)
+
+
+def learned_scales(model) -> dict[str, torch.Tensor]:
+    """{weight name: its learned block scales} of a model rounded with learned scales, each
+    tensor once (a tied head's are its embedding's, named by the first module that uses them)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        for rounding in module.parametrizations.weight:
+            if isinstance(rounding, _LearnedRounding) and id(rounding) not in seen:
+                seen.add(id(rounding))
+                out[f"{name}.weight"] = rounding.scale.detach().float().cpu().clone()
+    return out
 
 
 def round_inputs(model, types: dict[str, str]) -> list:
@@ -176,6 +235,8 @@ class QuantAware:
     int4_grid: str = "minmax"  # int4: the export's grid the blocks train through (minmax | symmetric)
     gguf_types: dict[str, str] = field(default_factory=dict)  # a K-quant file's per-tensor types
     activations: bool = True  # GGUF types: also round matmul inputs as llama.cpp's CPU matmul does
+    learn_scales: bool = False  # Q4_0/Q8_0 block scales train with the weights (stored in SCALES_FILE)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # start / trained scales
     _hooks: list = field(default_factory=list, repr=False)
 
     @property
@@ -187,13 +248,20 @@ class QuantAware:
             qat["tensors"] = dict(self.gguf_types)
         if self.type_name in QAT_GGUF_TYPES:
             qat["activations"] = self.activations
+        if self.learn_scales:
+            qat["scales"] = SCALES_FILE
         return {"qat": qat}
+
+    @property
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensor files saved with the student: the learned scales, after `finish`."""
+        return {SCALES_FILE: self.scales} if self.learn_scales else {}
 
     def apply(self, model) -> None:
         types = tensor_types(model, self.type_name, self.overrides, self.gguf_types)
         if self.int4_grid == "symmetric":
             types = {n: "int4_sym" if t == "int4" else t for n, t in types.items()}
-        round_through(model, types)
+        round_through(model, types, self.scales if self.learn_scales else None)
         if self.activations and self.type_name in QAT_GGUF_TYPES:
             self._hooks = round_inputs(model, types)
 
@@ -201,7 +269,40 @@ class QuantAware:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        bake(model, keep_latent=self.type_name in QAT_LATENT_TYPES)
+        if self.learn_scales:
+            self.scales = learned_scales(model)
+        # a learned scale is not the reference rounding's: the writer needs the latent weights
+        bake(model, keep_latent=self.type_name in QAT_LATENT_TYPES or self.learn_scales)
+
+
+def load_scales(model_dir: str | os.PathLike, qat: dict | None) -> dict[str, torch.Tensor]:
+    """A learned-scale student's block scales ({} for any other model); a one-line error when
+    its record names a scale file that is not there."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    name = (qat or {}).get("scales")
+    if not name:
+        return {}
+    path = Path(model_dir) / name
+    if not path.is_file():
+        raise UserError(
+            f"{model_dir}: its quantize.qat record names learned scales in {name}, which is missing; "
+            "train it again (toolchain quantize)"
+        )
+    return load_file(path)
+
+
+def trained_rounding(qat: dict, scales: dict[str, torch.Tensor] | None = None) -> QuantAware:
+    """The rounding a student's quantize.qat record (and learned scales) says it trained through."""
+    return QuantAware(
+        qat["type"],
+        qat.get("overrides") or {},
+        gguf_types=qat.get("tensors") or {},
+        learn_scales=bool(qat.get("scales")),
+        scales=dict(scales or {}),
+    )
 
 
 def qad_distill_config(distill: DistillConfig, quantize: QuantizeConfig) -> DistillConfig:
@@ -227,17 +328,22 @@ def qat_distill(
     task: TaskConfig | None = None,
     gguf_types: dict[str, str] | None = None,
     round_activations: bool = True,
+    learn_scales: bool = False,
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
     weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
     export computes those values from (see the module docstring). `gguf_types`: Q4_K_M's
-    per-tensor types for this student (export.gguf.qat_tensor_types)."""
+    per-tensor types for this student (export.gguf.qat_tensor_types). `learn_scales`: Q4_0/Q8_0
+    block scales train too (from the student's own learned ones if it was trained so before)."""
     from toolchain.distill.run import distill_student
+    from toolchain.models.load import read_meta
 
     check_qat(type_name, overrides)
     if cfg.lora.r:
         raise UserError("quantization-aware distillation trains the full weights: set distill.lora.r to 0")
     grid = _measured_int4_grid(student_dir, data, task) if type_name == "int4" else "minmax"
+    before = read_meta(student_dir).get("qat") or {}
+    scales = load_scales(student_dir, before) if learn_scales and before.get("type") == type_name else {}
     return distill_student(
         teacher,
         student_dir,
@@ -249,7 +355,14 @@ def qat_distill(
         teacher_cfg=teacher_cfg,
         task=task,
         transform=QuantAware(
-            type_name, dict(overrides or {}), cfg.steps, grid, dict(gguf_types or {}), round_activations
+            type_name,
+            dict(overrides or {}),
+            cfg.steps,
+            grid,
+            dict(gguf_types or {}),
+            round_activations,
+            learn_scales,
+            scales,
         ),
     )
 

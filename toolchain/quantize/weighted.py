@@ -121,7 +121,7 @@ def offset_codes(data: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[n
     return scale, offset, codes
 
 
-def _pack(scale: np.ndarray, codes: np.ndarray, type_name: str, offset: np.ndarray | None = None) -> np.ndarray:
+def pack_blocks(scale: np.ndarray, codes: np.ndarray, type_name: str, offset: np.ndarray | None = None) -> np.ndarray:
     d = [scale.astype(np.float16).view(np.uint8).reshape(-1, 2)]
     if offset is not None:
         d.append(offset.astype(np.float16).view(np.uint8).reshape(-1, 2))
@@ -140,6 +140,6 @@ def quantize_weighted(data: np.ndarray, importance: np.ndarray, type_name: str) 
         raise ValueError(f"importance of shape {importance.shape} for rows of {data.shape[-1]}")
     if type_name in WEIGHTED_OFFSET_NMAX:
         scale, offset, codes = offset_codes(data, importance, WEIGHTED_OFFSET_NMAX[type_name])
-        return _pack(scale, codes, type_name, offset).reshape(data.shape[0], -1)
+        return pack_blocks(scale, codes, type_name, offset).reshape(data.shape[0], -1)
     scale, codes = weighted_codes(data, importance, WEIGHTED_NMAX[type_name])
-    return _pack(scale, codes, type_name).reshape(data.shape[0], -1)
+    return pack_blocks(scale, codes, type_name).reshape(data.shape[0], -1)

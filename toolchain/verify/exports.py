@@ -52,6 +52,7 @@ def verify_exports(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from toolchain.models.load import read_meta
+    from toolchain.quantize.qat import load_scales
     from toolchain.verify.gguf import verify_gguf, verify_prompts
     from toolchain.verify.onnx import verify_onnx
     from toolchain.verify.reference import Reference
@@ -65,7 +66,7 @@ def verify_exports(
     data = data or DataConfig()
     prompts = verify_prompts(cfg.prompts, cfg.min_prompts, data)
     qat = read_meta(model_dir).get("qat")
-    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens, qat)
+    reference = Reference(model, tokenizer, prompts, cfg.greedy_tokens, qat, load_scales(model_dir, qat))
     quality_ref, chunks = _quality_reference(model, tokenizer, exports, cfg, threads, data)
     limits = {
         "max_ppl_ratio": cfg.max_ppl_ratio,

@@ -161,12 +161,15 @@ def _torch_reference(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toolchain.quantize.qat import load_scales
+
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if reference is None or not reference.matches(prompts, greedy_tokens):
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        reference = Reference(model, tokenizer, prompts, greedy_tokens, read_meta(model_dir).get("qat"))
+        qat = read_meta(model_dir).get("qat")
+        reference = Reference(model, tokenizer, prompts, greedy_tokens, qat, load_scales(model_dir, qat))
     return tokenizer, reference
 
 

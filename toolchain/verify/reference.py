@@ -28,11 +28,9 @@ LABELS = {
 
 def rounding_for(fmt: str, quant: str, trained: str | None = None) -> str:
     """The weight rounding of an export's reference: fp16 for F16/fp16 files, bf16 for BF16, and
-    for the GGUF type a student was trained through while keeping its latent weights (Q4_K_M),
-    the rounding it was trained with: that file holds exactly those weights."""
-    from toolchain.formats import QAT_MIX_TYPES
-
-    if fmt == "gguf" and quant == trained and quant in QAT_MIX_TYPES:
+    for the GGUF type `trained` (a student trained through it that kept its latent weights:
+    Reference.trained_type) the rounding it was trained with: that file holds exactly those weights."""
+    if fmt == "gguf" and quant == trained:
         return "trained"
     return _ROUNDING.get((fmt, quant), "fp32")
 
@@ -50,18 +48,16 @@ class PromptReference:
         return np.concatenate([self.prompt_logits[-1:], self.step_logits])
 
 
-def _rounded(model, rounding: str, qat: dict | None = None):
+def _rounded(model, rounding: str, qat: dict | None = None, scales: dict | None = None):
     if rounding == "fp32":
         return model
     import torch
 
     if rounding == "trained":
-        from toolchain.quantize.qat import QuantAware, bake
+        from toolchain.quantize.qat import bake, trained_rounding
 
         out = copy.deepcopy(model)
-        qat = qat or {}
-        rounding_of = QuantAware(qat["type"], qat.get("overrides") or {}, gguf_types=qat.get("tensors") or {})
-        rounding_of.apply(out)
+        trained_rounding(qat or {}, scales).apply(out)
         bake(out)
         return out
 
@@ -134,12 +130,21 @@ def _run_prompts(model, prompts: list[list[int]], greedy_tokens: int) -> list[Pr
 class Reference:
     """Torch's figures for `prompts`, per weight rounding, each computed on first use."""
 
-    def __init__(self, model, tokenizer, prompts: list[str], greedy_tokens: int, qat: dict | None = None):
-        """`qat`: the student's quantize.qat record (its toolchain.json), for the "trained" rounding."""
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompts: list[str],
+        greedy_tokens: int,
+        qat: dict | None = None,
+        scales: dict | None = None,
+    ):
+        """`qat`: the student's quantize.qat record (its toolchain.json), and `scales` its learned
+        block scales (quantize.learn_scales), for the "trained" rounding."""
         from toolchain.errors import UserError
 
         self.model, self.prompts, self.greedy_tokens = model, list(prompts), greedy_tokens
-        self.qat = qat or {}
+        self.qat, self.scales = qat or {}, scales or {}
         # the model's own special tokens: Gemma needs its BOS (without it the reference itself is
         # off-distribution); SmolLM2's tokenizer adds none
         self.ids = [list(tokenizer(p).input_ids) for p in self.prompts]
@@ -150,13 +155,19 @@ class Reference:
 
     def get(self, rounding: str) -> list[PromptReference]:
         if rounding not in self._runs:
-            model = _rounded(self.model, rounding, self.qat)
+            model = _rounded(self.model, rounding, self.qat, self.scales)
             self._runs[rounding] = _run_prompts(model, self.ids, self.greedy_tokens)
         return self._runs[rounding]
 
     @property
     def trained_type(self) -> str | None:
-        return self.qat.get("type")
+        """The GGUF type the student trained through while keeping its latent weights (a
+        K-quant mix, learned scales), if any: its file holds that rounding, not the weights
+        (a student baked onto its type's grid is its own reference)."""
+        from toolchain.formats import QAT_MIX_TYPES
+
+        t = self.qat.get("type")
+        return t if t in QAT_MIX_TYPES or self.qat.get("scales") else None
 
     def matches(self, prompts: list[str], greedy_tokens: int) -> bool:
         return self.prompts == list(prompts) and self.greedy_tokens == greedy_tokens
