@@ -41,7 +41,7 @@ TYPES = ("Q4_0", "Q4_K_M", "IQ4_XS")
 
 
 def _qad(
-    model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict, learn_scales: bool = False
+    model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict, learn_scales: str = ""
 ) -> tuple[Path, dict]:
     """The model distilled from itself through `qat`'s rounding; (its directory, the run's figures)."""
     from toolchain.config import DataConfig, DistillConfig
@@ -56,7 +56,8 @@ def _qad(
     t0 = time.perf_counter()
     res = qat_distill(
         load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, out.with_suffix(".work"), qat,
-        overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides), learn_scales=learn_scales,
+        overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides),
+        learn_scales=bool(learn_scales), scale_start=learn_scales or "reference",
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
@@ -193,7 +194,7 @@ def _print_table(results: dict) -> None:
                   f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
     for name, r in results.items():
         for qat, f in r["qad"].items():
-            scales = ", learned block scales" if f.get("learn_scales") else ""
+            scales = f", block scales learned from the {f['learn_scales']} start" if f.get("learn_scales") else ""
             print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}{scales}, held-out KL to itself "
                   f"{f['kl_before']:.4f} -> {f['kl_after']:.4f}, {f['seconds']:.0f} s")  # fmt: skip
 
@@ -211,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qad-steps", type=int, default=100)
     p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
-    p.add_argument("--learn-scales", action="store_true", help="Q4_0 QAD also trains each block's scale")
+    p.add_argument(
+        "--learn-scales", choices=["", "reference", "imatrix"], default="",
+        help="Q4_0 QAD also trains each block's scale, starting from the reference rounding's or the imatrix search's",
+    )  # fmt: skip
     p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
     p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")
     args = p.parse_args(argv)

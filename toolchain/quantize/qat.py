@@ -187,6 +187,25 @@ def round_through(model, types: dict[str, str], scales: dict[str, torch.Tensor] 
         parametrize.register_parametrization(modules[name], "weight", rounding, unsafe=True)
 
 
+def searched_scales(model, types: dict[str, str], importance: dict) -> dict[str, torch.Tensor]:
+    """{weight name: block scales} where learned scales can start from llama.cpp's importance-
+    weighted scale search (quantize/weighted.py) instead of the largest weight: each Q4_0 matrix
+    that `importance` ({GGUF tensor name: per-column weights}) covers."""
+    from toolchain.quantize.weighted import WEIGHTED_NMAX, weighted_codes
+
+    tmap = _gguf_names(model)
+    modules = dict(model.named_modules())
+    out = {}
+    for name, t in types.items():
+        imp = importance.get(tmap.get_name(f"{name}.weight", try_suffixes=(".weight",)) or "")
+        if t != "Q4_0" or imp is None:
+            continue
+        w = modules[name].weight.detach().float().cpu().numpy()
+        scale, _ = weighted_codes(w, imp, WEIGHTED_NMAX[t])
+        out[f"{name}.weight"] = torch.from_numpy(scale.reshape(w.shape[0], -1))
+    return out
+
+
 def learned_scales(model) -> dict[str, torch.Tensor]:
     """{weight name: its learned block scales} of a model rounded with learned scales, each
     tensor once (a tied head's are its embedding's, named by the first module that uses them)."""
@@ -237,6 +256,7 @@ class QuantAware:
     activations: bool = True  # GGUF types: also round matmul inputs as llama.cpp's CPU matmul does
     learn_scales: bool = False  # Q4_0/Q8_0 block scales train with the weights (stored in SCALES_FILE)
     scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # start / trained scales
+    importance: dict = field(default_factory=dict, repr=False)  # learned scales start from its search
     _hooks: list = field(default_factory=list, repr=False)
 
     @property
@@ -261,6 +281,8 @@ class QuantAware:
         types = tensor_types(model, self.type_name, self.overrides, self.gguf_types)
         if self.int4_grid == "symmetric":
             types = {n: "int4_sym" if t == "int4" else t for n, t in types.items()}
+        if self.learn_scales and self.importance:
+            self.scales = {**searched_scales(model, types, self.importance), **self.scales}
         round_through(model, types, self.scales if self.learn_scales else None)
         if self.activations and self.type_name in QAT_GGUF_TYPES:
             self._hooks = round_inputs(model, types)
@@ -329,6 +351,7 @@ def qat_distill(
     gguf_types: dict[str, str] | None = None,
     round_activations: bool = True,
     learn_scales: bool = False,
+    scale_start: str = "reference",
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
     weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
@@ -344,6 +367,9 @@ def qat_distill(
     grid = _measured_int4_grid(student_dir, data, task) if type_name == "int4" else "minmax"
     before = read_meta(student_dir).get("qat") or {}
     scales = load_scales(student_dir, before) if learn_scales and before.get("type") == type_name else {}
+    importance = {}
+    if learn_scales and not scales and scale_start == "imatrix":
+        importance = _importance(student_dir, data, task)
     return distill_student(
         teacher,
         student_dir,
@@ -363,8 +389,19 @@ def qat_distill(
             round_activations,
             learn_scales,
             scales,
+            importance,
         ),
     )
+
+
+def _importance(student_dir, data: DataConfig, task: TaskConfig | None) -> dict:
+    """The student's importance matrix on 32 calibration rows (the task's inputs in a task run)."""
+    from toolchain.models.load import load_model
+    from toolchain.quantize.imatrix import collect
+    from toolchain.student import calibration_rows
+
+    rows = calibration_rows(load_model(str(student_dir)).tokenizer, data, task, 32)
+    return collect(student_dir, rows)
 
 
 def _measured_int4_grid(student_dir, data: DataConfig, task: TaskConfig | None) -> str:
