@@ -13,6 +13,12 @@ has llama.cpp's layout and size; its K-quant tensors are our rounding (quantize/
 which our writer then stores. K grids are not idempotent (re-fitting a block's own values can
 change its scales), so the student keeps its latent weights and the writer recomputes the codes.
 
+With `learn_scales` (quantize.learn_scales) each Q4_0/Q8_0 block's scale trains too (LSQ's
+gradient), starting from the reference rounding's or from llama.cpp's importance-weighted scale
+search: any fp16 scale is a valid block, so the file holds the trained scales exactly. The
+reference rounding of the trained values would not give those scales back, so the student keeps
+its latent weights and its scales (SCALES_FILE) and the writer packs the trained codes.
+
 For int4 (the ONNX int4 export) the decoder blocks' matrices train through the grid the export
 measures as better for this student (quantize/onnx_grid.py): the int4 blocks' min/max grid (the
 trainable twin of its fitted offsets) or its symmetric grid; the output projection and token
@@ -85,9 +91,9 @@ class _LearnedRounding(torch.nn.Module):
     rounded against the fp16 scale the file will hold, starting from the reference rounding's
     scales (or a trained student's, to train further).
 
-    The parameter is each block's range, scale x the largest code magnitude (8 for Q4_0, 127 for
+    The parameter is each block's range, scale x the largest code magnitude (8 for Q4_0, 128 for
     Q8_0): a step of the optimizer then moves a block's extreme value as far as it moves a
-    weight, so one learning rate suits both (a raw scale would move 8x or 127x faster)."""
+    weight, so one learning rate suits both (a raw scale would move 8x or 128x faster)."""
 
     def __init__(self, type_name: str, weight: torch.Tensor, scale: torch.Tensor | None = None):
         super().__init__()
