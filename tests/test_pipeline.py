@@ -101,6 +101,7 @@ def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
 
     from toolchain.models.file_checks import open_gguf
     from toolchain.models.load import load_model
+    from toolchain.quantize.qat import bake, load_scales, trained_rounding
 
     r = json.loads((run_dir / "report.json").read_text())
     q = r["quantize"]
@@ -111,6 +112,7 @@ def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
         "overrides": {},
         "steps": 2,
         "activations": True,
+        "scales": "qat/scales.safetensors",  # quantize.learn_scales (the default)
     }
     assert "## Quantization-aware distillation (Q8_0)" in (run_dir / "report.md").read_text()
     assert (run_dir / "work" / "student-float" / "model.safetensors").is_file()  # the distilled weights
@@ -118,8 +120,10 @@ def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
     assert gguf_file.fields["toolchain.qat.type"].contents() == "Q8_0"
     down = next(t for t in gguf_file.tensors if t.name == "blk.1.ffn_down.weight")
     stored = dequantize(down.data, down.tensor_type).reshape(down.shape[::-1])
-    trained = load_model(str(run_dir / "student")).model.model.layers[1].mlp.down_proj.weight.detach().numpy()
-    assert np.array_equal(stored, trained)
+    student = load_model(str(run_dir / "student"))  # its latent weights, rounded with its learned scales
+    trained_rounding(meta["qat"], load_scales(run_dir / "student", meta["qat"])).apply(student.model)
+    bake(student.model)
+    assert np.array_equal(stored, student.model.model.layers[1].mlp.down_proj.weight.detach().numpy())
 
 
 def test_rerun_skips_finished_stages(run_dir, tiny_dir_6):

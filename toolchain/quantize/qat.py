@@ -357,13 +357,15 @@ def qat_distill(
     gguf_types: dict[str, str] | None = None,
     round_activations: bool = True,
     learn_scales: bool = False,
-    scale_start: str = "reference",
+    scale_start: str = "imatrix",
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
     weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
     export computes those values from (see the module docstring). `gguf_types`: Q4_K_M's
     per-tensor types for this student (export.gguf.qat_tensor_types). `learn_scales`: Q4_0/Q8_0
-    block scales train too (from the student's own learned ones if it was trained so before)."""
+    block scales train too, starting from the student's own learned ones if it was trained so
+    before, else (`scale_start`) from the importance-weighted search on 32 calibration rows
+    ("imatrix") or from the reference rounding ("reference")."""
     from toolchain.distill.run import distill_student
     from toolchain.models.load import read_meta
 
@@ -371,11 +373,12 @@ def qat_distill(
     if cfg.lora.r:
         raise UserError("quantization-aware distillation trains the full weights: set distill.lora.r to 0")
     grid = _measured_int4_grid(student_dir, data, task) if type_name == "int4" else "minmax"
+    learn_scales = learn_scales and type_name in QAT_GGUF_TYPES  # int4's grids have no stored block scale
     before = read_meta(student_dir).get("qat") or {}
     scales = load_scales(student_dir, before) if learn_scales and before.get("type") == type_name else {}
     importance = {}
-    if learn_scales and not scales and scale_start == "imatrix":
-        importance = _importance(student_dir, data, task)
+    if learn_scales and not scales and scale_start == "imatrix" and type_name == "Q4_0":
+        importance = _importance(student_dir, data, task)  # (the search is Q4_0's; Q8_0 starts at its reference)
     return distill_student(
         teacher,
         student_dir,
