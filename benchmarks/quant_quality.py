@@ -8,8 +8,9 @@ calibration text (the training side of the corpus; the scored text is its held-o
 "run" row is what a toolchain run ships for that type: the pipeline's judge scores both files
 against the F16 on 4 calibration rows the importance matrix was not measured on and keeps the
 closer one (named in brackets). Then the model distils from itself (its fp32 weights as the
-teacher, forward KL on the training side) for --qad-steps steps through Q4_0's exact rounding,
-with the tensor types llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as
+teacher, forward KL on the training side) for --qad-steps steps through Q4_0's exact rounding
+(each block's scale learned too, from the importance-weighted search, as a run does by default;
+--learn-scales none for the reference grid), with the tensor types llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as
 llama.cpp keeps it when its rows do not split into Q6_K's 256), and our writer stores that Q4_0
 file; likewise through Q4_K_M (llama.cpp's per-tensor mix for the model: Q4_K, Q6_K and its
 fallbacks for rows that do not split into 256, the K-quants in our rounding, which our writer
@@ -25,7 +26,7 @@ Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR ...] [--tokens 4096] [--rows 64]
         [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,Q4_K_M,int4] [--qad-steps 100] [--int4-qad-steps N]
-        [--qad-lr 1e-4]
+        [--qad-lr 1e-4] [--learn-scales none|reference|imatrix]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ TYPES = ("Q4_0", "Q4_K_M", "IQ4_XS")
 
 
 def _qad(
-    model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict, learn_scales: str = ""
+    model_dir: Path, out: Path, qat: str, steps: int, lr: float, overrides: dict, learn_scales: str = "none"
 ) -> tuple[Path, dict]:
     """The model distilled from itself through `qat`'s rounding; (its directory, the run's figures)."""
     from toolchain.config import DataConfig, DistillConfig
@@ -57,9 +58,11 @@ def _qad(
     res = qat_distill(
         load_model(str(model_dir)), model_dir, out, DataConfig(seq_len=256), cfg, out.with_suffix(".work"), qat,
         overrides, progress=False, gguf_types=qat_tensor_types(model_dir, qat, overrides),
-        learn_scales=bool(learn_scales), scale_start=learn_scales or "reference",
+        learn_scales=learn_scales != "none", scale_start=learn_scales,
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
+    if qat != "int4":
+        figures["learn_scales"] = learn_scales
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
     # the held-out KL along the way: how far from done the run stopped
     evals = [(h["step"], next(iter(h["eval"].values()))) for h in res.get("history", []) if h.get("eval")]
@@ -130,14 +133,15 @@ def _measure(model_dir: Path, work: Path, args) -> dict:
         qad_dir, figures = _qad(
             model_dir, work / "qad-q4_0", "Q4_0", args.qad_steps, args.qad_lr, overrides, args.learn_scales
         )
-        figures["learn_scales"] = args.learn_scales
         path = write_gguf(qad_dir, work / "model-Q4_0-qad.gguf", "Q4_0", overrides=overrides)
         figures.update(types=_gguf_types(path), default_types=_gguf_types(default_q4))
         out["qad"]["Q4_0"] = figures
         rows.add("Q4_0 qad", llama_scored(path, chunks), path.stat().st_size)
     if "Q4_K_M" in args.qad:
         # llama.cpp's Q4_K_M mix for this model; its K-quant tensors in our rounding, trained through
-        qad_dir, figures = _qad(model_dir, work / "qad-q4_k_m", "Q4_K_M", args.qad_steps, args.qad_lr, {})
+        qad_dir, figures = _qad(
+            model_dir, work / "qad-q4_k_m", "Q4_K_M", args.qad_steps, args.qad_lr, {}, args.learn_scales
+        )
         (rec,) = export_gguf(qad_dir, work / "qad-q4_k_m-export", ["Q4_K_M"])
         path = Path(rec["path"])
         default_k = work / "model-Q4_K_M-default.gguf"
@@ -194,7 +198,8 @@ def _print_table(results: dict) -> None:
                   f"{q['ppl_ratio'] - 1:>+9.2%} {q['mean_kld']:>9.4f} {q['top1_agreement']:>7.1%}")  # fmt: skip
     for name, r in results.items():
         for qat, f in r["qad"].items():
-            scales = f", block scales learned from the {f['learn_scales']} start" if f.get("learn_scales") else ""
+            learned = f.get("learn_scales") not in (None, "none")
+            scales = f", block scales learned from the {f['learn_scales']} start" if learned else ""
             print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}{scales}, held-out KL to itself "
                   f"{f['kl_before']:.4f} -> {f['kl_after']:.4f}, {f['seconds']:.0f} s")  # fmt: skip
 
@@ -213,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
     p.add_argument(
-        "--learn-scales", choices=["", "reference", "imatrix"], default="",
-        help="Q4_0 QAD also trains each block's scale, starting from the reference rounding's or the imatrix search's",
+        "--learn-scales", choices=["none", "reference", "imatrix"], default="imatrix",
+        help="QAD also trains each Q4_0/Q8_0 block's scale (the pipeline's default: from the imatrix search)",
     )  # fmt: skip
     p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
     p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")
