@@ -9,13 +9,14 @@ calibration text (the training side of the corpus; the scored text is its held-o
 against the F16 on 4 calibration rows the importance matrix was not measured on and keeps the
 closer one (named in brackets). Then the model distils from itself (its fp32 weights as the
 teacher, forward KL on the training side) for --qad-steps steps through Q4_0's exact rounding
-(each block's scale learned too, from the importance-weighted search, as a run does by default;
---learn-scales none for the reference grid), with the tensor types llama.cpp's Q4_0 gives the model (the tied token table at Q8_0, as
-llama.cpp keeps it when its rows do not split into Q6_K's 256), and our writer stores that Q4_0
-file; likewise through Q4_K_M (llama.cpp's per-tensor mix for the model: Q4_K, Q6_K and its
-fallbacks for rows that do not split into 256, the K-quants in our rounding, which our writer
-stores). Figures: PPL ratio, mean KLD and top-1 agreement vs the F16 file on held-out tokens,
-and file bytes.
+(each block's scale learned too, from the importance-weighted search or the reference rounding,
+whichever the model measures closer on 4 calibration rows, as a run does by default;
+--learn-scales none for the reference grid), with the tensor types llama.cpp's Q4_0 gives the
+model (the tied token table at Q8_0, as llama.cpp keeps it when its rows do not split into
+Q6_K's 256), and our writer stores that Q4_0 file; likewise through Q4_K_M (llama.cpp's
+per-tensor mix for the model: Q4_K, Q6_K and its fallbacks for rows that do not split into 256,
+the K-quants in our rounding, which our writer stores). Figures: PPL ratio, mean KLD and
+top-1 agreement vs the F16 file on held-out tokens, and file bytes.
 
 The ONNX int4 export (fitted offsets; head and token table in 8 bits) is scored the same way
 (onnxruntime, against the same F16 GGUF), and again after the model distils from itself
@@ -26,7 +27,7 @@ Prints the table, then one JSON line (keys per model: <type>_kld, <type>_imatrix
 
     .venv/bin/python benchmarks/quant_quality.py [--model DIR ...] [--tokens 4096] [--rows 64]
         [--types Q4_0,Q4_K_M,IQ4_XS] [--qad Q4_0,Q4_K_M,int4] [--qad-steps 100] [--int4-qad-steps N]
-        [--qad-lr 1e-4] [--learn-scales none|reference|imatrix]
+        [--qad-lr 1e-4] [--learn-scales none|reference|imatrix|measured]
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _qad(
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     if qat != "int4":
+        from toolchain.models.load import read_meta
+
         figures["learn_scales"] = learn_scales
+        figures["scale_start"] = read_meta(out)["qat"].get("scale_start")  # the measured choice, if any
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
     # the held-out KL along the way: how far from done the run stopped
     evals = [(h["step"], next(iter(h["eval"].values()))) for h in res.get("history", []) if h.get("eval")]
@@ -199,7 +203,8 @@ def _print_table(results: dict) -> None:
     for name, r in results.items():
         for qat, f in r["qad"].items():
             learned = f.get("learn_scales") not in (None, "none")
-            scales = f", block scales learned from the {f['learn_scales']} start" if learned else ""
+            start = (f.get("scale_start") or {}).get("chosen") or f.get("learn_scales")
+            scales = f", block scales learned from the {start} start" if learned else ""
             print(f"{name[:28]} QAD {qat}: {f['steps']} steps at lr {f['lr']}{scales}, held-out KL to itself "
                   f"{f['kl_before']:.4f} -> {f['kl_after']:.4f}, {f['seconds']:.0f} s")  # fmt: skip
 
@@ -218,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int4-qad-steps", type=int, default=0, help="steps of the int4 QAD (0: --qad-steps)")
     p.add_argument("--qad-lr", type=float, default=1e-4)
     p.add_argument(
-        "--learn-scales", choices=["none", "reference", "imatrix"], default="imatrix",
-        help="QAD also trains each Q4_0/Q8_0 block's scale (the pipeline's default: from the imatrix search)",
+        "--learn-scales", choices=["none", "reference", "imatrix", "measured"], default="measured",
+        help="QAD also trains each Q4_0/Q8_0 block's scale, from the start named (the pipeline's: measured)",
     )  # fmt: skip
     p.add_argument("--no-onnx-int4", dest="onnx_int4", action="store_false", help="skip the ONNX int4 rows")
     p.add_argument("--no-bundled", dest="bundled", action="store_false", help="only the --model directories")

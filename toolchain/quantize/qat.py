@@ -263,6 +263,7 @@ class QuantAware:
     learn_scales: bool = False  # Q4_0/Q8_0 block scales train with the weights (stored in SCALES_FILE)
     scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # start / trained scales
     importance: dict = field(default_factory=dict, repr=False)  # learned scales start from its search
+    start: dict = field(default_factory=dict)  # how the learned scales' start was chosen (measured KLs)
     _hooks: list = field(default_factory=list, repr=False)
 
     @property
@@ -276,6 +277,8 @@ class QuantAware:
             qat["activations"] = self.activations
         if self.learn_scales:
             qat["scales"] = SCALES_FILE
+        if self.start:
+            qat["scale_start"] = dict(self.start)
         return {"qat": qat}
 
     @property
@@ -357,7 +360,7 @@ def qat_distill(
     gguf_types: dict[str, str] | None = None,
     round_activations: bool = True,
     learn_scales: bool = False,
-    scale_start: str = "imatrix",
+    scale_start: str = "measured",
 ) -> dict:
     """Distil `student_dir` from the teacher through `type_name`'s rounding; the saved student's
     weights are the values its `type_name` GGUF stores, or for Q4_K_M and int4 the weights the
@@ -365,7 +368,9 @@ def qat_distill(
     per-tensor types for this student (export.gguf.qat_tensor_types). `learn_scales`: Q4_0/Q8_0
     block scales train too, starting from the student's own learned ones if it was trained so
     before, else (`scale_start`) from the importance-weighted search on 32 calibration rows
-    ("imatrix") or from the reference rounding ("reference")."""
+    ("imatrix"), from the reference rounding ("reference"), or from whichever of the two the
+    student, so rounded, is closer to itself on 4 more rows ("measured": the importance matrix
+    does not help every model, see export.gguf's judge)."""
     from toolchain.distill.run import distill_student
     from toolchain.models.load import read_meta
 
@@ -376,9 +381,11 @@ def qat_distill(
     learn_scales = learn_scales and type_name in QAT_GGUF_TYPES  # int4's grids have no stored block scale
     before = read_meta(student_dir).get("qat") or {}
     scales = load_scales(student_dir, before) if learn_scales and before.get("type") == type_name else {}
-    importance = {}
-    if learn_scales and not scales and scale_start == "imatrix" and type_name == "Q4_0":
-        importance = _importance(student_dir, data, task)  # (the search is Q4_0's; Q8_0 starts at its reference)
+    rounding = QuantAware(type_name, dict(overrides or {}), cfg.steps, grid, dict(gguf_types or {}))
+    rounding.activations, rounding.learn_scales, rounding.scales = round_activations, learn_scales, scales
+    # the search is Q4_0's (Q8_0 blocks start at their reference scale)
+    if learn_scales and not scales and scale_start != "reference" and type_name == "Q4_0":
+        _choose_start(rounding, student_dir, data, task, measure=scale_start == "measured")
     return distill_student(
         teacher,
         student_dir,
@@ -389,28 +396,40 @@ def qat_distill(
         progress=progress,
         teacher_cfg=teacher_cfg,
         task=task,
-        transform=QuantAware(
-            type_name,
-            dict(overrides or {}),
-            cfg.steps,
-            grid,
-            dict(gguf_types or {}),
-            round_activations,
-            learn_scales,
-            scales,
-            importance,
-        ),
+        transform=rounding,
     )
 
 
-def _importance(student_dir, data: DataConfig, task: TaskConfig | None) -> dict:
-    """The student's importance matrix on 32 calibration rows (the task's inputs in a task run)."""
+def _choose_start(rounding: QuantAware, student_dir, data: DataConfig, task: TaskConfig | None, measure: bool) -> None:
+    """Give `rounding` the student's importance matrix (32 calibration rows, the task's inputs in
+    a task run) to start its scales from; with `measure`, only if the student rounded from that
+    start is closer to itself (KL on 4 more rows) than rounded from the reference start."""
+    import copy
+
     from toolchain.models.load import load_model
     from toolchain.quantize.imatrix import collect
     from toolchain.student import calibration_rows
 
-    rows = calibration_rows(load_model(str(student_dir)).tokenizer, data, task, 32)
-    return collect(student_dir, rows)
+    student = load_model(str(student_dir))
+    rows = calibration_rows(student.tokenizer, data, task, 32 + (4 if measure else 0))
+    importance = collect(student_dir, rows[:32])
+    if not measure:
+        rounding.importance = importance
+        return
+    held = rows[32:]
+    with torch.no_grad():
+        ref = torch.log_softmax(student.model(held, use_cache=False).logits.float(), -1)
+        kl = {}
+        for start, imp in (("reference", {}), ("imatrix", importance)):
+            trial = copy.deepcopy(rounding)
+            trial.importance = imp
+            model = copy.deepcopy(student.model)
+            trial.apply(model)
+            q = torch.log_softmax(model(held, use_cache=False).logits.float(), -1)
+            kl[start] = round(float((ref.exp() * (ref - q)).sum(-1).mean()), 5)
+    chosen = "imatrix" if kl["imatrix"] <= kl["reference"] else "reference"
+    rounding.importance = importance if chosen == "imatrix" else {}
+    rounding.start = {"chosen": chosen, "kl": kl, "tokens": int(held.numel())}
 
 
 def _measured_int4_grid(student_dir, data: DataConfig, task: TaskConfig | None) -> str:
