@@ -115,6 +115,10 @@ def test_quantize_stage_trains_the_weights_the_file_holds(run_dir):
         "scales": "qat/scales.safetensors",  # quantize.learn_scales (the default)
     }
     assert "## Quantization-aware distillation (Q8_0)" in (run_dir / "report.md").read_text()
+    assert (
+        q["learn_scales"]
+        and "Each block's scale trained too, from the reference start" in (run_dir / "report.md").read_text()
+    )
     assert (run_dir / "work" / "student-float" / "model.safetensors").is_file()  # the distilled weights
     gguf_file = open_gguf(run_dir / "export" / "model-Q8_0.gguf")
     assert gguf_file.fields["toolchain.qat.type"].contents() == "Q8_0"

@@ -213,6 +213,16 @@ def _qat_section(q: dict) -> list[str]:
         + "; the exported file holds exactly these weights.",
         "",
     ]
+    if q.get("learn_scales"):
+        start = q.get("scale_start") or {}
+        kl = start.get("kl") or {}
+        measured = (
+            f" (the student so rounded, KL to itself: {_f(kl.get('imatrix'))} from the importance-weighted "
+            f"search, {_f(kl.get('reference'))} from each block's largest weight)"
+            if kl
+            else ""
+        )
+        lines += [f"Each block's scale trained too, from the {start.get('chosen', 'reference')} start{measured}.", ""]
     lines += _table(
         ["metric", f"{q['qat']}-rounded, before", "after"],
         [
