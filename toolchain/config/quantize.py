@@ -21,7 +21,8 @@ class QuantizeConfig:
     round_activations: bool = True
     # Q4_0/Q8_0 tensors: each block's scale trains with the weights (LSQ) instead of following
     # its largest weight, starting from llama.cpp's importance-weighted scale search on the
-    # student's calibration rows; the file stores the trained scales (the student keeps them
+    # student's calibration rows where the student measures closer to itself so rounded (else
+    # from the largest weight); the file stores the trained scales (the student keeps them
     # beside its weights, in qat/scales.safetensors). Measured: benchmarks/quant_quality.py
     learn_scales: bool = True
 
