@@ -63,10 +63,8 @@ def _qad(
     )  # fmt: skip
     figures = {"steps": steps, "lr": lr, "tokens_per_s": res.get("tokens_per_s")}
     if qat != "int4":
-        from toolchain.models.load import read_meta
-
         figures["learn_scales"] = learn_scales
-        figures["scale_start"] = read_meta(out)["qat"].get("scale_start")  # the measured choice, if any
+        figures["scale_start"] = res.get("scale_start")  # the measured choice, if any
     figures.update(kl_before=res["before"]["kl"], kl_after=res["after"]["kl"])
     # the held-out KL along the way: how far from done the run stopped
     evals = [(h["step"], next(iter(h["eval"].values()))) for h in res.get("history", []) if h.get("eval")]

@@ -207,13 +207,11 @@ class Run:
         return res
 
     def stage_quantize(self) -> dict:
-        """Quantization-aware distillation of the distilled student (quantize.qat), in place: the
-        distilled weights are kept in work/student-float."""
+        """Quantization-aware distillation (quantize.qat) in place; the float weights stay in work/student-float."""
         q = self.config.quantize
         if q.qat == "none":
             return {}
         from toolchain.export.gguf import qat_tensor_types
-        from toolchain.models.load import read_meta
         from toolchain.quantize.qat import qad_distill_config, qat_distill
 
         before = self.path("work", "student-float")
@@ -242,9 +240,7 @@ class Run:
             f"{q.qat}-rounded student, held-out KL {b['kl']:.3f} -> {a['kl']:.3f}, "
             f"agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}"
         )
-        qat = read_meta(self.path("student")).get("qat") or {}
-        learned = {"learn_scales": bool(qat.get("scales")), "scale_start": qat.get("scale_start")}
-        return {"qat": q.qat, "overrides": dict(self.config.export.gguf_overrides), **learned, **res}
+        return {"qat": q.qat, "overrides": dict(self.config.export.gguf_overrides), **res}
 
     def stage_export_gguf(self) -> dict:
         from toolchain.export.gguf import export_gguf, gguf_filename, summary_lines

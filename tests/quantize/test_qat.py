@@ -466,6 +466,7 @@ def test_learned_scales_can_start_from_the_importance_weighted_search(tiny_dir):
 
     rows = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     importance = collect(tiny_dir, rows)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4)
     errors = {}
     for start, imp in (("reference", {}), ("searched", importance)):
         model = load_model(str(tiny_dir)).model
@@ -476,16 +477,13 @@ def test_learned_scales_can_start_from_the_importance_weighted_search(tiny_dir):
         bake(model)
         modules = dict(model.named_modules())
         errors[start] = sum(
-            float(((modules[n].weight - w).pow(2) * torch.from_numpy(importance[_gguf_name(n)])).sum())
+            float(
+                (
+                    (modules[n].weight - w).pow(2)
+                    * torch.from_numpy(importance[tmap.get_name(f"{n}.weight", try_suffixes=(".weight",))])
+                ).sum()
+            )
             for n, w in latent.items()
         )
     # the search minimises the importance-weighted rounding error: it starts lower
     assert errors["searched"] < 0.95 * errors["reference"]
-
-
-def _gguf_name(module: str) -> str:
-    layer, rest = module.removeprefix("model.layers.").split(".", 1)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}  # fmt: skip
-    return f"blk.{layer}.{names[rest]}.weight"

@@ -386,7 +386,7 @@ def qat_distill(
     # the search is Q4_0's (Q8_0 blocks start at their reference scale)
     if learn_scales and not scales and scale_start != "reference" and type_name == "Q4_0":
         _choose_start(rounding, student_dir, data, task, measure=scale_start == "measured")
-    return distill_student(
+    res = distill_student(
         teacher,
         student_dir,
         out_dir,
@@ -398,6 +398,7 @@ def qat_distill(
         task=task,
         transform=rounding,
     )
+    return {**res, "learn_scales": rounding.learn_scales, "scale_start": rounding.start or None}
 
 
 def _choose_start(rounding: QuantAware, student_dir, data: DataConfig, task: TaskConfig | None, measure: bool) -> None:
